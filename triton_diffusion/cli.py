@@ -1,0 +1,105 @@
+"""``triton-diffusion``: build the tiny default models and serve the model repository."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .launcher import DEFAULT_MODEL_REPOSITORY, DEFAULT_MODELS, ServerConfig, ServerError, TritonServer
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    if "stable_diffusion_tiny" in args.models:
+        from .tiny import ensure_tiny_model
+
+        ensure_tiny_model()
+    config = ServerConfig(
+        model_repository=args.model_repository,
+        models=args.models,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_verbose=args.log_verbose,
+        extra_args=args.tritonserver_args,
+    )
+    server = TritonServer(config)
+    stop_requested = []
+
+    def forward(signum, _frame):
+        stop_requested.append(signum)
+        console.print(f"[bold]received {signal.Signals(signum).name}: stopping tritonserver[/]")
+        if server.process and server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    server.start()
+    try:
+        states = server.wait_ready(args.ready_timeout)
+    except ServerError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        server.stop()
+        return 1
+    table = Table(title="tritonserver models")
+    for column in ("model", "state", "reason"):
+        table.add_column(column)
+    for name in config.models:
+        entry = states.get(name, {"state": "UNKNOWN", "reason": "not in the model repository"})
+        colour = "green" if entry.get("state") == "READY" else "red"
+        table.add_row(name, f"[{colour}]{entry.get('state')}[/]", entry.get("reason", ""))
+    console.print(table)
+    console.print(
+        f"listening: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  (Ctrl-C stops)"
+    )
+    if args.exit_when_ready:
+        server.stop()
+        return 0 if all(states.get(m, {}).get("state") == "READY" for m in config.models) else 1
+    while server.process.poll() is None:
+        time.sleep(0.5)
+    return 0 if stop_requested else server.process.returncode
+
+
+def _build_tiny(args: argparse.Namespace) -> int:
+    from .tiny import TINY_MODELS, ensure_tiny_model
+
+    for name in TINY_MODELS:
+        path = ensure_tiny_model(name, force=args.force)
+        print(f"[setup] tiny model {name}: {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="triton-diffusion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start tritonserver on the model repository")
+    serve.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    serve.add_argument(
+        "--models", type=lambda s: [m for m in s.split(",") if m], default=list(DEFAULT_MODELS),
+        help="comma-separated models to load (explicit model control); default: %(default)s",
+    )
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models")
+    serve.add_argument("--exit-when-ready", action="store_true", help="stop once ready (a start-up check)")
+    serve.add_argument("tritonserver_args", nargs=argparse.REMAINDER, help="after --: passed to tritonserver")
+    serve.set_defaults(func=_serve)
+    build = sub.add_parser("build-tiny", help="build the tiny random-weight models into the cache")
+    build.add_argument("--force", action="store_true")
+    build.set_defaults(func=_build_tiny)
+    args = parser.parse_args(argv)
+    if getattr(args, "tritonserver_args", None) and args.tritonserver_args[0] == "--":
+        args.tritonserver_args = args.tritonserver_args[1:]
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Start the real ``tritonserver`` (from the nvidia-pytriton wheel) on this model repository.
+
+Handles what a bare ``tritonserver`` command gets wrong outside NVIDIA's container: the Python
+backend stub for the running interpreter, PATH so the stub finds this virtual environment,
+LD_LIBRARY_PATH so it loads this interpreter's libpython, and a shared-memory prefix unique to
+this server (two servers on one host must not share regions).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+DEFAULT_MODELS = ("stable_diffusion_tiny",)
+
+
+class ServerError(RuntimeError):
+    """tritonserver could not be started or did not become ready."""
+
+
+def triton_home() -> Path:
+    """The tritonserver tree shipped in the nvidia-pytriton wheel."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("tritonserver not found: install nvidia-pytriton==0.7.0 (scripts/setup.sh does)")
+    home = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    if not (home / "bin" / "tritonserver").is_file():
+        raise ServerError(f"no tritonserver binary under {home}")
+    return home
+
+
+def install_python_stub(home: Path) -> None:
+    """Put the Python-backend stub built for this interpreter's version where the backend looks."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    source = home / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not source.is_file():
+        raise ServerError(f"the tritonserver wheel has no Python-backend stub for Python {version}")
+    target = home / "backends" / "python" / "triton_python_backend_stub"
+    if not target.is_file() or target.stat().st_size != source.stat().st_size:
+        shutil.copy2(source, target)
+    target.chmod(0o755)
+
+
+def server_environment(base: Optional[dict] = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    venv_bin = str(Path(sys.executable).parent)
+    # The stub's embedded interpreter finds the venv through python3 on PATH, not PYTHONPATH.
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerConfig:
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    models: Sequence[str] = DEFAULT_MODELS
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_verbose: int = 0
+    shm_default_bytes: int = 16 * 1024 * 1024
+    extra_args: Sequence[str] = ()
+    env: dict = field(default_factory=dict)  # added to the server's environment
+
+
+class TritonServer:
+    """A tritonserver process: ``with TritonServer(config) as server: ...``."""
+
+    def __init__(self, config: ServerConfig, log_path: Optional[Path] = None):
+        self.config = config
+        self.log_path = log_path
+        self.process: Optional[subprocess.Popen] = None
+        self._log_file = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.config.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.config.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        home = triton_home()
+        cfg = self.config
+        cmd = [
+            str(home / "bin" / "tritonserver"),
+            f"--model-repository={Path(cfg.model_repository).resolve()}",
+            f"--backend-directory={home / 'backends'}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in cfg.models),
+            f"--http-port={cfg.http_port}",
+            f"--grpc-port={cfg.grpc_port}",
+            f"--metrics-port={cfg.metrics_port}",
+            # One model that cannot load must not take the server (or the other models) down.
+            "--exit-on-error=false",
+            "--strict-readiness=false",
+            f"--log-verbose={cfg.log_verbose}",
+            f"--backend-config=python,shm-default-byte-size={cfg.shm_default_bytes}",
+            f"--backend-config=python,shm-growth-byte-size={cfg.shm_default_bytes}",
+            f"--backend-config=python,shm-region-prefix-name=tdiff_{uuid.uuid4().hex[:12]}_",
+            *cfg.extra_args,
+        ]
+        return cmd
+
+    def start(self) -> "TritonServer":
+        install_python_stub(triton_home())
+        env = server_environment()
+        env.update(self.config.env)
+        stdout = None
+        if self.log_path is not None:
+            self._log_file = open(self.log_path, "ab")
+            stdout = self._log_file
+        self.process = subprocess.Popen(
+            self.command(), env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None
+        )
+        return self
+
+    def _get(self, path: str, method: str = "GET", timeout: float = 2.0):
+        request = urllib.request.Request(f"http://{self.http_url}{path}", method=method)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+            return response.status, (json.loads(body) if body else None)
+
+    def is_live(self) -> bool:
+        try:
+            return self._get("/v2/health/live")[0] == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def model_states(self) -> dict[str, dict]:
+        """``{model: {"state": ..., "reason": ...}}`` from the repository index."""
+        _, index = self._get("/v2/repository/index", method="POST", timeout=10)
+        return {entry["name"]: entry for entry in index or []}
+
+    def wait_ready(self, timeout: float = 300.0) -> dict[str, dict]:
+        """Wait until the server answers and every requested model has left LOADING."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} {self._log_hint()}")
+            if self.is_live():
+                states = self.model_states()
+                pending = [m for m in self.config.models if states.get(m, {}).get("state") in (None, "LOADING")]
+                if not pending:
+                    return states
+            time.sleep(0.5)
+        raise ServerError(
+            f"tritonserver was not ready within {timeout:.0f}s (models {list(self.config.models)}) {self._log_hint()}"
+        )
+
+    def _log_hint(self) -> str:
+        return f"(log: {self.log_path})" if self.log_path else "(see its output above)"
+
+    def stop(self, timeout: float = 30.0) -> Optional[int]:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)  # tritonserver drains in-flight requests on SIGTERM
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self._log_file:
+            self._log_file.close()
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,41 @@
+"""Custom Prometheus metrics of the backend (served on Triton's metrics port, /metrics)."""
+
+from __future__ import annotations
+
+STAGES = ("validate", "pipeline", "postprocess")
+_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+_GROUP_BUCKETS = [1, 2, 3, 4, 8, 16]
+_SECONDS_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+
+
+class BackendMetrics:
+    """Per-model metric series: realized batch per pipeline call, groups per execute, stage times."""
+
+    def __init__(self, pb_utils, model_name: str, model_version: str):
+        labels = {"model": model_name, "version": model_version}
+        histogram = pb_utils.MetricFamily.HISTOGRAM
+        counter = pb_utils.MetricFamily.COUNTER
+        self._families = [
+            pb_utils.MetricFamily("diffusion_pipeline_batch_size", "Images per diffusers pipeline call", histogram),
+            pb_utils.MetricFamily("diffusion_groups_per_execute", "Signature groups per execute() call", histogram),
+            pb_utils.MetricFamily("diffusion_stage_seconds", "Seconds per execute() stage", histogram),
+            pb_utils.MetricFamily("diffusion_pipeline_calls_total", "Diffusers pipeline calls", counter),
+            pb_utils.MetricFamily("diffusion_images_total", "Images generated", counter),
+            pb_utils.MetricFamily("diffusion_request_errors_total", "Requests answered with an error", counter),
+        ]
+        batch, groups, stages, calls, images, errors = self._families
+        self.pipeline_batch_size = batch.Metric(labels=labels, buckets=_BATCH_BUCKETS)
+        self.groups_per_execute = groups.Metric(labels=labels, buckets=_GROUP_BUCKETS)
+        self.stage_seconds = {
+            stage: stages.Metric(labels={**labels, "stage": stage}, buckets=_SECONDS_BUCKETS) for stage in STAGES
+        }
+        self.pipeline_calls = calls.Metric(labels=labels)
+        self.images = images.Metric(labels=labels)
+        self.request_errors = errors.Metric(labels=labels)
+
+    def observe_call(self, batch_size: int) -> None:
+        self.pipeline_batch_size.observe(batch_size)
+        self.pipeline_calls.increment(1)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage_seconds[stage].observe(seconds)
