@@ -29,16 +29,17 @@ fi
 mkdir -p "$STAMP_DIR"
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install -q --disable-pip-version-check)
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 req_hash=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$STAMP_DIR/requirements" 2>/dev/null)" != "$req_hash" ]; then
   log "installing pinned requirements (torch CPU, diffusers, transformers, tritonclient, locust, ...)"
-  "${PIP[@]}" -r requirements.txt
+  quiet "${PIP[@]}" -r requirements.txt
   log "installing the real tritonserver 2.51 (nvidia-pytriton==0.7.0, binary only)"
-  "${PIP[@]}" --no-deps nvidia-pytriton==0.7.0
+  quiet "${PIP[@]}" --no-deps nvidia-pytriton==0.7.0
   log "installing perf_analyzer (from the tritonclient==2.50.0 wheel)"
   tmp=$(mktemp -d)
-  "$VPY" -m pip download -q --no-deps --only-binary=:all: -d "$tmp" tritonclient==2.50.0 \
+  quiet "$VPY" -m pip download -q --no-deps --only-binary=:all: -d "$tmp" tritonclient==2.50.0 \
       --platform manylinux1_x86_64 --python-version 3 --implementation py
   "$VPY" - "$tmp"/tritonclient-2.50.0-*.whl "$VENV/lib/perf_analyzer" <<'PY'
 import sys, zipfile, os
@@ -60,7 +61,7 @@ exec "$VENV/lib/perf_analyzer/perf_analyzer" "\$@"
 PA
   chmod +x "$VENV/bin/perf_analyzer"
   log "installing this project (editable)"
-  "${PIP[@]}" --no-deps -e .
+  quiet "${PIP[@]}" --no-deps -e .
   echo "$req_hash" > "$STAMP_DIR/requirements"
 else
   log "requirements up to date"
