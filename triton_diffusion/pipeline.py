@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .architectures import RANDOM_PREFIX, build_random_pipeline
 from .requests import IMAGE_TO_IMAGE, GenerationItem
 from .settings import ModelSettings
 
@@ -87,10 +88,16 @@ class PipelineRunner:
         kwargs = {"torch_dtype": dtype, "local_files_only": settings.local_files_only}
         if settings.variant:
             kwargs["variant"] = settings.variant
-        try:
-            pipe = pipeline_cls.from_pretrained(location, **kwargs)
-        except Exception as exc:  # diffusers raises many types here; all mean "not loadable"
-            raise ModelLoadError(_load_error_message(settings, location, exc)) from exc
+        if location.startswith(RANDOM_PREFIX):
+            try:
+                pipe = build_random_pipeline(location[len(RANDOM_PREFIX):], device, dtype)
+            except ValueError as exc:
+                raise ModelLoadError(f"config.pbtxt parameter pretrained_model: {exc}") from None
+        else:
+            try:
+                pipe = pipeline_cls.from_pretrained(location, **kwargs)
+            except Exception as exc:  # diffusers raises many types here; all mean "not loadable"
+                raise ModelLoadError(_load_error_message(settings, location, exc)) from exc
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         image_to_image = None
@@ -139,8 +146,8 @@ class PipelineRunner:
                 for item in items
             ]
             kwargs["strength"] = first.strength
-        else:
-            kwargs["height"], kwargs["width"] = first.height, first.width
+        # Image-to-image pipelines that take no size (SD) use the resized source image's size.
+        kwargs["height"], kwargs["width"] = first.height, first.width
         if on_step_end is not None:
             kwargs["callback_on_step_end"] = on_step_end
         accepted = self._accepted[first.task]
