@@ -136,9 +136,20 @@ def stats(server, model):
     return {b["batch_size"]: (b["compute_infer"]["count"], b["compute_infer"]["ns"]) for b in data["batch_stats"]}
 
 
+def batching_modes(args) -> dict:
+    """Server configurations compared: the ``dynamic_batching`` body, or None for no batching."""
+    return {
+        "none": None,
+        "dynamic": f"max_queue_delay_microseconds: {args.delay_us}",
+        # Wait (up to 100 ms) for a full batch of 16: merges the two cohorts of 8 that form at
+        # concurrency 16 when a short delay starts each batch as soon as the instance is free.
+        "dynamic-p16": "preferred_batch_size: [ 16 ] max_queue_delay_microseconds: 100000",
+    }
+
+
 def served(arch: str, mode: str, args, prompts, workdir: Path) -> list[dict]:
     """Serve ``arch`` (``mode`` none|dynamic) and sweep client concurrency."""
-    name = f"{arch.replace('-', '_')}_{mode}"
+    name = f"{arch}_{mode}".replace("-", "_")
     parameters = {
         "pretrained_model": f"random:{arch}", "device": args.device, "torch_dtype": dtype_for(arch, args),
         "default_height": str(args.size), "default_width": str(args.size), "default_steps": str(args.steps),
@@ -146,7 +157,7 @@ def served(arch: str, mode: str, args, prompts, workdir: Path) -> list[dict]:
         "min_side": "64", "max_side": "2048", "max_pixels": str(2048 * 2048),
         "max_images_per_call": "16", "max_pixels_per_call": str(16 * args.size * args.size),
     }
-    batching = f"max_queue_delay_microseconds: {args.delay_us}" if mode == "dynamic" else None
+    batching = batching_modes(args)[mode]
     repository = workdir / f"repo_{name}"
     write_variant(repository, name, render_config(name, parameters, batching))
     config = ServerConfig(model_repository=repository, models=[name], http_port=free_port(),
@@ -207,7 +218,7 @@ def summarize(offline_rows, served_rows) -> str:
                 if (arch, int(batch)) in off:
                     taxes.append(f"{batch}:{seconds / off[(arch, int(batch))]['seconds']:.2f}")
             lines.append(
-                f"  {r['mode']:>7} | {r['concurrency']:>3} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
+                f"  {r['mode']:>11} | {r['concurrency']:>3} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
                 f"{r['mean_batch']:.1f} | {f'{gain:.2f}x' if gain else '-'} | {' '.join(taxes) or '-'} | {r['gpu_mem_peak_mib'] or '-'}"
             )
     return "\n".join(lines)
@@ -222,7 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-sizes", type=ints, default=[1, 2, 4, 8, 16])
     parser.add_argument("--concurrency", type=ints, default=[1, 2, 4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests-per-level", type=int, default=3)
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--delay-us", type=int, default=10_000)
