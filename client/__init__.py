@@ -1,3 +1,4 @@
 """Client library for the diffusion models served by this repository (over tritonclient)."""
 
-from .api import DiffusionClient, GenerationRequest, GenerationResult, ServerError  # noqa: F401
+from .aio import AsyncDiffusionClient  # noqa: F401
+from .api import DiffusionClient, GenerationRequest, GenerationResult, RetryPolicy, ServerError  # noqa: F401

@@ -24,6 +24,37 @@ class ServerError(RuntimeError):
         super().__init__(message)
         self.status = status
 
+    @property
+    def retryable(self) -> bool:
+        """Queue full / model temporarily unavailable: the only errors worth retrying."""
+        return self.status in RETRYABLE_STATUSES
+
+    @property
+    def cancelled(self) -> bool:
+        return self.status in ("StatusCode.CANCELLED", "499") or "cancelled" in str(self).lower()
+
+
+# gRPC's and HTTP's spelling of "queue full / try later".
+RETRYABLE_STATUSES = ("StatusCode.UNAVAILABLE", "503", "UNAVAILABLE")
+
+
+@dataclass
+class RetryPolicy:
+    """Retry UNAVAILABLE (e.g. max_queue_size reached) with exponential backoff; nothing else."""
+
+    attempts: int = 4
+    initial_backoff_s: float = 0.25
+    max_backoff_s: float = 4.0
+    jitter: float = 0.5  # each delay is scaled by a random factor in [1 - jitter, 1]: no retry stampedes
+
+    def delays(self):
+        import random
+
+        delay = self.initial_backoff_s
+        for _ in range(self.attempts - 1):
+            yield delay * (1 - self.jitter * random.random())
+            delay = min(self.max_backoff_s, delay * 2)
+
 
 @dataclass
 class GenerationRequest:
@@ -146,6 +177,24 @@ def to_server_error(exc: Exception) -> ServerError:
     return ServerError(message or str(exc), status)
 
 
+def as_request(prompt_or_request, options: dict) -> GenerationRequest:
+    if isinstance(prompt_or_request, GenerationRequest):
+        return prompt_or_request
+    return GenerationRequest(prompt_or_request, **options)
+
+
+def infer_options(request: GenerationRequest, protocol: str, timeout_s: Optional[float]) -> dict:
+    """Per-request scheduling options (priority, server-side queue timeout) and the client timeout."""
+    kwargs = {}
+    if request.priority:
+        kwargs["priority"] = request.priority
+    if request.timeout_us:
+        kwargs["timeout"] = request.timeout_us
+    if timeout_s is not None and protocol == "grpc":
+        kwargs["client_timeout"] = timeout_s
+    return kwargs
+
+
 def parse_result(result, request: GenerationRequest, seconds: float) -> GenerationResult:
     return GenerationResult(
         array=result.as_numpy("IMAGE")[0], seed=int(result.as_numpy("SEED")[0][0]), seconds=seconds, request=request
@@ -155,10 +204,17 @@ def parse_result(result, request: GenerationRequest, seconds: float) -> Generati
 class DiffusionClient:
     """Synchronous client: ``generate`` one image, or ``generate_many`` with a thread pool."""
 
-    def __init__(self, url: str = "grpc://localhost:8001", model: str = DEFAULT_MODEL, timeout_s: Optional[float] = None):
+    def __init__(
+        self,
+        url: str = "grpc://localhost:8001",
+        model: str = DEFAULT_MODEL,
+        timeout_s: Optional[float] = None,
+        retry: Optional[RetryPolicy] = None,
+    ):
         self.protocol, self.address = _split_url(url)
         self.model = model
         self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
         self._defaults: Optional[dict[str, float]] = None
         self._module = protocol_module(self.protocol)
         if self.protocol == "http" and timeout_s is not None:
@@ -185,12 +241,22 @@ class DiffusionClient:
         return self._defaults
 
     def generate(self, prompt_or_request, **options) -> GenerationResult:
-        request = prompt_or_request if isinstance(prompt_or_request, GenerationRequest) else GenerationRequest(prompt_or_request, **options)
+        """One image. Raises ``ServerError`` with Triton's status and message."""
+        request = as_request(prompt_or_request, options)
+        delays = self.retry.delays()
+        while True:
+            try:
+                return self._generate_once(request)
+            except ServerError as exc:
+                delay = next(delays, None) if exc.retryable else None
+                if delay is None:
+                    raise
+                time.sleep(delay)
+
+    def _generate_once(self, request: GenerationRequest) -> GenerationResult:
         from tritonclient.utils import InferenceServerException
 
-        kwargs = {"priority": request.priority, "timeout": request.timeout_us} if (request.priority or request.timeout_us) else {}
-        if self.timeout_s is not None and self.protocol == "grpc":
-            kwargs["client_timeout"] = self.timeout_s
+        kwargs = infer_options(request, self.protocol, self.timeout_s)
         started = time.perf_counter()
         try:
             result = self._client.infer(
@@ -211,7 +277,7 @@ class DiffusionClient:
 
         def one(request):
             if not hasattr(local, "client"):  # one connection per worker thread
-                local.client = DiffusionClient(f"{self.protocol}://{self.address}", self.model, self.timeout_s)
+                local.client = DiffusionClient(f"{self.protocol}://{self.address}", self.model, self.timeout_s, self.retry)
                 local.client._defaults = defaults
                 clients.append(local.client)
             try:

@@ -35,6 +35,24 @@ def _error_response(message: str, code=None):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
+class RequestCancelled(Exception):
+    """Marks the output of a request that was cancelled before its image was finished."""
+
+
+def _stop_when_all_cancelled(requests: list):
+    """A diffusers ``callback_on_step_end`` that interrupts the call once every request is cancelled.
+
+    Checked after each denoising step; while any batch-mate still wants its image, the call goes on.
+    """
+
+    def on_step_end(pipe, step, timestep, callback_kwargs):
+        if all(request.is_cancelled() for request in requests):
+            pipe._interrupt = True
+        return callback_kwargs
+
+    return on_step_end
+
+
 class TritonPythonModel:
     """Diffusers pipeline served with Triton's dynamic batching; every request answered in order."""
 
@@ -69,8 +87,16 @@ class TritonPythonModel:
         images: dict[ItemRef, object] = {}
         for chunk in chunks:
             started = time.perf_counter()
+            chunk_requests = [requests[ref.request] for ref in chunk.refs]
+            if all(request.is_cancelled() for request in chunk_requests):
+                for ref in chunk.refs:  # abandoned while queued: never run
+                    images[ref] = RequestCancelled()
+                continue
             try:
-                split_results(chunk, self.runner.run(chunk.items), images)
+                outputs = self.runner.run(chunk.items, on_step_end=_stop_when_all_cancelled(chunk_requests))
+                if all(request.is_cancelled() for request in chunk_requests):
+                    outputs = [RequestCancelled()] * len(chunk)
+                split_results(chunk, outputs, images)
                 self.metrics.observe_call(len(chunk))
             except Exception as exc:  # one failed call must not fail the other chunks of this execute
                 log.exception("pipeline call failed")
@@ -97,6 +123,9 @@ class TritonPythonModel:
             self.metrics.request_errors.increment(1)
             return _error_response(str(result))
         outputs = [images[ItemRef(index, row)] for row in range(len(result.items))]
+        if any(isinstance(output, RequestCancelled) for output in outputs):
+            self.metrics.cancelled.increment(1)
+            return _error_response("request cancelled", pb_utils.TritonError.CANCELLED)
         failures = [output for output in outputs if isinstance(output, Exception)]
         if failures:
             self.metrics.request_errors.increment(1)

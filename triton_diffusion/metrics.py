@@ -22,8 +22,9 @@ class BackendMetrics:
             pb_utils.MetricFamily("diffusion_pipeline_calls_total", "Diffusers pipeline calls", counter),
             pb_utils.MetricFamily("diffusion_images_total", "Images generated", counter),
             pb_utils.MetricFamily("diffusion_request_errors_total", "Requests answered with an error", counter),
+            pb_utils.MetricFamily("diffusion_requests_cancelled_total", "Requests cancelled before their image was done", counter),
         ]
-        batch, groups, stages, calls, images, errors = self._families
+        batch, groups, stages, calls, images, errors, cancelled = self._families
         self.pipeline_batch_size = batch.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.groups_per_execute = groups.Metric(labels=labels, buckets=_GROUP_BUCKETS)
         self.stage_seconds = {
@@ -32,6 +33,7 @@ class BackendMetrics:
         self.pipeline_calls = calls.Metric(labels=labels)
         self.images = images.Metric(labels=labels)
         self.request_errors = errors.Metric(labels=labels)
+        self.cancelled = cancelled.Metric(labels=labels)
 
     def observe_call(self, batch_size: int) -> None:
         self.pipeline_batch_size.observe(batch_size)

@@ -1,0 +1,125 @@
+"""asyncio client (tritonclient's aio clients): many requests at a bounded concurrency.
+
+    async with AsyncDiffusionClient("grpc://localhost:8001") as c:
+        results = await c.generate_many([GenerationRequest(p, seed=i) for i, p in enumerate(prompts)], concurrency=8)
+
+Cancelling the task of a gRPC ``generate`` cancels the RPC; the server then drops the request
+if it is still queued, or stops its pipeline call at the next step when no batch-mate needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Optional, Sequence
+
+from .api import (
+    DEFAULT_MODEL,
+    GenerationRequest,
+    GenerationResult,
+    RetryPolicy,
+    ServerError,
+    _split_url,
+    as_request,
+    build_inputs,
+    build_outputs,
+    infer_options,
+    model_defaults,
+    parse_result,
+    to_server_error,
+)
+
+
+def _aio_module(protocol: str):
+    if protocol == "grpc":
+        import tritonclient.grpc as types
+        import tritonclient.grpc.aio as aio
+    else:
+        import tritonclient.http as types
+        import tritonclient.http.aio as aio
+    return types, aio
+
+
+class AsyncDiffusionClient:
+    def __init__(
+        self,
+        url: str = "grpc://localhost:8001",
+        model: str = DEFAULT_MODEL,
+        timeout_s: Optional[float] = None,
+        retry: Optional[RetryPolicy] = None,
+    ):
+        self.protocol, self.address = _split_url(url)
+        self.model = model
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        self._types, aio = _aio_module(self.protocol)
+        self._client = aio.InferenceServerClient(self.address)
+        self._defaults: Optional[dict] = None
+
+    async def defaults(self) -> dict:
+        if self._defaults is None:
+            from tritonclient.utils import InferenceServerException
+
+            try:
+                if self.protocol == "grpc":
+                    config = await self._client.get_model_config(self.model, as_json=True)
+                else:
+                    config = await self._client.get_model_config(self.model)
+            except InferenceServerException as exc:
+                raise to_server_error(exc) from None
+            self._defaults = model_defaults(config)
+        return self._defaults
+
+    async def generate(self, prompt_or_request, **options) -> GenerationResult:
+        request = as_request(prompt_or_request, options)
+        delays = self.retry.delays()
+        while True:
+            try:
+                return await self._generate_once(request)
+            except ServerError as exc:
+                delay = next(delays, None) if exc.retryable else None
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _generate_once(self, request: GenerationRequest) -> GenerationResult:
+        from tritonclient.utils import InferenceServerException
+
+        kwargs = infer_options(request, self.protocol, self.timeout_s)
+        inputs = build_inputs(self._types, request.tensors(await self.defaults()))
+        started = time.perf_counter()
+        try:
+            result = await self._client.infer(self.model, inputs, outputs=build_outputs(self._types), **kwargs)
+        except InferenceServerException as exc:
+            raise to_server_error(exc) from None
+        return parse_result(result, request, time.perf_counter() - started)
+
+    async def generate_many(
+        self,
+        requests: Sequence[GenerationRequest],
+        concurrency: int = 8,
+        on_result: Optional[Callable[[int, object], None]] = None,
+    ) -> list:
+        """Results in request order; a failed request's slot holds its ``ServerError``."""
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one(index: int, request: GenerationRequest):
+            async with semaphore:
+                try:
+                    outcome = await self.generate(request)
+                except ServerError as exc:
+                    outcome = exc
+            if on_result:
+                on_result(index, outcome)
+            return outcome
+
+        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> "AsyncDiffusionClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,103 @@
+"""Headless locust run (bounded users and duration, loopback only) with a server-side report.
+
+Starts a tritonserver with the tiny model unless ``--host`` names a running one, runs locust
+headless with CSV output, then reports failures, realized batch sizes and server memory (RSS of
+tritonserver and its Python-backend stubs, at start and end). Exit code 1 on any failure.
+
+    python perf/load.py --users 8 --duration 60s            # short load test
+    python perf/load.py --users 16 --duration 5m --soak      # soak: also fails if RSS grows > 20%
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from triton_diffusion.launcher import ServerConfig, TritonServer, free_port  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def server_rss_mib(pid: int) -> float:
+    """RSS of a process and its children (the Python-backend stubs), MiB."""
+    import psutil
+
+    process = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
+
+
+def batch_sizes(http_url: str, model: str) -> dict[int, int]:
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats") as response:
+        data = json.load(response)["model_stats"][0]
+    return {b["batch_size"]: b["compute_infer"]["count"] for b in data["batch_stats"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", help="gRPC address of a running server (default: start one)")
+    parser.add_argument("--http-host", help="its HTTP address (statistics); default: port 8000 of --host")
+    parser.add_argument("--model", default="stable_diffusion_tiny")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--spawn-rate", type=float, default=4)
+    parser.add_argument("--duration", default="60s")
+    parser.add_argument("--sizes", default="128x128,64x64")
+    parser.add_argument("--i2i-ratio", type=float, default=0.25)
+    parser.add_argument("--think-time", default="0,0.5")
+    parser.add_argument("--soak", action="store_true", help="fail if server RSS grows more than 20%")
+    parser.add_argument("--out", type=Path, default=Path("perf/out"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    prefix = args.out / f"locust-{time.strftime('%Y%m%d-%H%M%S')}"
+    server = None
+    if args.host:
+        grpc_url, http_url = args.host, args.http_host or args.host.rsplit(":", 1)[0] + ":8000"
+    else:
+        config = ServerConfig(models=[args.model], http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+        server = TritonServer(config, log_path=Path(f"{prefix}-server.log")).start()
+        server.wait_ready(300)
+        grpc_url, http_url = server.grpc_url, server.http_url
+    try:
+        rss_start = server_rss_mib(server.process.pid) if server else None
+        before = batch_sizes(http_url, args.model)
+        command = [
+            str(Path(sys.executable).parent / "locust"), "-f", str(HERE / "locustfile.py"), "--headless",
+            "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--host", grpc_url,
+            "--csv", str(prefix), "--only-summary", "--stop-timeout", "60", "--model", args.model,
+            "--sizes", args.sizes, "--i2i-ratio", str(args.i2i_ratio), "--think-time", args.think_time,
+        ]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        print(completed.stdout[-3000:] + completed.stderr[-3000:])
+        after = batch_sizes(http_url, args.model)
+        rss_end = server_rss_mib(server.process.pid) if server else None
+    finally:
+        if server:
+            server.stop()
+    with open(f"{prefix}_stats.csv") as handle:
+        total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
+    requests, failures = int(total["Request Count"]), int(total["Failure Count"])
+    realized = {b: after[b] - before.get(b, 0) for b in after if after[b] - before.get(b, 0)}
+    executions = sum(realized.values())
+    print(f"requests {requests}, failures {failures}, {float(total['Requests/s']):.2f} req/s, "
+          f"p50 {total['50%']} ms, p99 {total['99%']} ms")
+    print(f"realized batch sizes (size: executions): {dict(sorted(realized.items()))}, "
+          f"mean {sum(b * n for b, n in realized.items()) / max(1, executions):.2f}")
+    status = 0 if failures == 0 and requests > 0 else 1
+    if rss_start is not None:
+        growth = rss_end / rss_start - 1
+        print(f"server RSS: {rss_start:.0f} MiB at start, {rss_end:.0f} MiB at end ({growth:+.1%})")
+        if args.soak and growth > 0.20:
+            status = 1
+    print(f"CSV: {prefix}_stats.csv")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

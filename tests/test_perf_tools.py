@@ -1,0 +1,39 @@
+"""The benchmark tools run for real against a live server (short, bounded, loopback only)."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_short_locust_run_has_no_failures_and_writes_csv(server, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "perf" / "load.py"), "--host", server.grpc_url, "--http-host", server.http_url,
+         "--users", "4", "--spawn-rate", "4", "--duration", "12s", "--sizes", "64x64,128x128",
+         "--i2i-ratio", "0.3", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    stats_file = next(tmp_path.glob("locust-*_stats.csv"))
+    rows = {row["Name"]: row for row in csv.DictReader(stats_file.open())}
+    assert int(rows["Aggregated"]["Request Count"]) >= 4
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert any(name.startswith("text-to-image") for name in rows)
+    assert "realized batch sizes" in completed.stdout
+
+
+def test_perf_analyzer_sweep_writes_csv_and_plot(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "perf" / "sweep.py"), "--variants", "tiny_none,tiny_dynamic",
+         "--concurrency", "2", "--min-requests", "4", "--steps", "2", "--size", "64", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    rows = list(csv.DictReader(next(tmp_path.glob("sweep-*.csv")).open()))
+    assert {r["model"] for r in rows} == {"tiny_none", "tiny_dynamic"}
+    none = next(r for r in rows if r["model"] == "tiny_none")
+    assert float(none["mean_batch"]) == 1.0  # no batching: one execution per request
+    assert all(float(r["images_per_s"]) > 0 for r in rows)
+    assert next(tmp_path.glob("sweep-*.png")).stat().st_size > 0
