@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from triton_diffusion.batching import ItemRef, plan_batches, signature, split_results
+from triton_diffusion.batching import ItemRef, plan_batches, run_splitting_on_oom, signature, split_results
 from triton_diffusion.requests import GenerationItem
 
 
@@ -65,3 +65,38 @@ def test_split_results_hands_each_output_to_its_item():
     assert [results[ItemRef(i, 0)] for i in range(3)] == ["A", "B", "C"]
     with pytest.raises(RuntimeError, match="2 inputs"):
         split_results(chunks[0], ["only one"], {})
+
+
+def test_out_of_memory_splits_the_chunk_until_it_fits_and_keeps_order():
+    calls = []
+
+    def run(items):
+        calls.append(len(items))
+        if len(items) > 2:
+            raise MemoryError("out of memory")
+        return [i * 10 for i in items]
+
+    def is_oom(exc):
+        return isinstance(exc, MemoryError)
+
+    assert run_splitting_on_oom(run, list(range(7)), is_oom) == [i * 10 for i in range(7)]
+    assert calls == [7, 3, 1, 2, 4, 2, 2]  # halves, depth first, until each call fits
+
+
+def test_only_the_item_that_does_not_fit_alone_gets_the_error_and_other_errors_are_not_split():
+    def run(items):
+        if len(items) > 1 or items[0] == "huge":
+            raise MemoryError("out of memory")
+        return [items[0].upper()]
+
+    outputs = run_splitting_on_oom(run, ["a", "huge", "b"], lambda e: isinstance(e, MemoryError))
+    assert outputs[0] == "A" and outputs[2] == "B" and isinstance(outputs[1], MemoryError)
+    calls = []
+
+    def broken(items):
+        calls.append(len(items))
+        raise ValueError("bug")
+
+    with pytest.raises(ValueError):
+        run_splitting_on_oom(broken, [1, 2, 3, 4], lambda e: isinstance(e, MemoryError))
+    assert calls == [4]

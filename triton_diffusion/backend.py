@@ -13,9 +13,9 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .batching import ItemRef, plan_batches, split_results
+from .batching import ItemRef, plan_batches, run_splitting_on_oom, split_results
 from .metrics import BackendMetrics
-from .pipeline import ModelLoadError, PipelineRunner
+from .pipeline import ModelLoadError, PipelineRunner, is_out_of_memory
 from .requests import KNOWN_INPUTS, ParsedRequest, RequestError, parse_request
 from .settings import ModelSettings
 
@@ -93,7 +93,10 @@ class TritonPythonModel:
                     images[ref] = RequestCancelled()
                 continue
             try:
-                outputs = self.runner.run(chunk.items, on_step_end=_stop_when_all_cancelled(chunk_requests))
+                on_step_end = _stop_when_all_cancelled(chunk_requests)
+                outputs = run_splitting_on_oom(
+                    lambda items: self.runner.run(items, on_step_end=on_step_end), chunk.items, is_out_of_memory
+                )
                 if all(request.is_cancelled() for request in chunk_requests):
                     outputs = [RequestCancelled()] * len(chunk)
                 split_results(chunk, outputs, images)

@@ -88,3 +88,20 @@ def split_results(chunk: Chunk, outputs: Sequence, into: dict[ItemRef, object]) 
         raise RuntimeError(f"pipeline returned {len(outputs)} outputs for {len(chunk.refs)} inputs")
     for ref, output in zip(chunk.refs, outputs):
         into[ref] = output
+
+
+def run_splitting_on_oom(run, items: Sequence, is_oom) -> list:
+    """``run(items)``; when it runs out of memory, halve the chunk and retry each half.
+
+    No request fails because of its batch-mates: only an item that does not fit even alone gets
+    the out-of-memory error as its output (answered as that request's error). Other errors raise.
+    """
+    try:
+        return list(run(items))
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        if len(items) == 1:
+            return [exc]
+    middle = len(items) // 2
+    return run_splitting_on_oom(run, items[:middle], is_oom) + run_splitting_on_oom(run, items[middle:], is_oom)

@@ -20,6 +20,18 @@ from .settings import ModelSettings
 log = logging.getLogger(__name__)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device (or host allocator) out-of-memory error, after which a smaller batch may fit."""
+    import torch
+
+    out_of_memory = isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+    if out_of_memory and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the smaller retries the freed blocks
+    return out_of_memory
+
+
 class ModelLoadError(RuntimeError):
     """The pipeline could not be loaded; the message says what to fix."""
 
