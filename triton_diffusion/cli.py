@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .launcher import DEFAULT_MODEL_REPOSITORY, DEFAULT_MODELS, ServerConfig, ServerError, TritonServer
+from .launcher import DEFAULT_MODEL_REPOSITORY, DEFAULT_MODELS, ServerConfig, ServerError, StubWatchdog, TritonServer
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -61,8 +61,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.exit_when_ready:
         server.stop()
         return 0 if all(states.get(m, {}).get("state") == "READY" for m in config.models) else 1
+    watchdog = None
+    if not args.no_watchdog:
+        ready = [m for m in config.models if states.get(m, {}).get("state") == "READY"]
+        watchdog = StubWatchdog(server, ready, log=lambda message: console.print(message, markup=False)).start()
     while server.process.poll() is None:
         time.sleep(0.5)
+    if watchdog:
+        watchdog.stop()
     return 0 if stop_requested else server.process.returncode
 
 
@@ -90,6 +96,7 @@ def main(argv=None) -> int:
     serve.add_argument("--log-verbose", type=int, default=0)
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models")
     serve.add_argument("--exit-when-ready", action="store_true", help="stop once ready (a start-up check)")
+    serve.add_argument("--no-watchdog", action="store_true", help="do not reload models whose stub process died")
     serve.add_argument("tritonserver_args", nargs=argparse.REMAINDER, help="after --: passed to tritonserver")
     serve.set_defaults(func=_serve)
     build = sub.add_parser("build-tiny", help="build the tiny random-weight models into the cache")

@@ -88,6 +88,71 @@ class ServerConfig:
     env: dict = field(default_factory=dict)  # added to the server's environment
 
 
+class StubWatchdog:
+    """Reload a model whose Python-backend stub process died.
+
+    Triton 2.51 keeps such a model READY but fails every request with "Stub process ... is not
+    healthy" and does not restart the stub; a plain load request is a no-op. Unloading and
+    loading the model again starts a fresh stub. This thread does that ``grace_s`` after it sees
+    the death, once Triton has failed the dead stub's in-flight execution.
+    """
+
+    def __init__(self, server: "TritonServer", models: Sequence[str], interval: float = 1.0, grace_s: float = 2.0, log=print):
+        import threading
+
+        self.server, self.models, self.interval, self.grace_s, self.log = server, list(models), interval, grace_s, log
+        self.reloads: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stub-watchdog", daemon=True)
+
+    def stubs(self) -> dict[str, set[int]]:
+        """Live stub PIDs per model (a stub's command line names its model's model.py)."""
+        import psutil
+
+        found: dict[str, set[int]] = {model: set() for model in self.models}
+        try:
+            children = psutil.Process(self.server.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return found
+        for child in children:
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                command = child.cmdline()
+            except psutil.Error:
+                continue
+            if command and command[0].endswith("triton_python_backend_stub") and len(command) > 1:
+                model = Path(command[1]).parent.parent.name
+                if model in found:
+                    found[model].add(child.pid)
+        return found
+
+    def start(self) -> "StubWatchdog":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        expected = self.stubs()
+        while not self._stop.wait(self.interval):
+            current = self.stubs()
+            for model in self.models:
+                if expected.get(model) and not expected[model] <= current.get(model, set()):
+                    self.log(f"[watchdog] stub of {model} died: reloading the model in {self.grace_s:.0f}s")
+                    if self._stop.wait(self.grace_s):
+                        return
+                    try:
+                        self.server.reload_model(model)
+                        self.reloads.append(model)
+                        self.log(f"[watchdog] {model} reloaded")
+                    except Exception as exc:  # keep watching the other models
+                        self.log(f"[watchdog] reloading {model} failed: {exc}")
+            expected = self.stubs()
+
+
 class TritonServer:
     """A tritonserver process: ``with TritonServer(config) as server: ...``."""
 
@@ -177,6 +242,15 @@ class TritonServer:
         raise ServerError(
             f"tritonserver was not ready within {timeout:.0f}s (models {list(self.config.models)}) {self._log_hint()}"
         )
+
+    def reload_model(self, model: str, timeout: float = 120.0) -> None:
+        """Unload then load ``model`` (explicit model control): a fresh stub process.
+
+        The load is sent at once, not after the unload finishes: the unload of a model whose stub
+        died may never finish (Triton 2.51 keeps waiting on the dead instance), the load does.
+        """
+        self._get(f"/v2/repository/models/{model}/unload", method="POST", timeout=timeout)
+        self._get(f"/v2/repository/models/{model}/load", method="POST", timeout=timeout)
 
     def _log_hint(self) -> str:
         return f"(log: {self.log_path})" if self.log_path else "(see its output above)"
