@@ -5,7 +5,7 @@ headless with CSV output, then reports failures, realized batch sizes and server
 tritonserver and its Python-backend stubs, at start and end). Exit code 1 on any failure.
 
     python perf/load.py --users 8 --duration 60s            # short load test
-    python perf/load.py --users 16 --duration 5m --soak      # soak: also fails if RSS grows > 20%
+    python perf/load.py --users 16 --duration 5m --soak      # soak: fails if RSS grows > 20% after warm-up
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import csv
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -64,8 +65,22 @@ def main(argv=None) -> int:
         server = TritonServer(config, log_path=Path(f"{prefix}-server.log")).start()
         server.wait_ready(300)
         grpc_url, http_url = server.grpc_url, server.http_url
+    from locust.util.timespan import parse_timespan
+
+    duration_s = parse_timespan(args.duration)
+    samples: list[tuple[float, float]] = []  # (seconds into the run, server RSS MiB)
+    stop_sampling = threading.Event()
+
+    def sample_rss():
+        started = time.monotonic()
+        while not stop_sampling.wait(2.0):
+            samples.append((time.monotonic() - started, server_rss_mib(server.process.pid)))
+
     try:
-        rss_start = server_rss_mib(server.process.pid) if server else None
+        rss_idle = server_rss_mib(server.process.pid) if server else None
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        if server:
+            sampler.start()
         before = batch_sizes(http_url, args.model)
         command = [
             str(Path(sys.executable).parent / "locust"), "-f", str(HERE / "locustfile.py"), "--headless",
@@ -73,10 +88,11 @@ def main(argv=None) -> int:
             "--csv", str(prefix), "--only-summary", "--stop-timeout", "60", "--model", args.model,
             "--sizes", args.sizes, "--i2i-ratio", str(args.i2i_ratio), "--think-time", args.think_time,
         ]
-        completed = subprocess.run(command, capture_output=True, text=True)
+        # Bounded: the run, locust's stop timeout, and a margin; a hung locust is killed.
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 180)
+        stop_sampling.set()
         print(completed.stdout[-3000:] + completed.stderr[-3000:])
         after = batch_sizes(http_url, args.model)
-        rss_end = server_rss_mib(server.process.pid) if server else None
     finally:
         if server:
             server.stop()
@@ -90,10 +106,16 @@ def main(argv=None) -> int:
     print(f"realized batch sizes (size: executions): {dict(sorted(realized.items()))}, "
           f"mean {sum(b * n for b, n in realized.items()) / max(1, executions):.2f}")
     status = 0 if failures == 0 and requests > 0 else 1
-    if rss_start is not None:
-        growth = rss_end / rss_start - 1
-        print(f"server RSS: {rss_start:.0f} MiB at start, {rss_end:.0f} MiB at end ({growth:+.1%})")
+    if samples:
+        # Allocators and kernel caches grow during the first batches of each shape: compare the
+        # end of the run with the RSS once a quarter of it has passed, not with the idle server.
+        warm = next(rss for at, rss in samples if at >= duration_s / 4) if samples[-1][0] >= duration_s / 4 else samples[0][1]
+        end, peak = samples[-1][1], max(rss for _, rss in samples)
+        growth = end / warm - 1
+        print(f"server RSS: idle {rss_idle:.0f} MiB, after warm-up {warm:.0f} MiB, end {end:.0f} MiB "
+              f"({growth:+.1%} since warm-up), peak {peak:.0f} MiB, {len(samples)} samples")
         if args.soak and growth > 0.20:
+            print("soak FAILED: server RSS grew more than 20% after warm-up")
             status = 1
     print(f"CSV: {prefix}_stats.csv")
     return status

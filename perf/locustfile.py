@@ -9,6 +9,7 @@ with the server's message), named by task and size so the CSV splits them.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -24,6 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client import DiffusionClient, GenerationRequest  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
+
+
+@events.quit.add_listener
+def _exit_without_grpc_teardown(exit_code, **_kwargs):
+    # Locust has written its stats by now. Exit before interpreter shutdown: tritonclient's
+    # InferenceServerClient.__del__ closes its grpc channel again, which hangs under gevent.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 @events.init_command_line_parser.add_listener

@@ -87,30 +87,30 @@ class TritonPythonModel:
         images: dict[ItemRef, object] = {}
         for chunk in chunks:
             started = time.perf_counter()
-            chunk_requests = [requests[ref.request] for ref in chunk.refs]
-            if all(request.is_cancelled() for request in chunk_requests):
-                for ref in chunk.refs:  # abandoned while queued: never run
-                    images[ref] = RequestCancelled()
-                continue
-            try:
-                on_step_end = _stop_when_all_cancelled(chunk_requests)
-                outputs = run_splitting_on_oom(
-                    lambda items: self.runner.run(items, on_step_end=on_step_end), chunk.items, is_out_of_memory
-                )
-                if all(request.is_cancelled() for request in chunk_requests):
-                    outputs = [RequestCancelled()] * len(chunk)
-                split_results(chunk, outputs, images)
-                self.metrics.observe_call(len(chunk))
-            except Exception as exc:  # one failed call must not fail the other chunks of this execute
-                log.exception("pipeline call failed")
-                for ref in chunk.refs:
-                    images[ref] = exc
+            split_results(chunk, self._run_chunk(chunk, [requests[ref.request] for ref in chunk.refs]), images)
             self.metrics.observe_stage("pipeline", time.perf_counter() - started)
 
         started = time.perf_counter()
         responses = [self._respond(index, result, images) for index, result in enumerate(parsed)]
         self.metrics.observe_stage("postprocess", time.perf_counter() - started)
         return responses
+
+    def _run_chunk(self, chunk, chunk_requests: list) -> list:
+        """One pipeline call; outputs are images, or the exception / cancellation of each item."""
+        if all(request.is_cancelled() for request in chunk_requests):
+            return [RequestCancelled()] * len(chunk)  # abandoned while queued: never run
+        on_step_end = _stop_when_all_cancelled(chunk_requests)
+        try:
+            outputs = run_splitting_on_oom(
+                lambda items: self.runner.run(items, on_step_end=on_step_end), chunk.items, is_out_of_memory
+            )
+        except Exception as exc:  # one failed call must not fail the other chunks of this execute
+            log.exception("pipeline call failed")
+            return [exc] * len(chunk)
+        self.metrics.observe_call(len(chunk))
+        if all(request.is_cancelled() for request in chunk_requests):
+            return [RequestCancelled()] * len(chunk)
+        return outputs
 
     def _parse(self, request):
         result = parse_request(_read_inputs(request), self.settings)
