@@ -31,9 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
     )
     server = TritonServer(config)
     stop_requested = []
+    watchdogs: list[StubWatchdog] = []
 
     def forward(signum, _frame):
         stop_requested.append(signum)
+        for watchdog in watchdogs:  # stubs exiting on shutdown are not crashes
+            watchdog.stop()
         console.print(f"[bold]received {signal.Signals(signum).name}: stopping tritonserver[/]")
         if server.process and server.process.poll() is None:
             server.process.send_signal(signal.SIGTERM)
@@ -61,13 +64,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.exit_when_ready:
         server.stop()
         return 0 if all(states.get(m, {}).get("state") == "READY" for m in config.models) else 1
-    watchdog = None
     if not args.no_watchdog:
         ready = [m for m in config.models if states.get(m, {}).get("state") == "READY"]
-        watchdog = StubWatchdog(server, ready, log=lambda message: console.print(message, markup=False)).start()
+        watchdogs.append(StubWatchdog(server, ready, log=lambda message: console.print(message, markup=False)).start())
     while server.process.poll() is None:
         time.sleep(0.5)
-    if watchdog:
+    for watchdog in watchdogs:
         watchdog.stop()
     return 0 if stop_requested else server.process.returncode
 

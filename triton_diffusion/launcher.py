@@ -141,16 +141,26 @@ class StubWatchdog:
             current = self.stubs()
             for model in self.models:
                 if expected.get(model) and not expected[model] <= current.get(model, set()):
-                    self.log(f"[watchdog] stub of {model} died: reloading the model in {self.grace_s:.0f}s")
-                    if self._stop.wait(self.grace_s):
-                        return
-                    try:
-                        self.server.reload_model(model)
-                        self.reloads.append(model)
-                        self.log(f"[watchdog] {model} reloaded")
-                    except Exception as exc:  # keep watching the other models
-                        self.log(f"[watchdog] reloading {model} failed: {exc}")
+                    self._recover(model)
             expected = self.stubs()
+
+    def _recover(self, model: str) -> None:
+        # A stub also exits when its model is unloaded on purpose or the server stops: Triton
+        # then no longer reports the model READY. After a crash it still does.
+        try:
+            if self.server.model_states().get(model, {}).get("state") != "READY":
+                return
+        except OSError:  # the server itself is going away
+            return
+        self.log(f"[watchdog] stub of {model} died: reloading the model in {self.grace_s:.0f}s")
+        if self._stop.wait(self.grace_s):
+            return
+        try:
+            self.server.reload_model(model)
+            self.reloads.append(model)
+            self.log(f"[watchdog] {model} reloaded")
+        except Exception as exc:  # keep watching the other models
+            self.log(f"[watchdog] reloading {model} failed: {exc}")
 
 
 class TritonServer:
