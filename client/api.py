@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import random
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -29,10 +30,6 @@ class ServerError(RuntimeError):
         """Queue full / model temporarily unavailable: the only errors worth retrying."""
         return self.status in RETRYABLE_STATUSES
 
-    @property
-    def cancelled(self) -> bool:
-        return self.status in ("StatusCode.CANCELLED", "499") or "cancelled" in str(self).lower()
-
 
 # gRPC's and HTTP's spelling of "queue full / try later".
 RETRYABLE_STATUSES = ("StatusCode.UNAVAILABLE", "503", "UNAVAILABLE")
@@ -48,8 +45,6 @@ class RetryPolicy:
     jitter: float = 0.5  # each delay is scaled by a random factor in [1 - jitter, 1]: no retry stampedes
 
     def delays(self):
-        import random
-
         delay = self.initial_backoff_s
         for _ in range(self.attempts - 1):
             yield delay * (1 - self.jitter * random.random())
@@ -73,7 +68,7 @@ class GenerationRequest:
     def tensors(self, defaults: Optional[Mapping[str, float]] = None) -> dict[str, np.ndarray]:
         """Input tensors, with the batch dimension (1) the model's config expects.
 
-        With the model's ``defaults`` (``ModelDefaults``), every input is sent with an explicit
+        With the model's ``defaults`` (``model_defaults`` of its config), every input is sent with an explicit
         value: requests then carry the same set of inputs, which Triton's dynamic batcher
         requires to put them in one batch (an empty IMAGE means text-to-image).
         """
