@@ -14,12 +14,11 @@ import time
 from typing import Callable, Optional, Sequence
 
 from .api import (
-    DEFAULT_MODEL,
+    ClientOptions,
     GenerationRequest,
     GenerationResult,
-    RetryPolicy,
     ServerError,
-    _split_url,
+    as_json,
     as_request,
     build_inputs,
     build_outputs,
@@ -40,31 +39,19 @@ def _aio_module(protocol: str):
     return types, aio
 
 
-class AsyncDiffusionClient:
-    def __init__(
-        self,
-        url: str = "grpc://localhost:8001",
-        model: str = DEFAULT_MODEL,
-        timeout_s: Optional[float] = None,
-        retry: Optional[RetryPolicy] = None,
-    ):
-        self.protocol, self.address = _split_url(url)
-        self.model = model
-        self.timeout_s = timeout_s
-        self.retry = retry or RetryPolicy()
+class AsyncDiffusionClient(ClientOptions):
+    """asyncio client: ``await generate(...)``, or ``generate_many`` at a bounded concurrency."""
+
+    def _connect(self) -> None:
         self._types, aio = _aio_module(self.protocol)
         self._client = aio.InferenceServerClient(self.address)
-        self._defaults: Optional[dict] = None
 
     async def defaults(self) -> dict:
         if self._defaults is None:
             from tritonclient.utils import InferenceServerException
 
             try:
-                if self.protocol == "grpc":
-                    config = await self._client.get_model_config(self.model, as_json=True)
-                else:
-                    config = await self._client.get_model_config(self.model)
+                config = await self._client.get_model_config(self.model, **as_json(self.protocol))
             except InferenceServerException as exc:
                 raise to_server_error(exc) from None
             self._defaults = model_defaults(config)

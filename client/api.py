@@ -196,8 +196,13 @@ def parse_result(result, request: GenerationRequest, seconds: float) -> Generati
     )
 
 
-class DiffusionClient:
-    """Synchronous client: ``generate`` one image, or ``generate_many`` with a thread pool."""
+def as_json(protocol: str) -> dict:
+    """Keyword arguments that make a tritonclient call return JSON-like dicts for either protocol."""
+    return {"as_json": True} if protocol == "grpc" else {}
+
+
+class ClientOptions:
+    """What the sync and asyncio clients share: address, model, deadline, retries, cached defaults."""
 
     def __init__(
         self,
@@ -211,6 +216,17 @@ class DiffusionClient:
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self._defaults: Optional[dict[str, float]] = None
+        self._connect()
+
+    def _connect(self) -> None:
+        raise NotImplementedError
+
+
+class DiffusionClient(ClientOptions):
+    """Synchronous client: ``generate`` one image, or ``generate_many`` with a thread pool."""
+
+    def _connect(self) -> None:
+        timeout_s = self.timeout_s
         self._module = protocol_module(self.protocol)
         if self.protocol == "http" and timeout_s is not None:
             self._client = self._module.InferenceServerClient(
@@ -226,10 +242,7 @@ class DiffusionClient:
             from tritonclient.utils import InferenceServerException
 
             try:
-                if self.protocol == "grpc":
-                    config = self._client.get_model_config(self.model, as_json=True)
-                else:
-                    config = self._client.get_model_config(self.model)
+                config = self._client.get_model_config(self.model, **as_json(self.protocol))
             except InferenceServerException as exc:
                 raise to_server_error(exc) from None
             self._defaults = model_defaults(config)

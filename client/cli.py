@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
-import statistics
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
 from .aio import AsyncDiffusionClient
-from .api import DEFAULT_MODEL, GenerationRequest, ServerError, _split_url
+from .api import DEFAULT_MODEL, GenerationRequest, ServerError, _split_url, as_json
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -121,13 +119,13 @@ def _health(args) -> int:
         model_ready = client.is_model_ready(args.model)
         print(f"server {args.url}: live={live} ready={ready}; model {args.model}: ready={model_ready}")
         if not model_ready:
-            index = client.get_model_repository_index(as_json=True) if protocol == "grpc" else client.get_model_repository_index()
+            index = client.get_model_repository_index(**as_json(protocol))
             entries = index.get("models", []) if isinstance(index, dict) else index
             for entry in entries:
                 if entry.get("name") == args.model:
                     print(f"  state {entry.get('state')}: {entry.get('reason', '')}")
             return 1
-        metadata = client.get_model_metadata(args.model, as_json=True) if protocol == "grpc" else client.get_model_metadata(args.model)
+        metadata = client.get_model_metadata(args.model, **as_json(protocol))
         for tensor in metadata["inputs"]:
             print(f"  input  {tensor['name']:<20} {tensor['datatype']:<6} {tensor['shape']}")
         for tensor in metadata["outputs"]:
@@ -140,7 +138,7 @@ def _health(args) -> int:
 
 def _stats(args) -> int:
     protocol, client = _client(args)
-    stats = client.get_inference_statistics(args.model, as_json=True) if protocol == "grpc" else client.get_inference_statistics(args.model)
+    stats = client.get_inference_statistics(args.model, **as_json(protocol))
     model = stats["model_stats"][0]
     inferences, executions = int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
     print(f"{args.model}: {inferences} inferences in {executions} executions "

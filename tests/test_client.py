@@ -4,9 +4,7 @@ import asyncio
 import subprocess
 import sys
 import time
-import urllib.request
 
-import numpy as np
 import pytest
 from PIL import Image
 
