@@ -1,7 +1,7 @@
 """Headless locust run (bounded users and duration, loopback only) with a server-side report.
 
 Starts a tritonserver with the tiny model unless ``--host`` names a running one, runs locust
-headless with CSV output, then reports failures, realized batch sizes and server memory (RSS of
+headless with CSV output (and a PNG of throughput and latency over time), then reports failures, realized batch sizes and server memory (RSS of
 tritonserver and its Python-backend stubs, at start and end). Exit code 1 on any failure.
 
     python perf/load.py --users 8 --duration 60s            # short load test
@@ -39,6 +39,34 @@ def batch_sizes(http_url: str, model: str) -> dict[int, int]:
     with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats") as response:
         data = json.load(response)["model_stats"][0]
     return {b["batch_size"]: b["compute_infer"]["count"] for b in data["batch_stats"]}
+
+
+def plot_history(history_csv: Path, output: Path) -> None:
+    """Throughput and latency percentiles over the run, from locust's ``_stats_history.csv``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in csv.DictReader(history_csv.open()) if r["Name"] == "Aggregated" and r["50%"] != "N/A"]
+    if not rows:
+        return
+    start = int(rows[0]["Timestamp"])
+    seconds = [int(r["Timestamp"]) - start for r in rows]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    top.plot(seconds, [float(r["Requests/s"]) for r in rows], label="requests/s")
+    top.plot(seconds, [float(r["Failures/s"]) for r in rows], label="failures/s")
+    top.set_ylabel("per second")
+    top.legend(fontsize=8)
+    for column in ("50%", "95%", "99%"):
+        bottom.plot(seconds, [float(r[column]) for r in rows], label=f"p{column.rstrip('%')}")
+    bottom.set_ylabel("latency (ms)")
+    bottom.set_xlabel("seconds into the run")
+    bottom.legend(fontsize=8)
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
 
 
 def main(argv=None) -> int:
@@ -117,7 +145,8 @@ def main(argv=None) -> int:
         if args.soak and growth > 0.20:
             print("soak FAILED: server RSS grew more than 20% after warm-up")
             status = 1
-    print(f"CSV: {prefix}_stats.csv")
+    plot_history(Path(f"{prefix}_stats_history.csv"), Path(f"{prefix}.png"))
+    print(f"CSV: {prefix}_stats.csv, plot: {prefix}.png")
     return status
 
 

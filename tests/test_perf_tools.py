@@ -22,6 +22,7 @@ def test_short_locust_run_has_no_failures_and_writes_csv(server, tmp_path):
     assert int(rows["Aggregated"]["Failure Count"]) == 0
     assert any(name.startswith("text-to-image") for name in rows)
     assert "realized batch sizes" in completed.stdout
+    assert next(tmp_path.glob("locust-*.png")).stat().st_size > 0
 
 
 def test_perf_analyzer_sweep_writes_csv_and_plot(tmp_path):
