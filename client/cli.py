@@ -24,7 +24,7 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-")[:limit].lower() or "image"
 
 
-def _percentile(values, q):
+def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))] if values else float("nan")
 
@@ -95,8 +95,8 @@ async def _generate(args) -> int:
     ok = len(latencies)
     print(
         f"{ok}/{len(requests)} images in {wall:.1f}s ({ok / wall:.2f} images/s), {len(failures)} failed; "
-        f"latency p50 {_percentile(latencies, 50):.2f}s p95 {_percentile(latencies, 95):.2f}s "
-        f"p99 {_percentile(latencies, 99):.2f}s; saved to {out}/"
+        f"latency p50 {percentile(latencies, 50):.2f}s p95 {percentile(latencies, 95):.2f}s "
+        f"p99 {percentile(latencies, 99):.2f}s; saved to {out}/"
     )
     return 1 if failures else 0
 

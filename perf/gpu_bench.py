@@ -23,16 +23,16 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client import DiffusionClient, GenerationRequest  # noqa: E402
+from client.cli import percentile  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
 from perf.variants import render_config, write_variant  # noqa: E402
-from triton_diffusion.launcher import ServerConfig, TritonServer, free_port  # noqa: E402
+from triton_diffusion.launcher import ServerConfig, TritonServer, free_port, model_statistics  # noqa: E402
 
 DTYPES = {"sd15": "float16", "flux-dev": "bfloat16"}
 GUIDANCE = {"sd15": 7.5, "flux-dev": 3.5}
@@ -72,11 +72,6 @@ class GpuMemoryPoller:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-
-
-def percentile(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
 def items_for(prompts, count, args, arch, offset=0):
@@ -131,8 +126,7 @@ def dtype_for(arch: str, args) -> str:
 
 
 def stats(server, model):
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as response:
-        data = json.load(response)["model_stats"][0]
+    data = model_statistics(server.http_url, model)
     return {b["batch_size"]: (b["compute_infer"]["count"], b["compute_infer"]["ns"]) for b in data["batch_stats"]}
 
 

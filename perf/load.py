@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from triton_diffusion.launcher import ServerConfig, TritonServer, free_port  # noqa: E402
+from triton_diffusion.launcher import ServerConfig, TritonServer, batch_executions, free_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,12 +31,6 @@ def server_rss_mib(pid: int) -> float:
 
     process = psutil.Process(pid)
     return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
-
-
-def batch_sizes(http_url: str, model: str) -> dict[int, int]:
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats") as response:
-        data = json.load(response)["model_stats"][0]
-    return {b["batch_size"]: b["compute_infer"]["count"] for b in data["batch_stats"]}
 
 
 def plot_history(history_csv: Path, output: Path) -> None:
@@ -109,7 +101,7 @@ def main(argv=None) -> int:
         sampler = threading.Thread(target=sample_rss, daemon=True)
         if server:
             sampler.start()
-        before = batch_sizes(http_url, args.model)
+        before = batch_executions(http_url, args.model)
         command = [
             str(Path(sys.executable).parent / "locust"), "-f", str(HERE / "locustfile.py"), "--headless",
             "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--host", grpc_url,
@@ -120,7 +112,7 @@ def main(argv=None) -> int:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 180)
         stop_sampling.set()
         print(completed.stdout[-3000:] + completed.stderr[-3000:])
-        after = batch_sizes(http_url, args.model)
+        after = batch_executions(http_url, args.model)
     finally:
         if server:
             server.stop()

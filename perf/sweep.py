@@ -20,14 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf.prompts import vbench_prompts  # noqa: E402
 from perf.variants import render_config, write_variant  # noqa: E402
-from triton_diffusion.launcher import ServerConfig, TritonServer, free_port  # noqa: E402
+from triton_diffusion.launcher import ServerConfig, TritonServer, free_port, model_statistics  # noqa: E402
 
 VARIANTS = {
     "tiny_none": None,
@@ -59,8 +58,7 @@ def perf_analyzer_binary() -> str:
 
 def stats(http_url: str, model: str) -> tuple[int, int]:
     """(inference count, execution count) of a model."""
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats") as response:
-        data = json.load(response)["model_stats"][0]
+    data = model_statistics(http_url, model)
     return int(data["inference_count"]), int(data["execution_count"])
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import urllib.request
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from client import DiffusionClient
-from triton_diffusion.launcher import ServerConfig, TritonServer, free_port
+from triton_diffusion.launcher import ServerConfig, TritonServer, batch_executions, free_port, model_statistics
 from triton_diffusion.tiny import ensure_tiny_model
 
 TINY = "stable_diffusion_tiny"
@@ -67,13 +66,12 @@ def delayed_server(tmp_path_factory):
 
 
 def model_stats(server: TritonServer, model: str = TINY) -> dict:
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as response:
-        return json.load(response)["model_stats"][0]
+    return model_statistics(server.http_url, model)
 
 
 def batch_histogram(server: TritonServer, model: str = TINY) -> dict[int, int]:
     """{batch size: executions} from Triton's statistics API."""
-    return {b["batch_size"]: b["compute_infer"]["count"] for b in model_stats(server, model)["batch_stats"]}
+    return batch_executions(server.http_url, model)
 
 
 def metric(server: TritonServer, name: str, model: str = TINY) -> float:

@@ -4,12 +4,12 @@ each good one its correct image, and the server (and its Python stub) stays up t
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import psutil
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from client import DiffusionClient
+from triton_diffusion.launcher import StubWatchdog
 
 from .conftest import TINY, assert_same_image
 
@@ -124,8 +124,7 @@ def send(url, inputs):
 
 
 def stub_pids(server):
-    return sorted(p.pid for p in psutil.Process(server.process.pid).children(recursive=True)
-                  if "triton_python_backend_stub" in " ".join(p.cmdline()))
+    return StubWatchdog(server, [TINY]).stubs()[TINY]
 
 
 def test_bad_input_corpus_mixed_with_good_requests(server):

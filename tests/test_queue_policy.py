@@ -14,7 +14,7 @@ import pytest
 
 from client import DiffusionClient, GenerationRequest, RetryPolicy, ServerError
 from perf.variants import render_config, write_variant
-from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer, free_port
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer, free_port, model_statistics
 
 from .conftest import OFFLINE, TINY
 
@@ -56,11 +56,7 @@ def in_background(server, request, finished=None, label=None):
 
 
 def execution_count(server) -> int:
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{NAME}/stats") as response:
-        return int(json.load(response)["model_stats"][0]["execution_count"])
+    return int(model_statistics(server.http_url, NAME)["execution_count"])
 
 
 def test_client_deadline_drops_the_request_while_it_is_still_queued(queue_server):

@@ -67,6 +67,17 @@ def server_environment(base: Optional[dict] = None) -> dict:
     return env
 
 
+def model_statistics(http_url: str, model: str) -> dict:
+    """A model's entry of Triton's statistics API (counts, batch_stats, queue and compute times)."""
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats", timeout=30) as response:
+        return json.load(response)["model_stats"][0]
+
+
+def batch_executions(http_url: str, model: str) -> dict[int, int]:
+    """``{batch size: executions}``: the batches Triton's dynamic batcher really formed."""
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in model_statistics(http_url, model)["batch_stats"]}
+
+
 def free_port() -> int:
     import socket
 
@@ -139,10 +150,10 @@ class StubWatchdog:
         expected = self.stubs()
         while not self._stop.wait(self.interval):
             current = self.stubs()
-            for model in self.models:
-                if expected.get(model) and not expected[model] <= current.get(model, set()):
-                    self._recover(model)
-            expected = self.stubs()
+            died = [m for m in self.models if expected.get(m) and not expected[m] <= current.get(m, set())]
+            for model in died:
+                self._recover(model)
+            expected = self.stubs() if died else current  # a reload starts new stubs
 
     def _recover(self, model: str) -> None:
         # A stub also exits when its model is unloaded on purpose or the server stops: Triton
