@@ -1,8 +1,10 @@
 """Dynamic batching against the real server, made deterministic with TRITONSERVER_DELAY_SCHEDULER."""
 
+import asyncio
+
 import numpy as np
 
-from client import DiffusionClient, GenerationRequest, ServerError
+from client import AsyncDiffusionClient, DiffusionClient, GenerationRequest, ServerError
 
 from .conftest import TINY, assert_same_image, batch_histogram, metric, model_stats
 
@@ -91,3 +93,26 @@ def test_a_request_with_several_prompts_gets_one_image_per_prompt(server):
     assert result.as_numpy("SEED").ravel().tolist() == [1, 2, 3]
     with DiffusionClient(f"grpc://{server.grpc_url}", TINY) as typed:
         assert_same_image(images[1], typed.generate("two", seed=2).array)
+
+
+def test_a_request_cancelled_mid_denoise_leaves_the_batch_and_its_batch_mates_match_solo(delayed_server):
+    """gRPC cancel of one of three batched requests: it is dropped at the next step, the others finish."""
+    server = delayed_server(3)
+    requests = [GenerationRequest(f"batch-mate {i}", seed=10 + i, height=256, width=256, steps=20) for i in range(3)]
+
+    async def run():
+        async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", TINY, timeout_s=120) as client:
+            await client.defaults()
+            tasks = [asyncio.create_task(client.generate(request)) for request in requests]
+            await asyncio.sleep(2.0)  # the batch of three is denoising (about 8 s in all here)
+            tasks[1].cancel()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert batch_histogram(server) == {3: 1}, "the three requests must have shared one execution"
+    assert metric(server, "diffusion_cancelled_rows_dropped_total") == 1, "the cancelled row was not dropped mid-call"
+    assert metric(server, "diffusion_requests_cancelled_total") == 1
+    assert metric(server, "diffusion_images_total") == 2
+    for result, solo in zip([results[0], results[2]], served_alone(server, [requests[0], requests[2]])):
+        assert_same_image(result.array, solo)

@@ -39,20 +39,6 @@ class RequestCancelled(Exception):
     """Marks the output of a request that was cancelled before its image was finished."""
 
 
-def _stop_when_all_cancelled(requests: list):
-    """A diffusers ``callback_on_step_end`` that interrupts the call once every request is cancelled.
-
-    Checked after each denoising step; while any batch-mate still wants its image, the call goes on.
-    """
-
-    def on_step_end(pipe, step, timestep, callback_kwargs):
-        if all(request.is_cancelled() for request in requests):
-            pipe._interrupt = True
-        return callback_kwargs
-
-    return on_step_end
-
-
 class TritonPythonModel:
     """Diffusers pipeline served with Triton's dynamic batching; every request answered in order."""
 
@@ -96,21 +82,31 @@ class TritonPythonModel:
         return responses
 
     def _run_chunk(self, chunk, chunk_requests: list) -> list:
-        """One pipeline call; outputs are images, or the exception / cancellation of each item."""
+        """One pipeline call; outputs are images, or the exception / cancellation of each item.
+
+        A request cancelled while queued never runs; one cancelled mid-denoise leaves the call at
+        the next step (see ``cancellation.py``) while its batch-mates finish.
+        """
         if all(request.is_cancelled() for request in chunk_requests):
-            return [RequestCancelled()] * len(chunk)  # abandoned while queued: never run
-        on_step_end = _stop_when_all_cancelled(chunk_requests)
+            return [RequestCancelled()] * len(chunk)
+        cancelled_of = {id(item): request.is_cancelled for item, request in zip(chunk.items, chunk_requests)}
         try:
             outputs = run_splitting_on_oom(
-                lambda items: self.runner.run(items, on_step_end=on_step_end), chunk.items, is_out_of_memory
+                lambda items: self.runner.run(items, cancelled=[cancelled_of[id(item)] for item in items]),
+                chunk.items,
+                is_out_of_memory,
             )
         except Exception as exc:  # one failed call must not fail the other chunks of this execute
             log.exception("pipeline call failed")
             return [exc] * len(chunk)
         self.metrics.observe_call(len(chunk))
-        if all(request.is_cancelled() for request in chunk_requests):
-            return [RequestCancelled()] * len(chunk)
-        return outputs
+        dropped = sum(output is None for output in outputs)
+        if dropped:
+            self.metrics.rows_dropped.increment(dropped)
+        return [
+            RequestCancelled() if output is None or request.is_cancelled() else output
+            for output, request in zip(outputs, chunk_requests)
+        ]
 
     def _parse(self, request):
         result = parse_request(_read_inputs(request), self.settings)

@@ -23,8 +23,11 @@ class BackendMetrics:
             pb_utils.MetricFamily("diffusion_images_total", "Images generated", counter),
             pb_utils.MetricFamily("diffusion_request_errors_total", "Requests answered with an error", counter),
             pb_utils.MetricFamily("diffusion_requests_cancelled_total", "Requests cancelled before their image was done", counter),
+            pb_utils.MetricFamily(
+                "diffusion_cancelled_rows_dropped_total", "Cancelled images dropped from a running pipeline call", counter
+            ),
         ]
-        batch, groups, stages, calls, images, errors, cancelled = self._families
+        batch, groups, stages, calls, images, errors, cancelled, dropped = self._families
         self.pipeline_batch_size = batch.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.groups_per_execute = groups.Metric(labels=labels, buckets=_GROUP_BUCKETS)
         self.stage_seconds = {
@@ -34,6 +37,7 @@ class BackendMetrics:
         self.images = images.Metric(labels=labels)
         self.request_errors = errors.Metric(labels=labels)
         self.cancelled = cancelled.Metric(labels=labels)
+        self.rows_dropped = dropped.Metric(labels=labels)
 
     def observe_call(self, batch_size: int) -> None:
         self.pipeline_batch_size.observe(batch_size)

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .architectures import RANDOM_PREFIX, build_random_pipeline
+from .cancellation import RowCancellation
 from .requests import IMAGE_TO_IMAGE, GenerationItem
 from .settings import ModelSettings
 
@@ -131,21 +132,26 @@ class PipelineRunner:
         return None
 
     def run(
-        self, items: Sequence[GenerationItem], on_step_end: Optional[Callable] = None
-    ) -> list[np.ndarray]:
-        """One pipeline call for items of one signature; returns uint8 HxWx3 images in order."""
+        self, items: Sequence[GenerationItem], cancelled: Optional[Sequence[Callable[[], bool]]] = None
+    ) -> list[Optional[np.ndarray]]:
+        """One pipeline call for items of one signature; returns uint8 HxWx3 images in order.
+
+        ``cancelled[i]()`` says whether item i is still wanted; a cancelled item is dropped from
+        the call at the next denoising step where the pipeline allows it, and its output is None.
+        """
         import torch
         from PIL import Image
 
         first = items[0]
         is_i2i = first.task == IMAGE_TO_IMAGE
         pipe = self.image_to_image if is_i2i else self.text_to_image
+        # One CPU generator per item: its noise does not depend on its batch-mates or the device.
+        generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
         kwargs = {
             "prompt": [item.prompt for item in items],
             "num_inference_steps": first.num_inference_steps,
             "guidance_scale": first.guidance_scale,
-            # One CPU generator per item: its noise does not depend on its batch-mates or the device.
-            "generator": [torch.Generator("cpu").manual_seed(item.seed) for item in items],
+            "generator": generators,
             "output_type": "np",
         }
         if first.negative_prompt is not None:
@@ -160,11 +166,16 @@ class PipelineRunner:
             kwargs["strength"] = first.strength
         # Image-to-image pipelines that take no size (SD) use the resized source image's size.
         kwargs["height"], kwargs["width"] = first.height, first.width
-        if on_step_end is not None:
-            kwargs["callback_on_step_end"] = on_step_end
+        rows = RowCancellation(cancelled or [lambda: False] * len(items), generators)
+        if cancelled is not None:
+            kwargs["callback_on_step_end"] = rows
+            kwargs["callback_on_step_end_tensor_inputs"] = rows.tensor_inputs(pipe)
         accepted = self._accepted[first.task]
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}
         with torch.inference_mode():
             images = pipe(**kwargs).images
         images = np.asarray(images)
-        return [(image * 255).round().clip(0, 255).astype(np.uint8) for image in images]
+        outputs: list[Optional[np.ndarray]] = [None] * len(items)
+        for row, position in rows.wanted():
+            outputs[row] = (images[position] * 255).round().clip(0, 255).astype(np.uint8)
+        return outputs

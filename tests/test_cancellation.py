@@ -1,0 +1,106 @@
+"""Dropping a cancelled row from a running pipeline call (in-process, the tiny SD pipeline).
+
+The claim under test: after a row is dropped at step k, every batch-mate's image equals the image
+it gets when served alone, for schedulers with per-row history (PNDM, DPM-Solver++, UniPC) or
+per-row noise (Euler ancestral), for text-to-image and image-to-image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from triton_diffusion.cancellation import shrinkable_inputs
+from triton_diffusion.pipeline import PipelineRunner
+from triton_diffusion.requests import GenerationItem
+from triton_diffusion.settings import ModelSettings
+from triton_diffusion.tiny import ensure_tiny_model
+
+SIZE, STEPS = 64, 8
+SCHEDULERS = ["PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "EulerAncestralDiscreteScheduler"]
+
+
+@pytest.fixture(scope="module")
+def runner() -> PipelineRunner:
+    location = ensure_tiny_model()
+    return PipelineRunner.load(
+        ModelSettings(pretrained_model=str(location), device="cpu", torch_dtype="float32", torch_num_threads=2)
+    )
+
+
+@pytest.fixture
+def scheduler(runner, request):
+    """Swap the scheduler of both pipelines (they share components) for one test."""
+    import diffusers
+
+    original = runner.text_to_image.scheduler
+    swapped = getattr(diffusers, request.param).from_config(original.config)
+    for pipe in (runner.text_to_image, runner.image_to_image):
+        pipe.scheduler = swapped
+    yield request.param
+    for pipe in (runner.text_to_image, runner.image_to_image):
+        pipe.scheduler = original
+
+
+def items(task: str, count: int = 4) -> list[GenerationItem]:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) if task == "image-to-image" else None
+    return [
+        GenerationItem(
+            prompt=f"a lighthouse at dusk, view {index}", negative_prompt=None, seed=100 + index,
+            num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+            image=image, strength=0.8 if image is not None else None,
+        )
+        for index in range(count)
+    ]
+
+
+class CancelAfter:
+    """``cancelled()`` turns true once the pipeline has finished ``steps`` denoising steps."""
+
+    def __init__(self, steps: int):
+        self.steps, self.calls = steps, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls > self.steps
+
+
+def assert_same_image(batched: np.ndarray, solo: np.ndarray) -> None:
+    diff = np.abs(batched.astype(int) - solo.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001, f"max {diff.max()}, {(diff > 0).mean():.4%} differ"
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS, indirect=True)
+@pytest.mark.parametrize("task", ["text-to-image", "image-to-image"])
+def test_batch_mates_of_a_dropped_row_equal_their_solo_images(runner, scheduler, task):
+    batch = items(task)
+    never = lambda: False  # noqa: E731
+    # Rows 1 and 3 are cancelled after steps 2 and 4 (the check runs once per step per live row).
+    cancelled = [never, CancelAfter(2), never, CancelAfter(4)]
+    outputs = runner.run(batch, cancelled=cancelled)
+    assert outputs[1] is None and outputs[3] is None
+    for row in (0, 2):
+        solo = runner.run([batch[row]])[0]
+        assert_same_image(outputs[row], solo)
+    # Sanity: a different batch-mate's image is not within tolerance (the check can fail).
+    with pytest.raises(AssertionError):
+        assert_same_image(outputs[0], outputs[2])
+
+
+def test_every_row_cancelled_interrupts_the_call(runner):
+    batch = items("text-to-image", 2)
+    checks = [CancelAfter(1), CancelAfter(1)]
+    outputs = runner.run(batch, cancelled=checks)
+    assert outputs == [None, None]
+    assert max(check.calls for check in checks) <= 2, "the call went on after every row was cancelled"
+
+
+def test_rows_of_unshrinkable_pipelines_ride_to_the_end(runner, monkeypatch):
+    """A pipeline not known to be shrinkable keeps the cancelled row and still serves the others."""
+    monkeypatch.setattr("triton_diffusion.cancellation.SHRINKABLE_INPUTS", {})
+    assert shrinkable_inputs(runner.text_to_image) is None
+    batch = items("text-to-image", 2)
+    outputs = runner.run(batch, cancelled=[lambda: False, CancelAfter(2)])
+    assert outputs[1] is not None  # computed to the end; the backend discards it
+    assert_same_image(outputs[0], runner.run([batch[0]])[0])

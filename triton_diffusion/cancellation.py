@@ -1,0 +1,132 @@
+"""Stop cancelled requests inside a running diffusers call, one row at a time.
+
+A chunk is one pipeline call over several requests. When one of them is cancelled mid-denoise,
+its rows are dropped from the call at the next step (``callback_on_step_end``) and its batch-mates
+go on with a smaller batch. Dropping a row means slicing every batch-sized tensor the denoising
+loop carries from step to step:
+
+- the tensors the pipeline hands to the callback and takes back (latents, text embeddings; under
+  classifier-free guidance the embeddings are ``[negative; positive]``, twice the batch),
+- the scheduler's history (PNDM's ``ets``, DPM-Solver's ``model_outputs``, ...): tensors shaped
+  like the latents,
+- the list of per-row generators, which the scheduler reads for its noise (ancestral samplers):
+  it is shrunk in place, since the pipeline holds the same list object.
+
+Only pipelines whose whole per-row loop state goes through the callback can be shrunk; they are
+listed in ``SHRINKABLE_INPUTS`` after a test showed batch-mates still equal their solo images.
+Others (FLUX keeps a batch-sized guidance tensor outside the callback's reach) keep computing a
+cancelled row until the call ends; its result is discarded. With every row cancelled, any
+pipeline is interrupted at the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+# Pipeline class -> the callback tensor inputs that hold all of its loop's per-row state.
+SHRINKABLE_INPUTS: dict[str, tuple[str, ...]] = {
+    "StableDiffusionPipeline": ("latents", "prompt_embeds"),
+    "StableDiffusionImg2ImgPipeline": ("latents", "prompt_embeds"),
+}
+
+
+def shrinkable_inputs(pipe) -> Optional[tuple[str, ...]]:
+    """The callback inputs to slice when dropping rows from ``pipe``'s call, or None if it cannot be done."""
+    inputs = SHRINKABLE_INPUTS.get(type(pipe).__name__)
+    unet = getattr(pipe, "unet", None)
+    # LCM-style UNets get a batch-sized guidance embedding (timestep_cond) built before the loop.
+    if inputs and unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None:
+        return None
+    return inputs
+
+
+def _slice_rows(tensor, rows: int, keep):
+    """``tensor`` with only the kept rows; a ``[negative; positive]`` tensor (2x rows) keeps both halves."""
+    import torch
+
+    if tensor.shape[0] == rows:
+        return tensor[keep]
+    if tensor.shape[0] == 2 * rows:
+        return torch.cat([tensor[:rows][keep], tensor[rows:][keep]])
+    raise ValueError(f"a tensor of batch {tensor.shape[0]} in a call of {rows} rows")
+
+
+def _shrink_scheduler_state(scheduler, rows: int, keep, latent_shape) -> int:
+    """Slice the scheduler's latent-shaped history tensors; returns how many it sliced."""
+    import torch
+
+    def is_row_state(value) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() == len(latent_shape) and value.shape[0] == rows and tuple(
+            value.shape[1:]
+        ) == tuple(latent_shape[1:])
+
+    sliced = 0
+    for name, value in list(vars(scheduler).items()):
+        if is_row_state(value):
+            setattr(scheduler, name, value[keep])
+            sliced += 1
+        elif isinstance(value, (list, tuple)) and any(is_row_state(v) for v in value):
+            shrunk = [v[keep] if is_row_state(v) else v for v in value]
+            setattr(scheduler, name, type(value)(shrunk) if isinstance(value, tuple) else shrunk)
+            sliced += 1
+    return sliced
+
+
+class RowCancellation:
+    """A ``callback_on_step_end`` that drops cancelled rows and interrupts when none is left.
+
+    ``cancelled[row]()`` says whether that row's request was cancelled. After the call, ``live``
+    holds the rows (original indices) that the pipeline's output images belong to, in order, and
+    ``dropped`` the rows whose images were not finished (``wanted`` lists the others).
+    """
+
+    def __init__(self, cancelled: Sequence[Callable[[], bool]], generators: list):
+        self.cancelled = list(cancelled)
+        self.generators = generators
+        self.live = list(range(len(self.cancelled)))
+        self.dropped: dict[int, int] = {}  # row -> step after which it was dropped
+        self.inputs: Optional[tuple[str, ...]] = None
+
+    def wanted(self) -> list[tuple[int, int]]:
+        """``(row, position in the pipeline's output)`` of each row whose image was finished."""
+        return [(row, position) for position, row in enumerate(self.live) if row not in self.dropped]
+
+    def tensor_inputs(self, pipe) -> list[str]:
+        """What to ask the pipeline for (``callback_on_step_end_tensor_inputs``)."""
+        self.inputs = shrinkable_inputs(pipe)
+        return list(self.inputs or ("latents",))
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        gone = [row for row in self.live if self.cancelled[row]()]
+        if not gone:
+            return callback_kwargs
+        if len(gone) == len(self.live):
+            pipe._interrupt = True  # nobody is waiting for this call any more
+            self.dropped.update((row, step) for row in gone)
+            return callback_kwargs
+        if self.inputs is None:
+            return callback_kwargs  # this pipeline cannot drop rows: they ride to the end
+        return self._drop(pipe, step, gone, callback_kwargs)
+
+    def _drop(self, pipe, step: int, gone: list[int], callback_kwargs: dict) -> dict:
+        import torch
+
+        rows = len(self.live)
+        positions = [position for position, row in enumerate(self.live) if row not in gone]
+        keep = torch.tensor(positions, device=callback_kwargs["latents"].device)
+        latent_shape = tuple(callback_kwargs["latents"].shape)
+        try:
+            shrunk = {name: _slice_rows(callback_kwargs[name], rows, keep) for name in self.inputs}
+        except ValueError as exc:  # unexpected layout: keep computing rather than corrupt batch-mates
+            log.warning("cannot drop cancelled rows from %s: %s", type(pipe).__name__, exc)
+            return callback_kwargs
+        _shrink_scheduler_state(pipe.scheduler, rows, keep, latent_shape)
+        self.generators[:] = [self.generators[position] for position in positions]
+        for row in gone:
+            self.dropped[row] = step
+        self.live = [self.live[position] for position in positions]
+        callback_kwargs.update(shrunk)
+        return callback_kwargs
