@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 from .launcher import DEFAULT_MODEL_REPOSITORY, DEFAULT_MODELS, ServerConfig, ServerError, StubWatchdog, TritonServer
+from .overrides import BatchingOverrides, derived_repository, parse_sizes
+
+ENV_PREFIX = "TRITON_DIFFUSION_"
+
+
+def _env(name: str, default=None):
+    """Flag defaults from the environment (``TRITON_DIFFUSION_<NAME>``), e.g. set by docker compose."""
+    value = os.environ.get(ENV_PREFIX + name)
+    return default if value is None or value == "" else value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -20,8 +30,18 @@ def _serve(args: argparse.Namespace) -> int:
         from .tiny import ensure_tiny_model
 
         ensure_tiny_model()
+    overrides = BatchingOverrides(
+        max_batch_size=args.max_batch_size,
+        preferred_batch_sizes=None if args.preferred_batch_sizes is None else parse_sizes(args.preferred_batch_sizes),
+        max_queue_delay_us=args.max_queue_delay_us,
+        max_queue_size=args.max_queue_size,
+    )
+    repository = args.model_repository
+    if overrides.any():
+        repository = derived_repository(args.model_repository, args.models, overrides)
+        console.print(f"batching overrides {overrides} -> derived repository {repository}")
     config = ServerConfig(
-        model_repository=args.model_repository,
+        model_repository=repository,
         models=args.models,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
@@ -87,15 +107,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="triton-diffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start tritonserver on the model repository")
-    serve.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    models = lambda s: [m.strip() for m in s.split(",") if m.strip()]  # noqa: E731
+    serve.add_argument("--model-repository", type=Path, default=Path(_env("MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY)))
     serve.add_argument(
-        "--models", type=lambda s: [m for m in s.split(",") if m], default=list(DEFAULT_MODELS),
+        "--models", type=models, default=models(_env("MODELS", ",".join(DEFAULT_MODELS))),
         help="comma-separated models to load (explicit model control); default: %(default)s",
     )
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 8000)))
+    serve.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 8001)))
+    serve.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 8002)))
+    serve.add_argument("--log-verbose", type=int, default=int(_env("LOG_VERBOSE", 0)))
+    knobs = serve.add_argument_group(
+        "batching overrides", f"change config.pbtxt's batching at start-up (env {ENV_PREFIX}<NAME> sets the default)"
+    )
+    optional_int = lambda name: None if _env(name) is None else int(_env(name))  # noqa: E731
+    knobs.add_argument("--max-batch-size", type=int, default=optional_int("MAX_BATCH_SIZE"), help="env MAX_BATCH_SIZE")
+    knobs.add_argument(
+        "--preferred-batch-sizes", default=_env("PREFERRED_BATCH_SIZES"),
+        help='e.g. "8,16"; "none" removes them (env PREFERRED_BATCH_SIZES)',
+    )
+    knobs.add_argument("--max-queue-delay-us", type=int, default=optional_int("MAX_QUEUE_DELAY_US"), help="env MAX_QUEUE_DELAY_US")
+    knobs.add_argument("--max-queue-size", type=int, default=optional_int("MAX_QUEUE_SIZE"), help="env MAX_QUEUE_SIZE")
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models")
     serve.add_argument("--exit-when-ready", action="store_true", help="stop once ready (a start-up check)")
     serve.add_argument("--no-watchdog", action="store_true", help="do not reload models whose stub process died")

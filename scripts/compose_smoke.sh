@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Bring the CPU compose stack up for real and check it serves images, then tear it all down.
+#
+#   ./scripts/compose_smoke.sh            (as root, or with sudo; Debian/Ubuntu host)
+#
+# On a machine like this one (no Docker registry, no running daemon) it:
+#   1. installs docker.io / docker-compose / debootstrap with apt-get if missing, starts dockerd;
+#   2. uses BASE_IMAGE if present or pullable, else builds a Debian bookworm base image from
+#      Debian packages (debootstrap | docker import) with the packages the Dockerfile needs;
+#   3. fills docker/wheelhouse/ with `pip download` and builds offline (PIP_OFFLINE=1);
+#   4. `compose --profile cpu up -d` with batching overrides from the environment, waits for the
+#      health check, sends text-to-image and image-to-image requests with the project's client,
+#      checks images, seeds, batching and the overrides, runs the locust service briefly;
+#   5. `compose down -v` and stops the daemon it started.
+# Exit codes: 0 passed, 1 failed, 77 no Docker engine can run on this machine (skipped).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+log() { printf '\033[1m[compose-smoke %s]\033[0m %s\n' "$(date +%T)" "$*"; }
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+WORK="$ROOT/.cache/compose-smoke"
+mkdir -p "$WORK"
+STARTED_DOCKERD=""
+PROJECT="tdsmoke$$"
+BASE_IMAGE=${BASE_IMAGE:-debian:bookworm-slim}
+LOCAL_BASE="local/debian:bookworm"
+T0=$(date +%s)
+
+./scripts/setup.sh >/dev/null   # the host-side client and pip (idempotent, seconds when done)
+VPY="$ROOT/.venv/bin/python"
+
+# --- 1. Docker engine and compose ----------------------------------------------------------------
+apt_install() { $SUDO apt-get install -y -qq "$@" >/dev/null 2>&1 || { $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq "$@" >/dev/null; }; }
+if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
+  log "installing docker.io and debootstrap (apt-get)"
+  apt_install docker.io debootstrap
+fi
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd (log: $WORK/dockerd.log)"
+  $SUDO sh -c "nohup dockerd >'$WORK/dockerd.log' 2>&1 & echo \$! >'$WORK/dockerd.pid'"
+  STARTED_DOCKERD=1
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  if ! docker info >/dev/null 2>&1; then
+    log "dockerd did not start on this machine; last lines of its log:"
+    tail -5 "$WORK/dockerd.log" || true
+    exit 77
+  fi
+fi
+if docker compose version >/dev/null 2>&1; then
+  COMPOSE=(docker compose)
+else
+  command -v docker-compose >/dev/null || { log "installing docker-compose (apt-get)"; apt_install docker-compose; }
+  COMPOSE=(docker-compose)
+fi
+log "engine $(docker version --format '{{.Server.Version}}'), $("${COMPOSE[@]}" version | head -1)"
+
+DC=("${COMPOSE[@]}" -p "$PROJECT" --profile cpu --profile load)
+cleanup() {
+  rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 77 ]; then
+    log "FAILED (exit $rc); container logs:"
+    "${DC[@]}" logs --no-color --tail 60 2>/dev/null || true
+  fi
+  "${DC[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+  if [ -n "$STARTED_DOCKERD" ]; then
+    log "stopping the dockerd this script started"
+    $SUDO kill "$(cat "$WORK/dockerd.pid")" 2>/dev/null || true
+  fi
+  log "total $(( $(date +%s) - T0 )) s"
+}
+trap cleanup EXIT
+
+# --- 2. base image ---------------------------------------------------------------------------------
+if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 && ! timeout 60 docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
+  if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
+    log "no registry: building $LOCAL_BASE from Debian packages (debootstrap)"
+    rootfs="$WORK/rootfs"
+    $SUDO rm -rf "$rootfs"
+    $SUDO debootstrap --variant=minbase \
+      --include=python3,python3-venv,libpython3.11,libb64-0d,curl,ca-certificates \
+      bookworm "$rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
+      || { tail -20 "$WORK/debootstrap.log"; exit 1; }
+    $SUDO rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    $SUDO tar -C "$rootfs" -c . | docker import -c 'CMD ["bash"]' - "$LOCAL_BASE" >/dev/null
+    $SUDO rm -rf "$rootfs"
+  fi
+  BASE_IMAGE="$LOCAL_BASE"
+fi
+export BASE_IMAGE
+log "base image: $BASE_IMAGE"
+
+# --- 3. offline wheelhouse + image -----------------------------------------------------------------
+wheel_stamp=$(cat requirements.txt | sha256sum | cut -c1-16)
+if [ "$(cat docker/wheelhouse/.stamp 2>/dev/null)" != "$wheel_stamp" ]; then
+  log "filling docker/wheelhouse (pip download; pip's cache makes this quick on a second machine run)"
+  "$VPY" -m pip download -q --disable-pip-version-check -d docker/wheelhouse -r requirements.txt \
+    nvidia-pytriton==0.7.0 "setuptools>=64" wheel 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  "$VPY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d docker/wheelhouse \
+    tritonclient==2.50.0 --platform manylinux1_x86_64 --python-version 3 --implementation py 2>&1 \
+    | { grep -v "is ignored: it is neither" || true; }
+  echo "$wheel_stamp" > docker/wheelhouse/.stamp
+else
+  log "docker/wheelhouse is up to date ($(ls docker/wheelhouse/*.whl | wc -l) wheels)"
+fi
+export PIP_OFFLINE=1
+t=$(date +%s)
+log "building triton-diffusion:latest (offline, from the wheelhouse)"
+"${DC[@]}" build triton-cpu >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
+log "image built in $(( $(date +%s) - t )) s: $(docker image inspect triton-diffusion:latest --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+
+# --- 4. up, health, requests -------------------------------------------------------------------------
+free_port() { "$VPY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+export HTTP_PORT=$(free_port) GRPC_PORT=$(free_port) METRICS_PORT=$(free_port)
+# Batching knobs through the environment, checked below in the served config.
+export MAX_QUEUE_DELAY_US=50000 PREFERRED_BATCH_SIZES=4 MAX_QUEUE_SIZE=32
+t=$(date +%s)
+log "compose up (cpu profile; host ports HTTP $HTTP_PORT, gRPC $GRPC_PORT, metrics $METRICS_PORT)"
+"${DC[@]}" up -d triton-cpu >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log"; exit 1; }
+container=$("${DC[@]}" ps -q triton-cpu)
+for _ in $(seq 120); do
+  health=$(docker inspect -f '{{.State.Health.Status}}' "$container")
+  [ "$health" = healthy ] && break
+  [ "$(docker inspect -f '{{.State.Running}}' "$container")" = true ] || { log "the container exited"; exit 1; }
+  sleep 2
+done
+[ "$health" = healthy ] || { log "not healthy after 240 s (state: $health)"; exit 1; }
+log "healthy in $(( $(date +%s) - t )) s (Docker health check on /v2/health/ready)"
+
+"$VPY" - "$GRPC_PORT" "$HTTP_PORT" "$METRICS_PORT" <<'PY'
+import json, sys, urllib.request
+import numpy as np
+from client import DiffusionClient, GenerationRequest, ServerError
+
+grpc_port, http_port, metrics_port = sys.argv[1:4]
+model = "stable_diffusion_tiny"
+with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{model}/config") as response:
+    config = json.load(response)
+batching = config["dynamic_batching"]
+assert int(batching["max_queue_delay_microseconds"]) == 50000, batching
+assert [int(s) for s in batching["preferred_batch_size"]] == [4], batching
+assert int(batching["default_queue_policy"]["max_queue_size"]) == 32, batching
+print("[check] batching overrides from the environment are in the served config:",
+      {k: batching[k] for k in ("max_queue_delay_microseconds", "preferred_batch_size")},
+      "max_queue_size", batching["default_queue_policy"]["max_queue_size"])
+
+requests = [GenerationRequest(f"compose smoke {i}", seed=40 + i) for i in range(4)]
+for url in (f"grpc://127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"):
+    with DiffusionClient(url, model, timeout_s=120) as client:
+        results = client.generate_many(requests, concurrency=4)
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert not errors, errors
+        assert [r.seed for r in results] == [40, 41, 42, 43]
+        assert all(r.array.shape == (128, 128, 3) and r.array.std() > 1 for r in results)
+        solo = client.generate(requests[2])
+        assert np.abs(solo.array.astype(int) - results[2].array.astype(int)).max() <= 1, "batched != solo"
+        edit = client.generate("compose smoke edit", seed=7, init_image=results[0].array, strength=0.6)
+        assert edit.array.shape == (128, 128, 3)
+        try:
+            client.generate("bad size", height=100, width=128)
+            raise AssertionError("a bad request was accepted")
+        except ServerError as exc:
+            rejection = f"{exc.status}: {exc}"
+        assert "multiple of 8" in rejection, rejection
+        print(f"[check] {url.split(':')[0]}: 4 batched text-to-image images, seeds {[r.seed for r in results]}, "
+              f"solo replay equal, image-to-image ok, bad size rejected ({rejection[:70]})")
+with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{model}/stats") as response:
+    stats = json.load(response)["model_stats"][0]
+print(f"[check] statistics: {stats['inference_count']} inferences in {stats['execution_count']} executions, "
+      f"batches {sorted((int(b['batch_size']), int(b['compute_infer']['count'])) for b in stats['batch_stats'])}")
+assert stats["execution_count"] < stats["inference_count"], "no request was batched"
+with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+    assert "diffusion_images_total" in response.read().decode()
+print("[check] metrics port serves the diffusion_* metrics")
+PY
+
+t=$(date +%s)
+log "locust service (profile load): 4 users for 20 s against triton-cpu"
+mkdir -p perf/out
+LOCUST_DURATION=20s "${DC[@]}" run --rm locust >"$WORK/locust.log" 2>&1 || { tail -30 "$WORK/locust.log"; exit 1; }
+# locust's final table: one line per request kind, then the aggregate
+grep -E "^grpc |^ +Aggregated" "$WORK/locust.log" | tail -3
+log "locust done in $(( $(date +%s) - t )) s, no failures"
+
+log "PASSED"
