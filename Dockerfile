@@ -22,14 +22,19 @@ RUN missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$
 
 FROM runtime AS build
 ARG PIP_OFFLINE=0
+# PyPI's torch 2.13 is built for CUDA 13 (NVIDIA driver >= 580). For older drivers point this at
+# a PyTorch index of another CUDA, e.g. https://download.pytorch.org/whl/cu128.
+ARG TORCH_INDEX_URL=""
 WORKDIR /app
 COPY docker/wheelhouse/ /tmp/wheelhouse/
 # The heavy, rarely changing part first, so that editing the sources rebuilds in seconds.
 COPY requirements.txt ./
 RUN if [ "$PIP_OFFLINE" = 1 ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wheelhouse; fi; \
+    if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi; \
     python3 -m venv .venv && .venv/bin/pip install -q --no-cache-dir --disable-pip-version-check -r requirements.txt
 COPY . .
 RUN if [ "$PIP_OFFLINE" = 1 ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wheelhouse; fi; \
+    if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi; \
     PIP_NO_CACHE_DIR=1 ./scripts/setup.sh \
     && .venv/bin/python -c "from triton_diffusion.launcher import install_python_stub, triton_home; install_python_stub(triton_home())"
 
