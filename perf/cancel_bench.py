@@ -5,7 +5,7 @@ Three ways to run the same batch (random weights of a real architecture, built o
   drop  ``--cancel`` rows are cancelled after step ``--after-step`` and leave the call (the server's
         behaviour, ``triton_diffusion/cancellation.py``);
   ride  the same cancellations, but the rows stay in the call to the end (what a pipeline outside
-        ``SHRINKABLE_INPUTS`` does);
+        ``SHRINKABLE`` does);
   survivors-only  a batch of just the rows that are never cancelled: how far a change of batch
         size alone moves the images (fp16 kernels differ per batch shape), to compare with drop.
 It prints seconds per call (median of ``--repeats``) and how far the surviving images of
@@ -54,9 +54,9 @@ def run_mode(runner, items, mode: str, args) -> tuple[float, list]:
         items = items[: len(items) - args.cancel]
     cancelling = mode in ("drop", "ride")
     checks = [CancelAfter(args.after_step) if cancelling and row >= len(items) - args.cancel else never for row in range(len(items))]
-    saved = dict(cancellation.SHRINKABLE_INPUTS)
+    saved = dict(cancellation.SHRINKABLE)
     if mode == "ride":
-        cancellation.SHRINKABLE_INPUTS.clear()
+        cancellation.SHRINKABLE.clear()
     try:
         started = time.perf_counter()
         outputs = runner.run(items, cancelled=checks)
@@ -64,7 +64,7 @@ def run_mode(runner, items, mode: str, args) -> tuple[float, list]:
             torch.cuda.synchronize()
         return time.perf_counter() - started, outputs
     finally:
-        cancellation.SHRINKABLE_INPUTS.update(saved)
+        cancellation.SHRINKABLE.update(saved)
 
 
 def difference(outputs, reference, rows) -> tuple[int, float]:

@@ -2,15 +2,18 @@
 
 The claim under test: after a row is dropped at step k, every batch-mate's image equals the image
 it gets when served alone, for schedulers with per-row history (PNDM, DPM-Solver++, UniPC) or
-per-row noise (Euler ancestral), for text-to-image and image-to-image.
+per-row noise (Euler ancestral), for text-to-image and image-to-image, and for FLUX (whose
+guidance and pooled embeddings are sliced by a hook on the transformer).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from triton_diffusion.cancellation import shrinkable_inputs
+from triton_diffusion.cancellation import shrink_spec
 from triton_diffusion.pipeline import PipelineRunner
 from triton_diffusion.requests import GenerationItem
 from triton_diffusion.settings import ModelSettings
@@ -66,9 +69,16 @@ class CancelAfter:
         return self.calls > self.steps
 
 
-def assert_same_image(batched: np.ndarray, solo: np.ndarray) -> None:
+def assert_same_image(batched: np.ndarray, solo: np.ndarray, share: float = 0.001) -> None:
+    """Equal up to rounding: at most one uint8 level, on at most ``share`` of the values."""
     diff = np.abs(batched.astype(int) - solo.astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.001, f"max {diff.max()}, {(diff > 0).mean():.4%} differ"
+    assert diff.max() <= 1 and (diff > 0).mean() < share, f"max {diff.max()}, {(diff > 0).mean():.4%} differ"
+
+
+# The tiny FLUX transformer's float results depend on the batch shape more than SD's UNet: even
+# without any cancellation, batched vs solo images differ by one uint8 level on 5-7% of values
+# (measured on CPU fp32), never more than one level. A wrong row would differ by far more.
+FLUX_ROUNDING_SHARE = 0.15
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS, indirect=True)
@@ -88,6 +98,25 @@ def test_batch_mates_of_a_dropped_row_equal_their_solo_images(runner, scheduler,
         assert_same_image(outputs[0], outputs[2])
 
 
+@pytest.fixture(scope="module")
+def flux_runner() -> PipelineRunner:
+    return PipelineRunner.load(ModelSettings(pretrained_model="random:flux-dev-tiny", device="cpu", torch_dtype="float32"))
+
+
+@pytest.mark.parametrize("task", ["text-to-image", "image-to-image"])
+def test_flux_batch_mates_of_a_dropped_row_equal_their_solo_images(flux_runner, task):
+    batch = [replace(item, guidance_scale=3.5) for item in items(task)]
+    never = lambda: False  # noqa: E731
+    outputs = flux_runner.run(batch, cancelled=[CancelAfter(1), never, CancelAfter(3), never])
+    assert outputs[0] is None and outputs[2] is None
+    for row in (1, 3):
+        assert_same_image(outputs[row], flux_runner.run([batch[row]])[0], FLUX_ROUNDING_SHARE)
+    with pytest.raises(AssertionError):  # the check can fail: neighbours are not within rounding
+        assert_same_image(outputs[1], outputs[3], FLUX_ROUNDING_SHARE)
+    # The hook is gone after the call: a full batch runs again.
+    assert all(output is not None for output in flux_runner.run(batch[:2], cancelled=[never, never]))
+
+
 def test_every_row_cancelled_interrupts_the_call(runner):
     batch = items("text-to-image", 2)
     checks = [CancelAfter(1), CancelAfter(1)]
@@ -98,8 +127,8 @@ def test_every_row_cancelled_interrupts_the_call(runner):
 
 def test_rows_of_unshrinkable_pipelines_ride_to_the_end(runner, monkeypatch):
     """A pipeline not known to be shrinkable keeps the cancelled row and still serves the others."""
-    monkeypatch.setattr("triton_diffusion.cancellation.SHRINKABLE_INPUTS", {})
-    assert shrinkable_inputs(runner.text_to_image) is None
+    monkeypatch.setattr("triton_diffusion.cancellation.SHRINKABLE", {})
+    assert shrink_spec(runner.text_to_image) is None
     batch = items("text-to-image", 2)
     outputs = runner.run(batch, cancelled=[lambda: False, CancelAfter(2)])
     assert outputs[1] is not None  # computed to the end; the backend discards it

@@ -12,35 +12,54 @@ loop carries from step to step:
 - the list of per-row generators, which the scheduler reads for its noise (ancestral samplers):
   it is shrunk in place, since the pipeline holds the same list object.
 
-Only pipelines whose whole per-row loop state goes through the callback can be shrunk; they are
-listed in ``SHRINKABLE_INPUTS`` after a test showed batch-mates still equal their solo images.
-Others (FLUX keeps a batch-sized guidance tensor outside the callback's reach) keep computing a
-cancelled row until the call ends; its result is discarded. With every row cancelled, any
-pipeline is interrupted at the next step.
+- batch-sized tensors a pipeline builds before its loop and never hands to the callback (FLUX's
+  guidance and pooled text embedding): a forward pre-hook on the denoiser slices those arguments
+  to the live rows on every call after a drop.
+
+Only pipelines whose per-row loop state is known are shrunk; they are listed in ``SHRINKABLE``
+after a test showed batch-mates still equal their solo images. Others keep computing a cancelled
+row until the call ends; its result is discarded. With every row cancelled, any pipeline is
+interrupted at the next step.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-# Pipeline class -> the callback tensor inputs that hold all of its loop's per-row state.
-SHRINKABLE_INPUTS: dict[str, tuple[str, ...]] = {
-    "StableDiffusionPipeline": ("latents", "prompt_embeds"),
-    "StableDiffusionImg2ImgPipeline": ("latents", "prompt_embeds"),
+
+@dataclass(frozen=True)
+class ShrinkSpec:
+    """Where a pipeline keeps per-row state during its denoising loop."""
+
+    callback_inputs: tuple[str, ...]  # handed to callback_on_step_end and taken back
+    denoiser: str = ""  # component whose forward gets the arguments below
+    denoiser_arguments: tuple[str, ...] = ()  # batch-sized, built before the loop, out of the callback's reach
+
+
+_SD = ShrinkSpec(("latents", "prompt_embeds"))
+_FLUX = ShrinkSpec(
+    ("latents", "prompt_embeds"), "transformer", ("guidance", "pooled_projections", "encoder_hidden_states")
+)
+SHRINKABLE: dict[str, ShrinkSpec] = {
+    "StableDiffusionPipeline": _SD,
+    "StableDiffusionImg2ImgPipeline": _SD,
+    "FluxPipeline": _FLUX,
+    "FluxImg2ImgPipeline": _FLUX,
 }
 
 
-def shrinkable_inputs(pipe) -> Optional[tuple[str, ...]]:
-    """The callback inputs to slice when dropping rows from ``pipe``'s call, or None if it cannot be done."""
-    inputs = SHRINKABLE_INPUTS.get(type(pipe).__name__)
+def shrink_spec(pipe) -> Optional[ShrinkSpec]:
+    """How to drop rows from ``pipe``'s call, or None if it cannot be done."""
+    spec = SHRINKABLE.get(type(pipe).__name__)
     unet = getattr(pipe, "unet", None)
     # LCM-style UNets get a batch-sized guidance embedding (timestep_cond) built before the loop.
-    if inputs and unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None:
+    if spec and unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None:
         return None
-    return inputs
+    return spec
 
 
 def _slice_rows(tensor, rows: int, keep):
@@ -88,7 +107,8 @@ class RowCancellation:
         self.generators = generators
         self.live = list(range(len(self.cancelled)))
         self.dropped: dict[int, int] = {}  # row -> step after which it was dropped
-        self.inputs: Optional[tuple[str, ...]] = None
+        self.spec: Optional[ShrinkSpec] = None
+        self._hook = None
 
     def wanted(self) -> list[tuple[int, int]]:
         """``(row, position in the pipeline's output)`` of each row whose image was finished."""
@@ -96,8 +116,25 @@ class RowCancellation:
 
     def tensor_inputs(self, pipe) -> list[str]:
         """What to ask the pipeline for (``callback_on_step_end_tensor_inputs``)."""
-        self.inputs = shrinkable_inputs(pipe)
-        return list(self.inputs or ("latents",))
+        self.spec = shrink_spec(pipe)
+        return list(self.spec.callback_inputs if self.spec else ("latents",))
+
+    def close(self) -> None:
+        """Remove the denoiser hook (after the call)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _slice_denoiser_arguments(self, _module, args, kwargs):
+        """Forward pre-hook: arguments still at the full batch size keep only the live rows."""
+        import torch
+
+        rows, current = len(self.cancelled), len(self.live)
+        for name in self.spec.denoiser_arguments:
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows != current:
+                kwargs[name] = value[torch.tensor(self.live, device=value.device)]
+        return args, kwargs
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         gone = [row for row in self.live if self.cancelled[row]()]
@@ -107,7 +144,7 @@ class RowCancellation:
             pipe._interrupt = True  # nobody is waiting for this call any more
             self.dropped.update((row, step) for row in gone)
             return callback_kwargs
-        if self.inputs is None:
+        if self.spec is None:
             return callback_kwargs  # this pipeline cannot drop rows: they ride to the end
         return self._drop(pipe, step, gone, callback_kwargs)
 
@@ -119,7 +156,7 @@ class RowCancellation:
         keep = torch.tensor(positions, device=callback_kwargs["latents"].device)
         latent_shape = tuple(callback_kwargs["latents"].shape)
         try:
-            shrunk = {name: _slice_rows(callback_kwargs[name], rows, keep) for name in self.inputs}
+            shrunk = {name: _slice_rows(callback_kwargs[name], rows, keep) for name in self.spec.callback_inputs}
         except ValueError as exc:  # unexpected layout: keep computing rather than corrupt batch-mates
             log.warning("cannot drop cancelled rows from %s: %s", type(pipe).__name__, exc)
             return callback_kwargs
@@ -128,5 +165,9 @@ class RowCancellation:
         for row in gone:
             self.dropped[row] = step
         self.live = [self.live[position] for position in positions]
+        if self.spec.denoiser_arguments and self._hook is None:
+            self._hook = getattr(pipe, self.spec.denoiser).register_forward_pre_hook(
+                self._slice_denoiser_arguments, with_kwargs=True
+            )
         callback_kwargs.update(shrunk)
         return callback_kwargs

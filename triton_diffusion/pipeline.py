@@ -172,8 +172,11 @@ class PipelineRunner:
             kwargs["callback_on_step_end_tensor_inputs"] = rows.tensor_inputs(pipe)
         accepted = self._accepted[first.task]
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}
-        with torch.inference_mode():
-            images = pipe(**kwargs).images
+        try:
+            with torch.inference_mode():
+                images = pipe(**kwargs).images
+        finally:
+            rows.close()
         images = np.asarray(images)
         outputs: list[Optional[np.ndarray]] = [None] * len(items)
         for row, position in rows.wanted():
