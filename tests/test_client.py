@@ -59,6 +59,24 @@ def test_cancelling_a_long_grpc_request_ends_it_early(server):
     assert metric(server, "diffusion_requests_cancelled_total") == before + 1
 
 
+def test_an_http_client_that_gives_up_does_not_cancel_its_request(server):
+    """Pins a Triton 2.51 limitation (README, Reliability): only gRPC propagates cancellation.
+
+    If a Triton upgrade starts cancelling on HTTP disconnects, this fails and the docs change.
+    """
+    images, cancelled = metric(server, "diffusion_images_total"), metric(server, "diffusion_requests_cancelled_total")
+    impatient = DiffusionClient(f"http://{server.http_url}", TINY, timeout_s=1.5)
+    started = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        impatient.generate(GenerationRequest("abandoned over HTTP", seed=3, height=256, width=256, steps=30))
+    assert time.perf_counter() - started < 5, "the client did not give up on its own deadline"
+    deadline = time.time() + 60
+    while metric(server, "diffusion_images_total") <= images and time.time() < deadline:
+        time.sleep(0.5)
+    assert metric(server, "diffusion_images_total") == images + 1, "the abandoned request was not run to the end"
+    assert metric(server, "diffusion_requests_cancelled_total") == cancelled
+
+
 @pytest.fixture(scope="module")
 def small_queue_server(tmp_path_factory):
     """A variant of the tiny model whose queue holds one request: the rest are rejected at once."""
