@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from client import DiffusionClient
-from triton_diffusion.launcher import ServerConfig, TritonServer, batch_executions, free_port, model_statistics
+from triton_diffusion.launcher import (
+    DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer, batch_executions, free_port, model_statistics,
+)
 from triton_diffusion.tiny import ensure_tiny_model
 
 TINY = "stable_diffusion_tiny"
@@ -18,10 +20,10 @@ TINY = "stable_diffusion_tiny"
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 
-def start_server(log_dir: Path, models, env=None, name="server") -> TritonServer:
+def start_server(log_dir: Path, models, env=None, name="server", repository: Path = DEFAULT_MODEL_REPOSITORY) -> TritonServer:
     ensure_tiny_model()
     config = ServerConfig(
-        models=models, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        model_repository=repository, models=models, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
         env={**OFFLINE, **(env or {})},
     )
     server = TritonServer(config, log_path=log_dir / f"{name}.log").start()

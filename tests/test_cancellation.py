@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from perf.cancel_bench import CancelAfter
 from triton_diffusion.cancellation import shrink_spec
 from triton_diffusion.pipeline import PipelineRunner
 from triton_diffusion.requests import GenerationItem
@@ -56,17 +57,6 @@ def items(task: str, count: int = 4) -> list[GenerationItem]:
         )
         for index in range(count)
     ]
-
-
-class CancelAfter:
-    """``cancelled()`` turns true once the pipeline has finished ``steps`` denoising steps."""
-
-    def __init__(self, steps: int):
-        self.steps, self.calls = steps, 0
-
-    def __call__(self) -> bool:
-        self.calls += 1
-        return self.calls > self.steps
 
 
 def assert_same_image(batched: np.ndarray, solo: np.ndarray, share: float = 0.001) -> None:

@@ -10,9 +10,8 @@ from PIL import Image
 
 from client import AsyncDiffusionClient, DiffusionClient, GenerationRequest, RetryPolicy, ServerError
 from perf.variants import render_config, write_variant
-from triton_diffusion.launcher import ServerConfig, TritonServer, free_port
 
-from .conftest import OFFLINE, TINY, assert_same_image, metric
+from .conftest import TINY, assert_same_image, metric, start_server
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -84,10 +83,7 @@ def small_queue_server(tmp_path_factory):
     name = "tiny_queue1"
     write_variant(root / "repo", name, render_config(
         name, {}, "max_queue_delay_microseconds: 1000 default_queue_policy { max_queue_size: 1 }", max_batch_size=1))
-    config = ServerConfig(model_repository=root / "repo", models=[name], http_port=free_port(),
-                          grpc_port=free_port(), metrics_port=free_port(), env=OFFLINE)
-    server = TritonServer(config, log_path=root / "server.log").start()
-    server.wait_ready(240)
+    server = start_server(root, [name], repository=root / "repo")
     yield server, name
     server.stop()
 

@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 
 from triton_diffusion.cli import main
-from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer, free_port
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
 from triton_diffusion.overrides import BatchingOverrides, apply_overrides, derived_repository, parse_sizes
 
-from .conftest import OFFLINE, TINY
+from .conftest import TINY, start_server
 
 
 def config_text(model: str) -> str:
@@ -65,11 +65,8 @@ def test_environment_sets_the_flag_defaults(monkeypatch):
 def test_triton_serves_the_derived_config(tmp_path):
     overrides = BatchingOverrides(max_batch_size=4, preferred_batch_sizes=(2, 4), max_queue_delay_us=7000, max_queue_size=5)
     repository = derived_repository(DEFAULT_MODEL_REPOSITORY, [TINY], overrides)
-    config = ServerConfig(model_repository=repository, models=[TINY], http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port(), env=OFFLINE)
-    server = TritonServer(config, log_path=tmp_path / "server.log").start()
+    server = start_server(tmp_path, [TINY], repository=repository)
     try:
-        server.wait_ready(240)
         with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{TINY}/config") as response:
             served = json.load(response)
     finally:

@@ -14,9 +14,9 @@ import pytest
 
 from client import DiffusionClient, GenerationRequest, RetryPolicy, ServerError
 from perf.variants import render_config, write_variant
-from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer, free_port, model_statistics
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, model_statistics
 
-from .conftest import OFFLINE, TINY
+from .conftest import TINY, start_server
 
 NAME = "tiny_queue_policy"
 BLOCKER = GenerationRequest("keeps the instance busy", seed=1, height=256, width=256, steps=20)
@@ -34,10 +34,7 @@ def shipped_batching_block() -> str:
 def queue_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("queue-policy")
     write_variant(root / "repo", NAME, render_config(NAME, {}, shipped_batching_block(), max_batch_size=1))
-    config = ServerConfig(model_repository=root / "repo", models=[NAME], http_port=free_port(),
-                          grpc_port=free_port(), metrics_port=free_port(), env=OFFLINE)
-    server = TritonServer(config, log_path=root / "server.log").start()
-    server.wait_ready(240)
+    server = start_server(root, [NAME], repository=root / "repo")
     yield server
     server.stop()
 
