@@ -8,21 +8,15 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
+from triton_diffusion.overrides import find_block
 
 BASE_MODEL = "stable_diffusion_tiny"
 
 
 def _strip_block(text: str, keyword: str) -> str:
     """Remove a top-level ``keyword { ... }`` block (braces balanced)."""
-    start = text.find(keyword + " {")
-    if start < 0:
-        return text
-    depth, index = 0, text.index("{", start)
-    while True:
-        depth += {"{": 1, "}": -1}.get(text[index], 0)
-        index += 1
-        if depth == 0:
-            return text[:start] + text[index:]
+    block = find_block(text, keyword)
+    return text if block is None else text[: block[0]] + text[block[2] + 1 :]
 
 
 def render_config(

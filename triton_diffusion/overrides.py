@@ -33,16 +33,23 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.split(r"[,\s]+", text.strip()) if part)
 
 
-def _block_span(text: str, keyword: str) -> Optional[tuple[int, int]]:
-    """Start and end (exclusive) of the body of the first ``keyword { ... }`` block."""
-    match = re.search(rf"(?m)^\s*{keyword}\s*\{{", text)
+def find_block(text: str, keyword: str) -> Optional[tuple[int, int, int]]:
+    """The first ``keyword { ... }`` block of a config: where it starts, where its body starts and
+    where its body ends (the index of its closing brace); None if there is none."""
+    match = re.search(rf"(?m)^[ \t]*{keyword}\s*\{{", text)
     if not match:
         return None
     depth, index = 1, match.end()
     while depth:
         depth += {"{": 1, "}": -1}.get(text[index], 0)
         index += 1
-    return match.end(), index - 1
+    return match.start(), match.end(), index - 1
+
+
+def _block_span(text: str, keyword: str) -> Optional[tuple[int, int]]:
+    """Start and end (exclusive) of the body of the first ``keyword { ... }`` block."""
+    block = find_block(text, keyword)
+    return None if block is None else block[1:]
 
 
 def _set_field(body: str, name: str, value: Optional[str], indent: str = "  ") -> str:
