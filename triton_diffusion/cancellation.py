@@ -73,8 +73,8 @@ def _slice_rows(tensor, rows: int, keep):
     raise ValueError(f"a tensor of batch {tensor.shape[0]} in a call of {rows} rows")
 
 
-def _shrink_scheduler_state(scheduler, rows: int, keep, latent_shape) -> int:
-    """Slice the scheduler's latent-shaped history tensors; returns how many it sliced."""
+def _shrink_scheduler_state(scheduler, rows: int, keep, latent_shape) -> None:
+    """Slice the scheduler's latent-shaped history tensors (and lists of them) to the kept rows."""
     import torch
 
     def is_row_state(value) -> bool:
@@ -82,16 +82,12 @@ def _shrink_scheduler_state(scheduler, rows: int, keep, latent_shape) -> int:
             value.shape[1:]
         ) == tuple(latent_shape[1:])
 
-    sliced = 0
     for name, value in list(vars(scheduler).items()):
         if is_row_state(value):
             setattr(scheduler, name, value[keep])
-            sliced += 1
         elif isinstance(value, (list, tuple)) and any(is_row_state(v) for v in value):
             shrunk = [v[keep] if is_row_state(v) else v for v in value]
             setattr(scheduler, name, type(value)(shrunk) if isinstance(value, tuple) else shrunk)
-            sliced += 1
-    return sliced
 
 
 class RowCancellation:
