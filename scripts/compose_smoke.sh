@@ -90,14 +90,14 @@ export BASE_IMAGE
 log "base image: $BASE_IMAGE"
 
 # --- 3. offline wheelhouse + image -----------------------------------------------------------------
-wheel_stamp=$(cat requirements.txt | sha256sum | cut -c1-16)
+source scripts/pins.sh
+wheel_stamp=$(cat requirements.txt scripts/pins.sh | sha256sum | cut -c1-16)
 if [ "$(cat docker/wheelhouse/.stamp 2>/dev/null)" != "$wheel_stamp" ]; then
   log "filling docker/wheelhouse (pip download; pip's cache makes this quick on a second machine run)"
   "$VPY" -m pip download -q --disable-pip-version-check -d docker/wheelhouse -r requirements.txt \
-    nvidia-pytriton==0.7.0 "setuptools>=64" wheel 2>&1 | { grep -v "is ignored: it is neither" || true; }
-  "$VPY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d docker/wheelhouse \
-    tritonclient==2.50.0 --platform manylinux1_x86_64 --python-version 3 --implementation py 2>&1 \
-    | { grep -v "is ignored: it is neither" || true; }
+    "$TRITONSERVER_WHEEL" "setuptools>=64" wheel 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  "$VPY" -m pip download -q --disable-pip-version-check -d docker/wheelhouse "${PERF_ANALYZER_WHEEL_ARGS[@]}" \
+    "$PERF_ANALYZER_WHEEL" 2>&1 | { grep -v "is ignored: it is neither" || true; }
   echo "$wheel_stamp" > docker/wheelhouse/.stamp
 else
   log "docker/wheelhouse is up to date ($(ls docker/wheelhouse/*.whl | wc -l) wheels)"

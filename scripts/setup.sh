@@ -10,6 +10,7 @@ PY=${PYTHON:-python3}
 VENV="$ROOT/.venv"
 STAMP_DIR="$VENV/.stamps"
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+source "$ROOT/scripts/pins.sh"
 
 # --- Debian packages: perf_analyzer's libb64 (only if missing; needs root or sudo) -------------
 if ! ldconfig -p 2>/dev/null | grep -q 'libb64.so.0d'; then
@@ -31,17 +32,16 @@ VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install -q --disable-pip-version-check)
 quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
-req_hash=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+req_hash=$(cat requirements.txt pyproject.toml scripts/setup.sh scripts/pins.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$STAMP_DIR/requirements" 2>/dev/null)" != "$req_hash" ]; then
   log "installing pinned requirements (torch CPU, diffusers, transformers, tritonclient, locust, ...)"
   quiet "${PIP[@]}" -r requirements.txt
-  log "installing the real tritonserver 2.51 (nvidia-pytriton==0.7.0, binary only)"
-  quiet "${PIP[@]}" --no-deps nvidia-pytriton==0.7.0
-  log "installing perf_analyzer (from the tritonclient==2.50.0 wheel)"
+  log "installing the real tritonserver 2.51 ($TRITONSERVER_WHEEL, binary only)"
+  quiet "${PIP[@]}" --no-deps "$TRITONSERVER_WHEEL"
+  log "installing perf_analyzer (from the $PERF_ANALYZER_WHEEL wheel)"
   tmp=$(mktemp -d)
-  quiet "$VPY" -m pip download -q --no-deps --only-binary=:all: -d "$tmp" tritonclient==2.50.0 \
-      --platform manylinux1_x86_64 --python-version 3 --implementation py
-  "$VPY" - "$tmp"/tritonclient-2.50.0-*.whl "$VENV/lib/perf_analyzer" <<'PY'
+  quiet "$VPY" -m pip download -q -d "$tmp" "${PERF_ANALYZER_WHEEL_ARGS[@]}" "$PERF_ANALYZER_WHEEL"
+  "$VPY" - "$tmp"/tritonclient-*.whl "$VENV/lib/perf_analyzer" <<'PY'
 import sys, zipfile, os
 whl, dest = sys.argv[1], sys.argv[2]
 os.makedirs(dest, exist_ok=True)
