@@ -17,14 +17,15 @@ from .api import (
     ClientOptions,
     GenerationRequest,
     GenerationResult,
+    ServedSchema,
     ServerError,
     as_json,
     as_request,
     build_inputs,
     build_outputs,
     infer_options,
-    model_defaults,
     parse_result,
+    timeout_error,
     to_server_error,
 )
 
@@ -46,16 +47,26 @@ class AsyncDiffusionClient(ClientOptions):
         self._types, aio = _aio_module(self.protocol)
         self._client = aio.InferenceServerClient(self.address)
 
-    async def defaults(self) -> dict:
-        if self._defaults is None:
+    async def schema(self) -> ServedSchema:
+        """The served model's inputs and request defaults, read once from its config."""
+        if self._schema is None:
             from tritonclient.utils import InferenceServerException
 
             try:
-                config = await self._client.get_model_config(self.model, **as_json(self.protocol))
+                config = await self._bounded(self._client.get_model_config(self.model, **as_json(self.protocol)))
             except InferenceServerException as exc:
                 raise to_server_error(exc) from None
-            self._defaults = model_defaults(config)
-        return self._defaults
+            self._schema = ServedSchema.from_config(config)
+        return self._schema
+
+    async def _bounded(self, call):
+        """``call`` within ``timeout_s`` (HTTP: the aio client has no deadline of its own)."""
+        if self.timeout_s is None or self.protocol == "grpc":
+            return await call
+        try:
+            return await asyncio.wait_for(call, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise timeout_error(self.timeout_s) from None
 
     async def generate(self, prompt_or_request, **options) -> GenerationResult:
         request = as_request(prompt_or_request, options)
@@ -73,10 +84,10 @@ class AsyncDiffusionClient(ClientOptions):
         from tritonclient.utils import InferenceServerException
 
         kwargs = infer_options(request, self.protocol, self.timeout_s)
-        inputs = build_inputs(self._types, request.tensors(await self.defaults()))
+        inputs = build_inputs(self._types, request.tensors(await self.schema()))
         started = time.perf_counter()
         try:
-            result = await self._client.infer(self.model, inputs, outputs=build_outputs(self._types), **kwargs)
+            result = await self._bounded(self._client.infer(self.model, inputs, outputs=build_outputs(self._types), **kwargs))
         except InferenceServerException as exc:
             raise to_server_error(exc) from None
         return parse_result(result, request, time.perf_counter() - started)
@@ -87,14 +98,15 @@ class AsyncDiffusionClient(ClientOptions):
         concurrency: int = 8,
         on_result: Optional[Callable[[int, object], None]] = None,
     ) -> list:
-        """Results in request order; a failed request's slot holds its ``ServerError``."""
+        """Results in request order; a failed request's slot holds its exception (``ServerError``
+        for whatever the server or the deadline said) and the others go on."""
         semaphore = asyncio.Semaphore(concurrency)
 
         async def one(index: int, request: GenerationRequest):
             async with semaphore:
                 try:
                     outcome = await self.generate(request)
-                except ServerError as exc:
+                except Exception as exc:  # noqa: BLE001 - reported in the request's slot
                     outcome = exc
             if on_result:
                 on_result(index, outcome)

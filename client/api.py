@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import random
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -19,7 +18,8 @@ DEFAULT_MODEL = "stable_diffusion_tiny"
 
 
 class ServerError(RuntimeError):
-    """The server answered with an error; ``status`` and the message are Triton's."""
+    """The server answered with an error, or no answer came in time; ``status`` and the message
+    are Triton's (``DEADLINE_EXCEEDED`` when the client's ``timeout_s`` ran out)."""
 
     def __init__(self, message: str, status: Optional[str] = None):
         super().__init__(message)
@@ -30,9 +30,18 @@ class ServerError(RuntimeError):
         """Queue full / model temporarily unavailable: the only errors worth retrying."""
         return self.status in RETRYABLE_STATUSES
 
+    @property
+    def timed_out(self) -> bool:
+        return self.status in TIMEOUT_STATUSES
 
-# gRPC's and HTTP's spelling of "queue full / try later".
+
+# gRPC's and HTTP's spelling of "queue full / try later", and of "the deadline passed".
 RETRYABLE_STATUSES = ("StatusCode.UNAVAILABLE", "503", "UNAVAILABLE")
+TIMEOUT_STATUSES = ("StatusCode.DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
+
+
+def timeout_error(timeout_s: float) -> ServerError:
+    return ServerError(f"no response within the client's timeout of {timeout_s:g}s", "DEADLINE_EXCEEDED")
 
 
 @dataclass
@@ -51,72 +60,82 @@ class RetryPolicy:
             delay = min(self.max_backoff_s, delay * 2)
 
 
+_NUMPY_TYPES = {"TYPE_STRING": object, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP32": np.float32,
+                "TYPE_FP64": np.float64, "TYPE_UINT8": np.uint8}
+
+
+@dataclass(frozen=True)
+class ServedSchema:
+    """What a served model's config declares: its inputs (name -> numpy dtype) and request defaults.
+
+    Read once from the server (``get_model_config``), so the client never hard-codes names, types
+    or defaults: ``config.pbtxt`` is the one place they are written.
+    """
+
+    inputs: Mapping[str, object]
+    defaults: Mapping[str, float]
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "ServedSchema":
+        config = config.get("config", config)  # gRPC's as_json wraps it
+        inputs = {entry["name"]: _NUMPY_TYPES[entry.get("data_type", "TYPE_STRING")] for entry in config.get("input", [])}
+        defaults = {}
+        for key, value in config.get("parameters", {}).items():
+            if key.startswith("default_"):
+                try:
+                    defaults[key] = float(value.get("string_value", ""))
+                except ValueError:
+                    continue
+        return cls(inputs, defaults)
+
+
 @dataclass
 class GenerationRequest:
     prompt: str
     negative_prompt: Optional[str] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # None: the server draws one and returns it
     steps: Optional[int] = None
     guidance_scale: Optional[float] = None
-    height: Optional[int] = None
+    height: Optional[int] = None  # None: the model's default size, or the source image's size
     width: Optional[int] = None
     init_image: Optional[object] = None  # PIL image or uint8 HxWx3 array (image-to-image)
     strength: Optional[float] = None
     priority: int = 0
     timeout_us: int = 0
 
-    def tensors(self, defaults: Optional[Mapping[str, float]] = None) -> dict[str, np.ndarray]:
-        """Input tensors, with the batch dimension (1) the model's config expects.
+    def tensors(self, schema: ServedSchema) -> dict[str, np.ndarray]:
+        """One tensor for every input the model declares, with the batch dimension (1).
 
-        With the model's ``defaults`` (``model_defaults`` of its config), every input is sent with an explicit
-        value: requests then carry the same set of inputs, which Triton's dynamic batcher
-        requires to put them in one batch (an empty IMAGE means text-to-image).
+        Requests then carry the same set of inputs, which Triton's dynamic batcher requires to
+        put them in one batch. Unset values are sent as the server's "default" markers where the
+        schema has one (SEED -1: the server draws the seed; HEIGHT/WIDTH 0: the model's default
+        size, or the source image's; an empty NEGATIVE_PROMPT or IMAGE: none), else as the
+        model's ``default_*`` parameter read from its served config.
         """
-        defaults = defaults or {}
         image = None
         if self.init_image is not None:
             image = np.asarray(self.init_image.convert("RGB") if hasattr(self.init_image, "convert") else self.init_image)
-        height, width = self.height, self.width
-        if image is not None:
-            height = height if height is not None else image.shape[0]
-            width = width if width is not None else image.shape[1]
-        tensors = {"PROMPT": np.array([[self.prompt.encode("utf-8")]], dtype=object)}
-        negative = self.negative_prompt if self.negative_prompt is not None else ("" if defaults else None)
-        if negative is not None:
-            tensors["NEGATIVE_PROMPT"] = np.array([[negative.encode("utf-8")]], dtype=object)
-        seed = self.seed if self.seed is not None else (secrets.randbelow(2**31) if defaults else None)
-        for name, value, dtype in (
-            ("SEED", seed, np.int64),
-            ("NUM_INFERENCE_STEPS", _or(self.steps, defaults.get("default_steps")), np.int32),
-            ("GUIDANCE_SCALE", _or(self.guidance_scale, defaults.get("default_guidance_scale")), np.float32),
-            ("HEIGHT", _or(height, defaults.get("default_height")), np.int32),
-            ("WIDTH", _or(width, defaults.get("default_width")), np.int32),
-            ("STRENGTH", _or(self.strength, defaults.get("default_strength")), np.float32),
-        ):
-            if value is not None:
-                tensors[name] = np.array([[value]], dtype=dtype)
-        if image is not None:
-            tensors["IMAGE"] = image[None].astype(np.uint8, copy=False)
-        elif defaults:
-            tensors["IMAGE"] = np.zeros((1, 0, 0, 3), dtype=np.uint8)
+        values = {
+            "PROMPT": self.prompt.encode("utf-8"),
+            "NEGATIVE_PROMPT": (self.negative_prompt or "").encode("utf-8"),
+            "SEED": -1 if self.seed is None else self.seed,
+            "NUM_INFERENCE_STEPS": _or(self.steps, schema.defaults.get("default_steps")),
+            "GUIDANCE_SCALE": _or(self.guidance_scale, schema.defaults.get("default_guidance_scale")),
+            "HEIGHT": self.height or 0,
+            "WIDTH": self.width or 0,
+            "STRENGTH": _or(self.strength, schema.defaults.get("default_strength")),
+        }
+        tensors = {}
+        for name, dtype in schema.inputs.items():
+            if name == "IMAGE":
+                tensors[name] = (image if image is not None else np.zeros((0, 0, 3))).astype(np.uint8, copy=False)[None]
+            elif values.get(name) is not None:
+                tensors[name] = np.array([[values[name]]], dtype=dtype)
         return tensors
 
 
 def _or(value, default):
     return value if value is not None else default
-
-
-def model_defaults(config: Mapping) -> dict[str, float]:
-    """The ``default_*`` request values from a model config (``get_model_config`` as JSON)."""
-    config = config.get("config", config)
-    defaults = {}
-    for key, value in config.get("parameters", {}).items():
-        if key.startswith("default_"):
-            try:
-                defaults[key] = float(value.get("string_value", ""))
-            except ValueError:
-                continue
-    return defaults
 
 
 @dataclass
@@ -202,7 +221,12 @@ def as_json(protocol: str) -> dict:
 
 
 class ClientOptions:
-    """What the sync and asyncio clients share: address, model, deadline, retries, cached defaults."""
+    """What the sync and asyncio clients share: address, model, deadline, retries, cached schema.
+
+    ``timeout_s`` bounds each attempt of a request (gRPC: a deadline, which also cancels the
+    request on the server; HTTP: the client stops waiting, the server still runs it). When it
+    runs out the call raises ``ServerError`` with ``timed_out`` set.
+    """
 
     def __init__(
         self,
@@ -215,38 +239,49 @@ class ClientOptions:
         self.model = model
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
-        self._defaults: Optional[dict[str, float]] = None
+        self._schema: Optional[ServedSchema] = None
         self._connect()
 
     def _connect(self) -> None:
         raise NotImplementedError
 
 
+_HTTP_TIMEOUTS: tuple = (TimeoutError,)
+try:  # tritonclient.http (sync) runs on gevent, whose timeout is not a TimeoutError
+    import gevent
+
+    _HTTP_TIMEOUTS += (gevent.Timeout,)
+except ImportError:  # pragma: no cover - gevent comes with tritonclient[http]
+    pass
+
+
 class DiffusionClient(ClientOptions):
     """Synchronous client: ``generate`` one image, or ``generate_many`` with a thread pool."""
 
     def _connect(self) -> None:
-        timeout_s = self.timeout_s
         self._module = protocol_module(self.protocol)
-        if self.protocol == "http" and timeout_s is not None:
+        if self.protocol == "http" and self.timeout_s is not None:
             self._client = self._module.InferenceServerClient(
-                self.address, connection_timeout=timeout_s, network_timeout=timeout_s
+                self.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
             )
         else:
             self._client = self._module.InferenceServerClient(self.address)
 
     @property
-    def defaults(self) -> dict[str, float]:
-        """The model's request defaults, read once from its config."""
-        if self._defaults is None:
+    def schema(self) -> ServedSchema:
+        """The served model's inputs and request defaults, read once from its config."""
+        if self._schema is None:
             from tritonclient.utils import InferenceServerException
 
             try:
                 config = self._client.get_model_config(self.model, **as_json(self.protocol))
             except InferenceServerException as exc:
                 raise to_server_error(exc) from None
-            self._defaults = model_defaults(config)
-        return self._defaults
+            except _HTTP_TIMEOUTS:
+                self._reconnect()
+                raise timeout_error(self.timeout_s) from None
+            self._schema = ServedSchema.from_config(config)
+        return self._schema
 
     def generate(self, prompt_or_request, **options) -> GenerationResult:
         """One image. Raises ``ServerError`` with Triton's status and message."""
@@ -265,32 +300,41 @@ class DiffusionClient(ClientOptions):
         from tritonclient.utils import InferenceServerException
 
         kwargs = infer_options(request, self.protocol, self.timeout_s)
+        inputs = build_inputs(self._module, request.tensors(self.schema))
         started = time.perf_counter()
         try:
-            result = self._client.infer(
-                self.model, build_inputs(self._module, request.tensors(self.defaults)), outputs=build_outputs(self._module), **kwargs
-            )
+            result = self._client.infer(self.model, inputs, outputs=build_outputs(self._module), **kwargs)
         except InferenceServerException as exc:
             raise to_server_error(exc) from None
+        except _HTTP_TIMEOUTS:
+            self._reconnect()  # the timed-out connection may still receive the late answer
+            raise timeout_error(self.timeout_s) from None
         return parse_result(result, request, time.perf_counter() - started)
 
+    def _reconnect(self) -> None:
+        try:
+            self._client.close()
+        finally:
+            self._connect()
+
     def generate_many(self, requests: Sequence[GenerationRequest], concurrency: int = 8) -> list:
-        """Results in request order; a failed request's slot holds its ``ServerError``."""
+        """Results in request order; a failed request's slot holds its exception (``ServerError``
+        for whatever the server or the deadline said) and the others go on."""
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        defaults = self.defaults
+        schema = self.schema
         local = threading.local()
         clients = []
 
         def one(request):
             if not hasattr(local, "client"):  # one connection per worker thread
                 local.client = DiffusionClient(f"{self.protocol}://{self.address}", self.model, self.timeout_s, self.retry)
-                local.client._defaults = defaults
+                local.client._schema = schema
                 clients.append(local.client)
             try:
                 return local.client.generate(request)
-            except ServerError as exc:
+            except Exception as exc:  # noqa: BLE001 - reported in the request's slot
                 return exc
 
         try:

@@ -59,7 +59,7 @@ def run_mode(runner, items, mode: str, args) -> tuple[float, list]:
         cancellation.SHRINKABLE.clear()
     try:
         started = time.perf_counter()
-        outputs = runner.run(items, cancelled=checks)
+        outputs = runner.run(items[0].params, items, cancellation.per_row_checks(checks))
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - started, outputs

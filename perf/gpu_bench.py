@@ -1,15 +1,28 @@
-"""GPU benchmark: offline diffusers pipeline vs the Triton-served model, without and with dynamic batching.
+"""GPU benchmark, like for like: the offline diffusers pipeline vs the same pipeline served by Triton.
 
-One run measures, per architecture (random weights of the real configs, built on the GPU):
-  1. the bare pipeline (``PipelineRunner.run``, the physical limit of this stack) at batch 1..16;
-  2. tritonserver serving the same pipeline with no batching and with dynamic batching, at
-     client concurrency 1..16 (the project's client, VBench prompts, distinct seeds);
-and prints one table: images/s, p50/p99 latency, realized batch sizes, batching gain (dynamic /
-none at the same concurrency), server tax (served execution time / offline time at the same
-batch), and GPU memory. Results go to ``--out`` as JSON (plot them with ``perf/plot_gpu.py``).
+Per architecture (random weights of the real configs, built on the GPU), and per serving mode
+(no batching, dynamic batching), it loads the pipeline once in this process ("offline": one
+``PipelineRunner.run`` call per batch, the physical limit of this stack) and once in a
+tritonserver, and then alternates the two:
 
-    python perf/gpu_bench.py --archs sd15,flux-dev --out perf/results
-    python perf/gpu_bench.py --archs sd15-tiny --device cpu --size 128 --steps 4   # CPU check
+    warm-up: every offline batch size once, every served concurrency level once
+    repeat r = 1..R:  offline round (one call per batch size)  ->  served round (N requests per level)
+
+so that drift of the card or the host hits both sides alike. Both sides report the same
+statistic: the median over the R repeats and their spread (min-max). On the served side a
+repeat at concurrency c sends ``max(min_requests, requests_per_level * c)`` requests (VBench
+prompts, distinct seeds) with c in flight. It records:
+
+- images/s (median of repeats, min-max), latency p50/p90/max pooled over repeats (with n);
+- the batches Triton really formed (histogram per level, from the statistics API), and for
+  every batch size that formed, served execution time / offline call time at that batch size
+  (the "server tax"; offline is measured at every such size, topped up if one only formed late);
+- peak GPU memory of the process holding the model (nvidia-smi per-process, both sides alike);
+- per-step cost of asking Triton whether requests were cancelled (backend metrics).
+
+    python perf/gpu_bench.py --archs sd15 --out perf/results
+    python perf/gpu_bench.py --archs flux-dev --concurrency 1,4,8 --batch-sizes 1,4,8
+    python perf/gpu_bench.py --archs sd15-tiny --device cpu --size 64 --steps 2 --repeats 2   # CPU check
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,11 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client import DiffusionClient, GenerationRequest  # noqa: E402
 from client.cli import percentile  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
-from perf.variants import render_config, write_variant  # noqa: E402
-from triton_diffusion.launcher import ServerConfig, TritonServer, free_port, model_statistics  # noqa: E402
+from triton_diffusion import harness, model_config  # noqa: E402
 
 DTYPES = {"sd15": "float16", "flux-dev": "bfloat16"}
 GUIDANCE = {"sd15": 7.5, "flux-dev": 3.5}
+MODES = {
+    "none": None,  # no dynamic batching: every request its own execution
+    "dynamic": "max_queue_delay_microseconds: {delay_us}",
+}
 
 
 def log(message: str) -> None:
@@ -49,179 +66,263 @@ def card_name() -> str:
         return "cpu"
 
 
-class GpuMemoryPoller:
-    """Peak device memory in use (all processes, MiB), sampled by nvidia-smi while a phase runs."""
+def dtype_for(arch: str, args) -> str:
+    return "float32" if not args.device.startswith("cuda") else DTYPES.get(arch.removesuffix("-tiny"), "float16")
 
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+def guidance_for(arch: str) -> float:
+    return GUIDANCE.get(arch.removesuffix("-tiny"), 3.5)
+
+
+def items_for(prompts, count, args, arch, offset=0):
+    from triton_diffusion.requests import text_to_image
+
+    return [text_to_image(prompts[(offset + i) % len(prompts)], offset + i, args.steps, guidance_for(arch), args.size, args.size)
+            for i in range(count)]
+
+
+class ProcessMemory:
+    """Peak GPU memory (MiB) of some processes, sampled with nvidia-smi while a phase runs.
+
+    The same measurement for both sides: the offline side is this process, the served side the
+    Python-backend stub(s) holding the model.
+    """
+
+    def __init__(self, pids, interval: float = 0.25):
+        self.pids, self.interval, self.peak, self.available = set(pids), interval, 0, True
+        self._stop = threading.Event()
+
+    def _sample(self) -> int:
+        out = subprocess.check_output(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"], text=True)
+        used = 0
+        for line in out.strip().splitlines():
+            pid, memory = (part.strip() for part in line.split(","))
+            if int(pid) in self.pids:
+                used += int(memory)
+        return used
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self._sample())
+            except (OSError, subprocess.CalledProcessError, ValueError):
+                self.available = False
+                return
+            self._stop.wait(self.interval)
 
     def __enter__(self):
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                out = subprocess.check_output(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], text=True)
-                self.peak = max(self.peak, int(out.split()[0]))
-            except (OSError, subprocess.CalledProcessError, ValueError):
-                return
-            self._stop.wait(self.interval)
-
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
 
-
-def items_for(prompts, count, args, arch, offset=0):
-    from triton_diffusion.requests import GenerationItem
-
-    return [
-        GenerationItem(prompts[(offset + i) % len(prompts)], None, offset + i, args.steps, GUIDANCE.get(arch.removesuffix("-tiny"), 3.5), args.size, args.size)
-        for i in range(count)
-    ]
+    @property
+    def peak_mib(self):
+        return self.peak if self.available and self.peak else None
 
 
-def offline(arch: str, args, prompts) -> list[dict]:
-    """The bare pipeline at each batch size: median of ``--repeats`` calls after one warm-up call."""
-    import torch
+class Offline:
+    """The bare pipeline in this process; ``call(batch)`` returns seconds for one synchronized call."""
 
-    from triton_diffusion.pipeline import PipelineRunner
-    from triton_diffusion.settings import ModelSettings
+    def __init__(self, arch: str, args, prompts):
+        from triton_diffusion.pipeline import PipelineRunner
+        from triton_diffusion.settings import ModelSettings
 
-    settings = ModelSettings(pretrained_model=f"random:{arch}", device=args.device, torch_dtype=dtype_for(arch, args))
-    started = time.perf_counter()
-    runner = PipelineRunner.load(settings)
-    log(f"{arch}: built random-weight {type(runner.text_to_image).__name__} in {time.perf_counter() - started:.1f}s")
-    rows = []
-    cuda = args.device.startswith("cuda")
-    for batch in args.batch_sizes:
-        items = items_for(prompts, batch, args, arch)
-        runner.run(items)  # warm-up at this shape
-        if cuda:
+        self.arch, self.args, self.prompts, self.calls = arch, args, prompts, 0
+        started = time.perf_counter()
+        self.runner = PipelineRunner.load(
+            ModelSettings(pretrained_model=f"random:{arch}", device=args.device, torch_dtype=dtype_for(arch, args)))
+        log(f"{arch}: built random-weight {type(self.runner.text_to_image).__name__} in {time.perf_counter() - started:.1f}s")
+        self.warm: set[int] = set()
+        self.times: dict[int, list[float]] = {}
+        self.memory: dict[int, int] = {}
+
+    def _sync(self):
+        if self.args.device.startswith("cuda"):
+            import torch
+
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for repeat in range(args.repeats):
-            started = time.perf_counter()
-            runner.run(items_for(prompts, batch, args, arch, offset=1000 * (repeat + 1)))
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
-        seconds = statistics.median(times)
-        row = {"arch": arch, "batch": batch, "seconds": seconds, "images_per_s": batch / seconds,
-               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
-        rows.append(row)
-        log(f"{arch} offline batch {batch}: {seconds:.3f}s/call, {row['images_per_s']:.2f} img/s")
-    del runner
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return rows
+
+    def call(self, batch: int) -> float:
+        self.calls += 1
+        items = items_for(self.prompts, batch, self.args, self.arch, offset=1000 * self.calls)
+        self._sync()
+        started = time.perf_counter()
+        self.runner.run(items[0].params, items)
+        self._sync()
+        return time.perf_counter() - started
+
+    def warm_up(self, batch: int) -> None:
+        if batch not in self.warm:
+            self.call(batch)
+            self.warm.add(batch)
+
+    def measure(self, batch: int) -> None:
+        """One repeat at ``batch`` (warmed up first if this shape is new)."""
+        self.warm_up(batch)
+        with ProcessMemory([os.getpid()]) as memory:
+            self.times.setdefault(batch, []).append(self.call(batch))
+        if memory.peak_mib:
+            self.memory[batch] = max(self.memory.get(batch, 0), memory.peak_mib)
+
+    def close(self) -> None:
+        self.runner = None
+        gc.collect()
+        if self.args.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
 
 
-def dtype_for(arch: str, args) -> str:
-    return "float32" if not args.device.startswith("cuda") else DTYPES.get(arch.removesuffix("-tiny"), "float16")
-
-
-def stats(server, model):
-    data = model_statistics(server.http_url, model)
-    return {b["batch_size"]: (b["compute_infer"]["count"], b["compute_infer"]["ns"]) for b in data["batch_stats"]}
-
-
-def batching_modes(args) -> dict:
-    """Server configurations compared: the ``dynamic_batching`` body, or None for no batching."""
-    return {
-        "none": None,
-        "dynamic": f"max_queue_delay_microseconds: {args.delay_us}",
-        # Wait (up to 100 ms) for a full batch of 16: merges the two cohorts of 8 that form at
-        # concurrency 16 when a short delay starts each batch as soon as the instance is free.
-        "dynamic-p16": "preferred_batch_size: [ 16 ] max_queue_delay_microseconds: 100000",
-    }
-
-
-def served(arch: str, mode: str, args, prompts, workdir: Path) -> list[dict]:
-    """Serve ``arch`` (``mode`` none|dynamic) and sweep client concurrency."""
+def serve_mode(arch: str, mode: str, args, workdir: Path):
     name = f"{arch}_{mode}".replace("-", "_")
     parameters = {
         "pretrained_model": f"random:{arch}", "device": args.device, "torch_dtype": dtype_for(arch, args),
         "default_height": str(args.size), "default_width": str(args.size), "default_steps": str(args.steps),
-        "default_guidance_scale": str(GUIDANCE.get(arch.removesuffix("-tiny"), 3.5)),
-        "min_side": "64", "max_side": "2048", "max_pixels": str(2048 * 2048),
-        "max_images_per_call": "16", "max_pixels_per_call": str(16 * args.size * args.size),
+        "default_guidance_scale": str(guidance_for(arch)), "min_side": "64", "max_side": "2048", "max_pixels": None,
+        "max_images_per_call": str(max(args.concurrency)), "max_pixels_per_call": str(max(args.concurrency) * args.size ** 2),
     }
-    batching = batching_modes(args)[mode]
-    repository = workdir / f"repo_{name}"
-    write_variant(repository, name, render_config(name, parameters, batching))
-    config = ServerConfig(model_repository=repository, models=[name], http_port=free_port(),
-                          grpc_port=free_port(), metrics_port=free_port())
-    rows = []
-    with TritonServer(config, log_path=workdir / f"{name}.log") as server, GpuMemoryPoller() as memory:
+    batching = MODES[mode]
+    config = model_config.variant(name, parameters, None if batching is None else batching.format(delay_us=args.delay_us),
+                                  max_batch_size=max(args.concurrency))
+    model_config.write_model(workdir / "repo", config)
+    started = time.perf_counter()
+    server = harness.serve([name], workdir / "repo", log_path=workdir / f"{name}.log", ready_timeout=900)
+    log(f"{name}: READY in {time.perf_counter() - started:.1f}s")
+    return server, name
+
+
+def stub_pids(server) -> list[int]:
+    import psutil
+
+    return [child.pid for child in psutil.Process(server.process.pid).children(recursive=True)
+            if "triton_python_backend_stub" in " ".join(child.cmdline()[:1])]
+
+
+def served_round(client, server, name, concurrency: int, count: int, prompts, offset: int) -> dict:
+    """One repeat at one concurrency level: throughput, latencies and what the server did."""
+    requests = [GenerationRequest(prompts[(7 * (offset + i)) % len(prompts)], seed=offset + i) for i in range(count)]
+    before = harness.Stats.read(server, name)
+    steps_before = harness.metric(server, "diffusion_denoising_steps_total", name)
+    poll_before = harness.metric(server, "diffusion_cancellation_poll_seconds_total", name)
+    with ProcessMemory(stub_pids(server)) as memory:
         started = time.perf_counter()
-        state = server.wait_ready(timeout=600)[name]
-        if state["state"] != "READY":
-            raise RuntimeError(f"{name} did not load: {state.get('reason')}")
-        log(f"{name}: READY in {time.perf_counter() - started:.1f}s")
-        url = f"grpc://{server.grpc_url}"
-        with DiffusionClient(url, name, timeout_s=600) as client:
-            warm = [GenerationRequest(prompts[i], seed=i) for i in range(max(args.concurrency))]
-            client.generate_many(warm, concurrency=max(args.concurrency))  # warm-up at the largest batch
-            for concurrency in args.concurrency:
-                count = max(args.min_requests, args.requests_per_level * concurrency)
-                requests = [GenerationRequest(prompts[(7 * i) % len(prompts)], seed=10_000 + i) for i in range(count)]
-                before = stats(server, name)
-                started = time.perf_counter()
-                results = client.generate_many(requests, concurrency=concurrency)
-                wall = time.perf_counter() - started
-                after = stats(server, name)
-                failures = [r for r in results if isinstance(r, Exception)]
-                latencies = [r.seconds for r in results if not isinstance(r, Exception)]
-                executions = {b: (after[b][0] - before.get(b, (0, 0))[0], after[b][1] - before.get(b, (0, 0))[1]) for b in after}
-                executions = {b: v for b, v in executions.items() if v[0] > 0}
-                total_exec = sum(c for c, _ in executions.values())
-                row = {
-                    "arch": arch, "mode": mode, "concurrency": concurrency, "requests": count, "failures": len(failures),
-                    "images_per_s": (count - len(failures)) / wall, "p50_s": percentile(latencies, 50),
-                    "p99_s": percentile(latencies, 99), "executions": total_exec,
-                    "mean_batch": sum(b * c for b, (c, _) in executions.items()) / max(1, total_exec),
-                    "exec_seconds_by_batch": {b: ns / c / 1e9 for b, (c, ns) in executions.items()},
-                    "gpu_mem_peak_mib": memory.peak or None,
-                }
-                rows.append(row)
-                log(f"{name} c={concurrency}: {row['images_per_s']:.2f} img/s, p50 {row['p50_s']:.2f}s, p99 {row['p99_s']:.2f}s, "
-                    f"mean batch {row['mean_batch']:.1f}, failures {len(failures)}")
-    return rows
+        results = client.generate_many(requests, concurrency=concurrency)
+        wall = time.perf_counter() - started
+    delta = harness.wait_until(lambda: (d := harness.Stats.read(server, name) - before).inferences >= count and d,
+                               "all requests counted")
+    failures = [r for r in results if isinstance(r, Exception)]
+    return {
+        "images_per_s": (count - len(failures)) / wall, "latencies": [r.seconds for r in results if not isinstance(r, Exception)],
+        "failures": len(failures), "histogram": delta.histogram,
+        "exec_seconds": {b: s.seconds_per_execution for b, s in delta.batches.items()},
+        "steps": harness.metric(server, "diffusion_denoising_steps_total", name) - steps_before,
+        "poll_seconds": harness.metric(server, "diffusion_cancellation_poll_seconds_total", name) - poll_before,
+        "gpu_mem_mib": memory.peak_mib,
+    }
 
 
-def summarize(offline_rows, served_rows) -> str:
-    lines = []
-    off = {(r["arch"], r["batch"]): r for r in offline_rows}
-    for arch in sorted({r["arch"] for r in offline_rows} | {r["arch"] for r in served_rows}):
-        lines.append(f"\n== {arch} ==")
-        lines.append("offline pipeline: batch | s/call | img/s | peak mem GiB")
-        for r in [r for r in offline_rows if r["arch"] == arch]:
-            mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
-            lines.append(f"  {r['batch']:>3} | {r['seconds']:.3f} | {r['images_per_s']:.2f} | {mem}")
-        none = {r["concurrency"]: r for r in served_rows if r["arch"] == arch and r["mode"] == "none"}
-        lines.append("served: mode | conc | img/s | p50 s | p99 s | mean batch | gain vs none | server tax (batch: served/offline) | GPU MiB")
-        for r in [r for r in served_rows if r["arch"] == arch]:
-            gain = r["images_per_s"] / none[r["concurrency"]]["images_per_s"] if r["concurrency"] in none else None
-            taxes = []
-            for batch, seconds in sorted(r["exec_seconds_by_batch"].items(), key=lambda kv: int(kv[0])):
-                if (arch, int(batch)) in off:
-                    taxes.append(f"{batch}:{seconds / off[(arch, int(batch))]['seconds']:.2f}")
-            lines.append(
-                f"  {r['mode']:>11} | {r['concurrency']:>3} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
-                f"{r['mean_batch']:.1f} | {f'{gain:.2f}x' if gain else '-'} | {' '.join(taxes) or '-'} | {r['gpu_mem_peak_mib'] or '-'}"
-            )
+def spread(values) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
+    offline = Offline(arch, args, prompts)
+    served: dict[str, dict[int, list[dict]]] = {}
+    for mode in args.modes:
+        server, name = serve_mode(arch, mode, args, workdir / mode)
+        served[mode] = {c: [] for c in args.concurrency}
+        try:
+            with DiffusionClient(f"grpc://{server.grpc_url}", name, timeout_s=1800) as client:
+                log(f"{name}: warm-up (offline batch sizes {args.batch_sizes}, served levels {args.concurrency})")
+                for batch in args.batch_sizes:
+                    offline.warm_up(batch)
+                for concurrency in args.concurrency:
+                    served_round(client, server, name, concurrency, concurrency, prompts, offset=500_000)
+                for repeat in range(args.repeats):
+                    for batch in sorted(set(args.batch_sizes) | set(offline.times)):
+                        offline.measure(batch)
+                    for concurrency in args.concurrency:
+                        count = max(args.min_requests, args.requests_per_level * concurrency)
+                        round_ = served_round(client, server, name, concurrency, count, prompts, offset=10_000 * (repeat + 1))
+                        served[mode][concurrency].append(round_)
+                        log(f"{name} r{repeat + 1} c={concurrency}: {round_['images_per_s']:.2f} img/s, batches {round_['histogram']}, "
+                            f"failures {round_['failures']}")
+        finally:
+            server.stop()
+    # Offline at every batch size that formed, with as many repeats as the others.
+    formed = {b for rounds in served.values() for level in rounds.values() for r in level for b in r["histogram"]}
+    for batch in sorted(formed | set(args.batch_sizes)):
+        while len(offline.times.get(batch, [])) < args.repeats:
+            offline.measure(batch)
+    result = {"arch": arch, "dtype": dtype_for(arch, args), "offline": {}, "served": {}}
+    for batch, times in sorted(offline.times.items()):
+        result["offline"][batch] = {"seconds": spread(times), "images_per_s": batch / statistics.median(times),
+                                    "gpu_mem_mib": offline.memory.get(batch)}
+    for mode, levels in served.items():
+        result["served"][mode] = {}
+        for concurrency, rounds in levels.items():
+            latencies = sorted(x for r in rounds for x in r["latencies"])
+            histogram: dict[int, int] = {}
+            for r in rounds:
+                for b, n in r["histogram"].items():
+                    histogram[b] = histogram.get(b, 0) + n
+            taxes = {}
+            for b in histogram:
+                per_repeat = [r["exec_seconds"][b] for r in rounds if b in r["exec_seconds"]]
+                taxes[b] = statistics.median(per_repeat) / statistics.median(offline.times[b])
+            steps = sum(r["steps"] for r in rounds)
+            result["served"][mode][concurrency] = {
+                "images_per_s": spread([r["images_per_s"] for r in rounds]),
+                "latency_s": {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90), "max": latencies[-1] if latencies else None,
+                              "n": len(latencies)},
+                "failures": sum(r["failures"] for r in rounds),
+                "histogram": dict(sorted(histogram.items())),
+                "server_tax": dict(sorted(taxes.items())),
+                "poll_ms_per_step": 1000 * sum(r["poll_seconds"] for r in rounds) / steps if steps else None,
+                "gpu_mem_mib": max((r["gpu_mem_mib"] or 0) for r in rounds) or None,
+            }
+    offline.close()
+    return result
+
+
+def fmt_spread(s: dict, digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def summarize(results: list[dict], header: str) -> str:
+    lines = [header]
+    for result in results:
+        lines.append(f"\n== {result['arch']} ({result['dtype']}) ==")
+        lines.append("offline | batch | s/call median (min-max) | img/s | GPU MiB (process)")
+        for batch, row in result["offline"].items():
+            lines.append(f"  | {batch} | {fmt_spread(row['seconds'], 3)} | {row['images_per_s']:.2f} | {row['gpu_mem_mib'] or '-'}")
+        lines.append("served | mode | conc | img/s median (min-max) | p50 / p90 / max s (n) | batches formed {size: executions} | "
+                     "server tax per batch size | cancel poll ms/step | GPU MiB (stub)")
+        none = result["served"].get("none", {})
+        for mode, levels in result["served"].items():
+            for concurrency, row in levels.items():
+                lat = row["latency_s"]
+                gain = ""
+                if mode != "none" and concurrency in none:
+                    gain = f" [{row['images_per_s']['median'] / none[concurrency]['images_per_s']['median']:.2f}x none]"
+                taxes = " ".join(f"{b}:{t:.2f}" for b, t in row["server_tax"].items())
+                poll = f"{row['poll_ms_per_step']:.2f}" if row["poll_ms_per_step"] is not None else "-"
+                lines.append(
+                    f"  | {mode} | {concurrency} | {fmt_spread(row['images_per_s'])}{gain} | "
+                    f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['max']:.2f} ({lat['n']}) | {row['histogram']} | {taxes} | {poll} | "
+                    f"{row['gpu_mem_mib'] or '-'}{' | FAILURES ' + str(row['failures']) if row['failures'] else ''}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    parser.add_argument("--archs", default="sd15,flux-dev")
+    parser.add_argument("--archs", default="sd15")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
@@ -231,8 +332,7 @@ def main(argv=None) -> int:
     parser.add_argument("--requests-per-level", type=int, default=3)
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--delay-us", type=int, default=10_000)
-    parser.add_argument("--modes", default="none,dynamic")
-    parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=["none", "dynamic"])
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -243,20 +343,21 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()
     prompts = vbench_prompts()
     card = card_name()
-    stem = f"gpu_bench_{card.replace(' ', '_')}_{date.today().isoformat()}"
-    result = {"card": card, "date": date.today().isoformat(), "args": {k: str(v) for k, v in vars(args).items()},
-              "offline": [], "served": []}
-    log(f"card: {card}")
+    import torch
+
+    header = (f"card: {card}, torch {torch.__version__}, {args.size}x{args.size}, {args.steps} steps, {args.repeats} repeats "
+              f"(offline and served interleaved), {date.today().isoformat()}")
+    stem = args.out / f"gpu_bench_{card.replace(' ', '_')}_{date.today().isoformat()}_{args.archs.replace(',', '+')}"
+    results = []
+    log(header)
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
-            if not args.skip_offline:
-                result["offline"] += offline(arch, args, prompts)
-                (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-            for mode in args.modes.split(","):
-                result["served"] += served(arch, mode, args, prompts, Path(tmp))
-                (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    table = f"card: {card}, {args.size}x{args.size}, {args.steps} steps\n" + summarize(result["offline"], result["served"])
-    (args.out / f"{stem}.txt").write_text(table + "\n")
+            results.append(bench_arch(arch, args, prompts, Path(tmp) / arch))
+            stem.with_suffix(".json").write_text(json.dumps(
+                {"card": card, "date": date.today().isoformat(), "args": {k: str(v) for k, v in vars(args).items()},
+                 "results": results}, indent=1))
+    table = summarize(results, header)
+    stem.with_suffix(".txt").write_text(table + "\n")
     print(table)
     return 0
 

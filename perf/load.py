@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from triton_diffusion.launcher import ServerConfig, TritonServer, batch_executions, free_port  # noqa: E402
+from triton_diffusion.harness import Stats, serve  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,9 +81,7 @@ def main(argv=None) -> int:
     if args.host:
         grpc_url, http_url = args.host, args.http_host or args.host.rsplit(":", 1)[0] + ":8000"
     else:
-        config = ServerConfig(models=[args.model], http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-        server = TritonServer(config, log_path=Path(f"{prefix}-server.log")).start()
-        server.wait_ready(300)
+        server = serve([args.model], log_path=Path(f"{prefix}-server.log"))
         grpc_url, http_url = server.grpc_url, server.http_url
     from locust.util.timespan import parse_timespan
 
@@ -101,7 +99,7 @@ def main(argv=None) -> int:
         sampler = threading.Thread(target=sample_rss, daemon=True)
         if server:
             sampler.start()
-        before = batch_executions(http_url, args.model)
+        before = Stats.read(http_url, args.model)
         command = [
             str(Path(sys.executable).parent / "locust"), "-f", str(HERE / "locustfile.py"), "--headless",
             "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--host", grpc_url,
@@ -112,14 +110,13 @@ def main(argv=None) -> int:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 180)
         stop_sampling.set()
         print(completed.stdout[-3000:] + completed.stderr[-3000:])
-        after = batch_executions(http_url, args.model)
+        realized = (Stats.read(http_url, args.model) - before).histogram
     finally:
         if server:
             server.stop()
     with open(f"{prefix}_stats.csv") as handle:
         total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
     requests, failures = int(total["Request Count"]), int(total["Failure Count"])
-    realized = {b: after[b] - before.get(b, 0) for b in after if after[b] - before.get(b, 0)}
     executions = sum(realized.values())
     print(f"requests {requests}, failures {failures}, {float(total['Requests/s']):.2f} req/s, "
           f"p50 {total['50%']} ms, p99 {total['99%']} ms")

@@ -1,6 +1,7 @@
-"""Plot a gpu_bench JSON: throughput vs p99 latency, one line per server configuration.
+"""Plot a gpu_bench JSON: served images/s (median, min-max bars) vs concurrency per mode, with the
+offline pipeline's best batch as a reference line.
 
-    python perf/plot_gpu.py perf/results/H100_sd15_2026-11-25.json   # writes the .png beside it
+    python perf/plot_gpu.py perf/results/gpu_bench_<card>_<date>_<archs>.json   # writes the .png beside it
 """
 
 from __future__ import annotations
@@ -17,22 +18,22 @@ def plot(path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     data = json.loads(path.read_text())
-    archs = sorted({r["arch"] for r in data["served"]})
-    figure, axes = plt.subplots(1, len(archs), figsize=(6.5 * len(archs), 4.5), squeeze=False)
-    for axis, arch in zip(axes[0], archs):
-        for mode in dict.fromkeys(r["mode"] for r in data["served"] if r["arch"] == arch):
-            rows = [r for r in data["served"] if r["arch"] == arch and r["mode"] == mode]
-            axis.plot([r["p99_s"] for r in rows], [r["images_per_s"] for r in rows], marker="o", label=f"served, {mode}")
-            for r in rows:
-                axis.annotate(f"c={r['concurrency']}", (r["p99_s"], r["images_per_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        offline = [r for r in data["offline"] if r["arch"] == arch]
-        if offline:
-            best = max(offline, key=lambda r: r["images_per_s"])
-            axis.axhline(best["images_per_s"], color="grey", linestyle="--", label=f"offline pipeline, batch {best['batch']}")
-        axis.set_title(f"{arch} on {data['card']}")
-        axis.set_xlabel("p99 latency (s)")
-        axis.set_ylabel("images/s")
-        axis.set_xscale("log")
+    results = data["results"]
+    figure, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
+    for axis, result in zip(axes[0], results):
+        for mode, levels in result["served"].items():
+            levels = sorted(levels.items(), key=lambda kv: int(kv[0]))
+            x = [int(c) for c, _ in levels]
+            median = [row["images_per_s"]["median"] for _, row in levels]
+            low = [m - row["images_per_s"]["min"] for m, (_, row) in zip(median, levels)]
+            high = [row["images_per_s"]["max"] - m for m, (_, row) in zip(median, levels)]
+            axis.errorbar(x, median, yerr=[low, high], marker="o", capsize=3, label=f"served, {mode}")
+        best_batch, best = max(result["offline"].items(), key=lambda kv: kv[1]["images_per_s"])
+        axis.axhline(best["images_per_s"], color="grey", linestyle="--", label=f"offline pipeline, batch {best_batch}")
+        axis.set_title(f"{result['arch']} {result['dtype']} on {data['card']}")
+        axis.set_xlabel("client concurrency")
+        axis.set_ylabel("images/s (median of repeats, min-max)")
+        axis.set_xscale("log", base=2)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()

@@ -24,9 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import tritonclient.http as httpclient  # noqa: E402
+
+from client.api import GenerationRequest, ServedSchema  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
-from perf.variants import render_config, write_variant  # noqa: E402
-from triton_diffusion.launcher import ServerConfig, TritonServer, free_port, model_statistics  # noqa: E402
+from triton_diffusion import model_config  # noqa: E402
+from triton_diffusion.harness import Stats, serve  # noqa: E402
 
 VARIANTS = {
     "tiny_none": None,
@@ -35,16 +38,19 @@ VARIANTS = {
 }
 
 
-def input_data(path: Path, count: int, steps: int, size: int) -> Path:
-    """perf_analyzer --input-data: one entry per request, every input explicit (one input set)."""
+def input_data(path: Path, schema: ServedSchema, count: int, steps: int, size: int) -> Path:
+    """perf_analyzer --input-data: one entry per request, every input the model declares (one
+    input set, so requests may share a batch), built by the client from the served schema."""
     prompts = vbench_prompts()
-    entries = [
-        {
-            "PROMPT": [prompts[(7 * i) % len(prompts)]], "NEGATIVE_PROMPT": [""], "SEED": [i],
-            "NUM_INFERENCE_STEPS": [steps], "GUIDANCE_SCALE": [7.5], "HEIGHT": [size], "WIDTH": [size],
-        }
-        for i in range(count)
-    ]
+    entries = []
+    for i in range(count):
+        request = GenerationRequest(prompts[(7 * i) % len(prompts)], seed=i, steps=steps, height=size, width=size)
+        tensors = request.tensors(schema)
+        tensors.pop("IMAGE", None)  # text-to-image: every entry leaves it out alike
+        entries.append({
+            name: [v.decode() if isinstance(v, bytes) else v for v in array.ravel().tolist()]
+            for name, array in tensors.items()
+        })
     path.write_text(json.dumps({"data": entries}))
     return path
 
@@ -56,14 +62,8 @@ def perf_analyzer_binary() -> str:
     return binary
 
 
-def stats(http_url: str, model: str) -> tuple[int, int]:
-    """(inference count, execution count) of a model."""
-    data = model_statistics(http_url, model)
-    return int(data["inference_count"]), int(data["execution_count"])
-
-
 def run_point(grpc_url: str, http_url: str, model: str, concurrency: int, data: Path, args) -> dict:
-    before = stats(http_url, model)
+    before = Stats.read(http_url, model)
     with tempfile.NamedTemporaryFile(suffix=".csv") as report:
         command = [
             perf_analyzer_binary(), "-m", model, "-u", grpc_url, "-i", "grpc", "--input-data", str(data),
@@ -75,8 +75,8 @@ def run_point(grpc_url: str, http_url: str, model: str, concurrency: int, data: 
         if completed.returncode != 0:
             raise RuntimeError(f"perf_analyzer failed ({completed.returncode}):\n{completed.stdout[-2000:]}\n{completed.stderr[-2000:]}")
         row = next(csv.DictReader(io.StringIO(Path(report.name).read_text())))
-    after = stats(http_url, model)
-    requests, executions = after[0] - before[0], after[1] - before[1]
+    delta = Stats.read(http_url, model) - before
+    requests, executions = delta.inferences, delta.executions
     return {
         "model": model, "concurrency": concurrency,
         "images_per_s": float(row["Inferences/Second"]),
@@ -136,7 +136,6 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = input_data(Path(tmp) / "input.json", 256, args.steps, args.size)
         server = None
         if args.url:
             models, grpc_url, http_url = args.models.split(","), args.url, args.http_url or args.url.replace("8001", "8000")
@@ -144,18 +143,13 @@ def main(argv=None) -> int:
             models = args.variants.split(",")
             repository = Path(tmp) / "repository"
             for name in models:
-                write_variant(repository, name, render_config(name, {}, VARIANTS[name]))
-            config = ServerConfig(model_repository=repository, models=models, http_port=free_port(),
-                                  grpc_port=free_port(), metrics_port=free_port())
-            server = TritonServer(config, log_path=args.out / f"sweep-{stamp}-server.log").start()
-            states = server.wait_ready(300)
-            not_ready = [m for m in models if states.get(m, {}).get("state") != "READY"]
-            if not_ready:
-                server.stop()
-                raise SystemExit(f"models not ready: {not_ready} (log: {server.log_path})")
+                model_config.write_model(repository, model_config.variant(name, dynamic_batching=VARIANTS[name]))
+            server = serve(models, repository, log_path=args.out / f"sweep-{stamp}-server.log")
             grpc_url, http_url = server.grpc_url, server.http_url
         try:
             for model in models:
+                schema = ServedSchema.from_config(httpclient.InferenceServerClient(http_url).get_model_config(model))
+                data = input_data(Path(tmp) / f"{model}.json", schema, 256, args.steps, args.size)
                 for concurrency in levels:
                     row = run_point(grpc_url, http_url, model, concurrency, data, args)
                     rows.append(row)

@@ -1,38 +1,32 @@
-"""Fixtures that start the real tritonserver (free ports, logs under pytest's tmp dir)."""
+"""Fixtures that start the real tritonserver (free ports, logs under pytest's tmp dir).
+
+Tests synchronise on server state (``triton_diffusion.harness``: statistics, metrics), never on
+sleeps, so the suite passes on a busy machine too.
+"""
 
 from __future__ import annotations
 
-import re
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client import DiffusionClient
-from triton_diffusion.launcher import (
-    DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer, batch_executions, free_port, model_statistics,
-)
+from triton_diffusion import harness
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 from triton_diffusion.tiny import ensure_tiny_model
 
 TINY = "stable_diffusion_tiny"
 # No model hub in tests: the real-checkpoint entry must fail fast and cleanly.
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
+STEPS = "diffusion_denoising_steps_total"
 
 
-def start_server(log_dir: Path, models, env=None, name="server", repository: Path = DEFAULT_MODEL_REPOSITORY) -> TritonServer:
+def start_server(log_dir: Path, models, env=None, name="server", repository: Path = DEFAULT_MODEL_REPOSITORY,
+                 extra_args=(), require_ready=False) -> TritonServer:
     ensure_tiny_model()
-    config = ServerConfig(
-        model_repository=repository, models=models, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        env={**OFFLINE, **(env or {})},
-    )
-    server = TritonServer(config, log_path=log_dir / f"{name}.log").start()
-    try:
-        server.wait_ready(timeout=240)
-    except Exception:
-        server.stop()
-        raise
-    return server
+    return harness.serve(models, repository, log_path=log_dir / f"{name}.log", env={**OFFLINE, **(env or {})},
+                         extra_args=extra_args, ready_timeout=240, require_ready=require_ready)
 
 
 @pytest.fixture(scope="session")
@@ -51,13 +45,19 @@ def grpc_client(server):
 
 @pytest.fixture
 def delayed_server(tmp_path_factory):
-    """Factory: a fresh server whose batcher waits until N requests are queued (deterministic batches)."""
+    """Factory: a fresh server whose batcher waits until N requests are queued (deterministic batches).
+
+    Triton's TRITONSERVER_DELAY_SCHEDULER holds the first batch until N requests are queued, then
+    batches normally; with N larger than a test ever sends, nothing is scheduled at all.
+    """
     servers = []
 
-    def make(count: int) -> TritonServer:
+    def make(count: int, models=(TINY,), repository: Path = DEFAULT_MODEL_REPOSITORY) -> TritonServer:
         server = start_server(
-            tmp_path_factory.mktemp("triton-delayed"), [TINY], {"TRITONSERVER_DELAY_SCHEDULER": str(count)},
-            name=f"delayed-{count}",
+            tmp_path_factory.mktemp("triton-delayed"), list(models), {"TRITONSERVER_DELAY_SCHEDULER": str(count)},
+            name=f"delayed-{count}", repository=repository,
+            # requests still queued when the test ends are not waited for
+            extra_args=("--exit-timeout-secs=5",), require_ready=True,
         )
         servers.append(server)
         return server
@@ -67,25 +67,28 @@ def delayed_server(tmp_path_factory):
         server.stop()
 
 
-def model_stats(server: TritonServer, model: str = TINY) -> dict:
-    return model_statistics(server.http_url, model)
+def model_stats(server: TritonServer, model: str = TINY) -> harness.Stats:
+    return harness.Stats.read(server, model)
 
 
-def batch_histogram(server: TritonServer, model: str = TINY) -> dict[int, int]:
-    """{batch size: executions} from Triton's statistics API."""
-    return batch_executions(server.http_url, model)
+def batch_histogram(server: TritonServer, model: str = TINY, executions: int = 1) -> dict[int, int]:
+    """{batch size: executions} once ``executions`` executions are counted (Triton updates its
+    statistics just after sending the responses)."""
+    return harness.wait_for_executions(server, model, executions).histogram
 
 
 def metric(server: TritonServer, name: str, model: str = TINY) -> float:
-    """Sum of a Prometheus series for the model (custom metrics included)."""
-    with urllib.request.urlopen(server.metrics_url) as response:
-        text = response.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf'{re.escape(name)}{{([^}}]*)}} (\S+)', line)
-        if match and f'model="{model}"' in match.group(1):
-            total += float(match.group(2))
-    return total
+    return harness.metric(server, name, model)
+
+
+def wait_until_denoising(server: TritonServer, steps_before: float, model: str = TINY) -> None:
+    """Block until the model has run a denoising step since ``steps_before`` was read."""
+    harness.wait_for_metric(server, STEPS, model, steps_before + 1)
+
+
+def pending(server: TritonServer, model: str = TINY) -> float:
+    """Requests Triton holds in the model's queue (not yet handed to an execution)."""
+    return metric(server, "nv_inference_pending_request_count", model)
 
 
 def assert_same_image(batched: np.ndarray, alone: np.ndarray) -> None:

@@ -8,15 +8,13 @@ guidance and pooled embeddings are sliced by a hook on the transformer).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
 from perf.cancel_bench import CancelAfter
-from triton_diffusion.cancellation import shrink_spec
+from triton_diffusion.cancellation import per_row_checks, shrink_spec
 from triton_diffusion.pipeline import PipelineRunner
-from triton_diffusion.requests import GenerationItem
+from triton_diffusion.requests import GenerationItem, image_to_image, text_to_image
 from triton_diffusion.settings import ModelSettings
 from triton_diffusion.tiny import ensure_tiny_model
 
@@ -46,17 +44,17 @@ def scheduler(runner, request):
         pipe.scheduler = original
 
 
-def items(task: str, count: int = 4) -> list[GenerationItem]:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) if task == "image-to-image" else None
-    return [
-        GenerationItem(
-            prompt=f"a lighthouse at dusk, view {index}", negative_prompt=None, seed=100 + index,
-            num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
-            image=image, strength=0.8 if image is not None else None,
-        )
-        for index in range(count)
-    ]
+def items(task: str, count: int = 4, guidance: float = 7.5) -> list[GenerationItem]:
+    image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    prompts = [(f"a lighthouse at dusk, view {index}", 100 + index) for index in range(count)]
+    if task == "image-to-image":
+        return [image_to_image(prompt, seed, image, 0.8, STEPS, guidance) for prompt, seed in prompts]
+    return [text_to_image(prompt, seed, STEPS, guidance, SIZE, SIZE) for prompt, seed in prompts]
+
+
+def run(runner, batch, checks=None):
+    """One call over ``batch``; ``checks[row]()`` says whether that row is cancelled (asked once per step)."""
+    return runner.run(batch[0].params, batch, per_row_checks(checks) if checks else per_row_checks([lambda: False] * len(batch)))
 
 
 def assert_same_image(batched: np.ndarray, solo: np.ndarray, share: float = 0.001) -> None:
@@ -78,10 +76,10 @@ def test_batch_mates_of_a_dropped_row_equal_their_solo_images(runner, scheduler,
     never = lambda: False  # noqa: E731
     # Rows 1 and 3 are cancelled after steps 2 and 4 (the check runs once per step per live row).
     cancelled = [never, CancelAfter(2), never, CancelAfter(4)]
-    outputs = runner.run(batch, cancelled=cancelled)
+    outputs = run(runner, batch, cancelled)
     assert outputs[1] is None and outputs[3] is None
     for row in (0, 2):
-        solo = runner.run([batch[row]])[0]
+        solo = run(runner, [batch[row]])[0]
         assert_same_image(outputs[row], solo)
     # Sanity: a different batch-mate's image is not within tolerance (the check can fail).
     with pytest.raises(AssertionError):
@@ -95,22 +93,22 @@ def flux_runner() -> PipelineRunner:
 
 @pytest.mark.parametrize("task", ["text-to-image", "image-to-image"])
 def test_flux_batch_mates_of_a_dropped_row_equal_their_solo_images(flux_runner, task):
-    batch = [replace(item, guidance_scale=3.5) for item in items(task)]
+    batch = items(task, guidance=3.5)
     never = lambda: False  # noqa: E731
-    outputs = flux_runner.run(batch, cancelled=[CancelAfter(1), never, CancelAfter(3), never])
+    outputs = run(flux_runner, batch, [CancelAfter(1), never, CancelAfter(3), never])
     assert outputs[0] is None and outputs[2] is None
     for row in (1, 3):
-        assert_same_image(outputs[row], flux_runner.run([batch[row]])[0], FLUX_ROUNDING_SHARE)
+        assert_same_image(outputs[row], run(flux_runner, [batch[row]])[0], FLUX_ROUNDING_SHARE)
     with pytest.raises(AssertionError):  # the check can fail: neighbours are not within rounding
         assert_same_image(outputs[1], outputs[3], FLUX_ROUNDING_SHARE)
     # The hook is gone after the call: a full batch runs again.
-    assert all(output is not None for output in flux_runner.run(batch[:2], cancelled=[never, never]))
+    assert all(output is not None for output in run(flux_runner, batch[:2], [never, never]))
 
 
 def test_every_row_cancelled_interrupts_the_call(runner):
     batch = items("text-to-image", 2)
     checks = [CancelAfter(1), CancelAfter(1)]
-    outputs = runner.run(batch, cancelled=checks)
+    outputs = run(runner, batch, checks)
     assert outputs == [None, None]
     assert max(check.calls for check in checks) <= 2, "the call went on after every row was cancelled"
 
@@ -120,6 +118,6 @@ def test_rows_of_unshrinkable_pipelines_ride_to_the_end(runner, monkeypatch):
     monkeypatch.setattr("triton_diffusion.cancellation.SHRINKABLE", {})
     assert shrink_spec(runner.text_to_image) is None
     batch = items("text-to-image", 2)
-    outputs = runner.run(batch, cancelled=[lambda: False, CancelAfter(2)])
+    outputs = run(runner, batch, [lambda: False, CancelAfter(2)])
     assert outputs[1] is not None  # computed to the end; the backend discards it
-    assert_same_image(outputs[0], runner.run([batch[0]])[0])
+    assert_same_image(outputs[0], run(runner, [batch[0]])[0])

@@ -6,7 +6,7 @@ import numpy as np
 
 from client import AsyncDiffusionClient, DiffusionClient, GenerationRequest, ServerError
 
-from .conftest import TINY, assert_same_image, batch_histogram, metric, model_stats
+from .conftest import STEPS, TINY, assert_same_image, batch_histogram, metric, model_stats, wait_until_denoising
 
 
 def send_together(server, requests):
@@ -25,7 +25,7 @@ def test_same_signature_requests_run_as_one_execution_and_match_their_solo_image
     results = send_together(server, requests)
 
     assert batch_histogram(server) == {6: 1}
-    assert model_stats(server)["execution_count"] == 1
+    assert model_stats(server).executions == 1
     assert metric(server, "diffusion_pipeline_calls_total") == 1
     assert metric(server, "diffusion_pipeline_batch_size_sum") == 6
     assert [r.seed for r in results] == [100 + i for i in range(6)]
@@ -102,9 +102,9 @@ def test_a_request_cancelled_mid_denoise_leaves_the_batch_and_its_batch_mates_ma
 
     async def run():
         async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", TINY, timeout_s=120) as client:
-            await client.defaults()
+            await client.schema()
             tasks = [asyncio.create_task(client.generate(request)) for request in requests]
-            await asyncio.sleep(2.0)  # the batch of three is denoising (about 8 s in all here)
+            await asyncio.to_thread(wait_until_denoising, server, 0)
             tasks[1].cancel()
             return await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -112,6 +112,7 @@ def test_a_request_cancelled_mid_denoise_leaves_the_batch_and_its_batch_mates_ma
     assert isinstance(results[1], asyncio.CancelledError)
     assert batch_histogram(server) == {3: 1}, "the three requests must have shared one execution"
     assert metric(server, "diffusion_cancelled_rows_dropped_total") == 1, "the cancelled row was not dropped mid-call"
+    assert metric(server, STEPS) == 21  # PNDM: 21 iterations for 20 steps, run once for the batch
     assert metric(server, "diffusion_requests_cancelled_total") == 1
     assert metric(server, "diffusion_images_total") == 2
     for result, solo in zip([results[0], results[2]], served_alone(server, [requests[0], requests[2]])):

@@ -8,7 +8,7 @@ from triton_diffusion.settings import ModelSettings
 
 SETTINGS = ModelSettings(
     pretrained_model="x", default_height=128, default_width=128, default_steps=10, max_steps=50,
-    max_side=512, max_pixels=512 * 512, max_prompt_bytes=100,
+    max_side=768, max_pixels=512 * 512, max_prompt_bytes=100,
 )
 
 
@@ -28,8 +28,15 @@ def test_defaults_fill_missing_inputs_and_a_random_seed_is_drawn():
     result = parse(PROMPT=text("a cat"))
     assert isinstance(result, ParsedRequest)
     (item,) = result.items
-    assert (item.prompt, item.height, item.width, item.num_inference_steps, item.seed) == ("a cat", 128, 128, 10, 42)
-    assert item.task == TEXT_TO_IMAGE and item.negative_prompt is None and item.strength is None
+    assert (item.prompt, item.params.height, item.params.width, item.params.num_inference_steps, item.seed) == ("a cat", 128, 128, 10, 42)
+    assert item.task == TEXT_TO_IMAGE and item.negative_prompt is None and item.params.strength is None
+
+
+def test_a_negative_seed_or_zero_size_means_the_default():
+    (item,) = parse(PROMPT=text("a"), SEED=scalar(-1, np.int64), HEIGHT=scalar(0, np.int32), WIDTH=scalar(0, np.int32)).items
+    assert item.seed == 42 and (item.params.height, item.params.width) == (128, 128)
+    (item,) = parse(PROMPT=text("a"), SEED=scalar(2**63 - 1, np.int64)).items
+    assert item.seed == 2**63 - 1
 
 
 def test_explicit_values_are_used():
@@ -39,8 +46,9 @@ def test_explicit_values_are_used():
         NEGATIVE_PROMPT=text("blurry"),
     )
     (item,) = result.items
-    assert (item.seed, item.num_inference_steps, item.guidance_scale, item.height, item.width) == (7, 3, 2.5, 64, 256)
-    assert item.negative_prompt == "blurry"
+    p = item.params
+    assert (item.seed, p.num_inference_steps, p.guidance_scale, p.height, p.width) == (7, 3, 2.5, 64, 256)
+    assert item.negative_prompt == "blurry" and p.with_negative_prompt
 
 
 def test_multi_row_request_becomes_one_item_per_row():
@@ -52,13 +60,23 @@ def test_empty_negative_prompt_means_none_and_empty_image_means_text_to_image():
     result = parse(PROMPT=text("a"), NEGATIVE_PROMPT=text(""), IMAGE=np.zeros((1, 0, 0, 3), np.uint8),
                    STRENGTH=scalar(0.5, np.float32))
     (item,) = result.items
-    assert item.negative_prompt is None and item.task == TEXT_TO_IMAGE and item.strength is None
+    assert item.negative_prompt is None and item.task == TEXT_TO_IMAGE and item.params.strength is None
 
 
 def test_image_to_image_defaults_to_source_size():
     image = np.zeros((1, 64, 96, 3), np.uint8)
     (item,) = parse(PROMPT=text("a"), IMAGE=image, STRENGTH=scalar(0.5, np.float32)).items
-    assert item.task == IMAGE_TO_IMAGE and (item.height, item.width) == (64, 96) and item.strength == 0.5
+    assert item.task == IMAGE_TO_IMAGE and (item.params.height, item.params.width) == (64, 96) and item.params.strength == 0.5
+
+
+def test_a_source_image_size_that_breaks_the_limits_is_reported_as_the_image_s():
+    odd = parse(PROMPT=text("a"), IMAGE=np.zeros((1, 68, 64, 3), np.uint8))
+    assert isinstance(odd, RequestError)
+    assert "HEIGHT=68 (the size of the 68x64 source IMAGE) must be a multiple of 8; send HEIGHT and WIDTH" in str(odd)
+    resized = parse(PROMPT=text("a"), IMAGE=np.zeros((1, 68, 64, 3), np.uint8), HEIGHT=scalar(64, np.int32), WIDTH=scalar(64, np.int32))
+    assert isinstance(resized, ParsedRequest)
+    sent = parse(PROMPT=text("a"), IMAGE=np.zeros((1, 64, 64, 3), np.uint8), HEIGHT=scalar(68, np.int32))
+    assert str(sent).startswith("HEIGHT=68 must be a multiple of 8")
 
 
 @pytest.mark.parametrize(
@@ -75,12 +93,12 @@ def test_image_to_image_defaults_to_source_size():
         ({"PROMPT": text("a"), "NUM_INFERENCE_STEPS": scalar(51, np.int32)}, "NUM_INFERENCE_STEPS=51 is outside"),
         ({"PROMPT": text("a"), "NUM_INFERENCE_STEPS": scalar(2.5, np.float32)}, "must be an integer"),
         ({"PROMPT": text("a"), "HEIGHT": scalar(100, np.int32)}, "HEIGHT=100 must be a multiple of 8"),
-        ({"PROMPT": text("a"), "WIDTH": scalar(0, np.int32)}, "WIDTH=0 is outside"),
+        ({"PROMPT": text("a"), "WIDTH": scalar(-8, np.int32)}, "WIDTH=-8 is outside"),
         ({"PROMPT": text("a"), "WIDTH": scalar(100000, np.int32)}, "WIDTH=100000 is outside"),
         ({"PROMPT": text("a"), "GUIDANCE_SCALE": scalar(np.nan, np.float32)}, "GUIDANCE_SCALE must be finite"),
         ({"PROMPT": text("a"), "GUIDANCE_SCALE": scalar(np.inf, np.float32)}, "GUIDANCE_SCALE must be finite"),
         ({"PROMPT": text("a"), "GUIDANCE_SCALE": scalar(-1, np.float32)}, "GUIDANCE_SCALE=-1.0 is outside"),
-        ({"PROMPT": text("a"), "SEED": scalar(-5, np.int64)}, "SEED=-5 is outside"),
+        ({"PROMPT": text("a"), "SEED": scalar(1.5, np.float32)}, "SEED must be an integer"),
         ({"PROMPT": text("a"), "STRENGTH": scalar(1.5, np.float32)}, "STRENGTH=1.5 is outside"),
         ({"PROMPT": text("a"), "IMAGE": np.zeros((1, 64, 64, 4), np.uint8)}, "IMAGE must have shape"),
         ({"PROMPT": text("a"), "IMAGE": np.zeros((1, 64, 64, 3), np.float32)}, "IMAGE must be UINT8"),

@@ -1,11 +1,12 @@
-"""config.pbtxt parameters -> typed settings."""
+"""config.pbtxt parameters -> typed settings; unknown keys and contradictory limits are errors."""
 
 import pytest
 
-from triton_diffusion.settings import ModelSettings, resolve_model_location
+from triton_diffusion import model_config
+from triton_diffusion.settings import ModelSettings, SettingsError, resolve_model_location
 
 
-def test_parameters_are_typed_and_unknown_keys_kept():
+def test_parameters_are_typed():
     settings = ModelSettings.from_model_config(
         {"parameters": {
             "pretrained_model": {"string_value": "org/model"},
@@ -13,13 +14,18 @@ def test_parameters_are_typed_and_unknown_keys_kept():
             "default_guidance_scale": {"string_value": "0.0"},
             "local_files_only": {"string_value": "true"},
             "allowed_sizes": {"string_value": "512x512, 768x512"},
-            "something_else": {"string_value": "kept"},
         }}
     )
     assert settings.default_steps == 4 and settings.default_guidance_scale == 0.0
     assert settings.local_files_only is True
     assert settings.allowed_sizes == ((512, 512), (768, 512))
-    assert settings.extra == {"something_else": "kept"}
+
+
+def test_an_unknown_parameter_is_an_error_naming_it():
+    with pytest.raises(SettingsError, match="'max_step' is not a known parameter \\(did you mean 'max_steps'\\?\\)"):
+        ModelSettings.from_parameters({"pretrained_model": "x", "max_step": "5"})
+    with pytest.raises(SettingsError, match="'colour' is not a known parameter; known parameters: pretrained_model"):
+        ModelSettings.from_parameters({"pretrained_model": "x", "colour": "blue"})
 
 
 def test_missing_model_and_bad_values_are_reported_with_the_key():
@@ -27,6 +33,38 @@ def test_missing_model_and_bad_values_are_reported_with_the_key():
         ModelSettings.from_parameters({})
     with pytest.raises(ValueError, match="'default_steps'"):
         ModelSettings.from_parameters({"pretrained_model": "x", "default_steps": "many"})
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"max_side": "512", "max_pixels": "262144"}, "max_pixels=262144 can never reject a request"),
+        ({"max_side": "512", "max_pixels": "300000"}, "max_pixels=300000 can never reject a request"),
+        ({"default_height": "100"}, "default_height/default_width 100x512 breaks"),
+        ({"allowed_sizes": "512x512,1004x1004"}, "allowed_sizes 1004x1004 breaks"),
+        ({"allowed_sizes": "256x256"}, "default size 512x512 is not in allowed_sizes"),
+        ({"default_steps": "60", "max_steps": "50"}, "default_steps=60 is outside"),
+        ({"min_side": "1024", "max_side": "512"}, "allow no size"),
+    ],
+)
+def test_contradictory_limits_fail(parameters, message):
+    with pytest.raises(SettingsError, match=message):
+        ModelSettings.from_parameters({"pretrained_model": "x", **parameters})
+
+
+def test_a_batch_larger_than_one_call_is_warned_about():
+    settings = ModelSettings.from_parameters({"pretrained_model": "x", "max_images_per_call": "16"})
+    assert settings.batching_warnings(16) == []
+    warning = settings.batching_warnings(32)[0]
+    assert "max_batch_size=32 exceeds max_images_per_call=16" in warning and "2 pipeline calls" in warning
+
+
+@pytest.mark.parametrize("model", ["stable_diffusion_tiny", "sd_turbo"])
+def test_shipped_configs_are_consistent(model):
+    config = model_config.shipped(model)
+    settings = ModelSettings.from_parameters(model_config.parameters(config))
+    assert settings.batching_warnings(config.max_batch_size) == []
+    assert settings.pixel_limit < settings.max_side ** 2  # max_pixels can fire
 
 
 def test_cache_placeholder_and_env_vars_expand(monkeypatch, tmp_path):

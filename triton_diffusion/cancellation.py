@@ -90,18 +90,29 @@ def _shrink_scheduler_state(scheduler, rows: int, keep, latent_shape) -> None:
             setattr(scheduler, name, type(value)(shrunk) if isinstance(value, tuple) else shrunk)
 
 
+def per_row_checks(checks: Sequence[Callable[[], bool]]) -> Callable[[Sequence[int]], set]:
+    """``cancelled_rows`` from one check per row (benchmarks and tests; the server asks per request)."""
+    return lambda live: {row for row in live if checks[row]()}
+
+
+def never_cancelled(_live: Sequence[int]) -> set:
+    return set()
+
+
 class RowCancellation:
     """A ``callback_on_step_end`` that drops cancelled rows and interrupts when none is left.
 
-    ``cancelled[row]()`` says whether that row's request was cancelled. After the call, ``live``
-    holds the rows (original indices) that the pipeline's output images belong to, in order, and
-    ``dropped`` the rows whose images were not finished (``wanted`` lists the others).
+    ``cancelled_rows(live)`` is called once per step with the rows (original indices) still in the
+    call and returns those whose requests were cancelled. After the call, ``live`` holds the rows
+    that the pipeline's output images belong to, in order, and ``dropped`` the rows whose images
+    were not finished (``wanted`` lists the others).
     """
 
-    def __init__(self, cancelled: Sequence[Callable[[], bool]], generators: list):
-        self.cancelled = list(cancelled)
+    def __init__(self, rows: int, cancelled_rows: Callable[[Sequence[int]], set], generators: list):
+        self.rows = rows
+        self.cancelled_rows = cancelled_rows
         self.generators = generators
-        self.live = list(range(len(self.cancelled)))
+        self.live = list(range(rows))
         self.dropped: dict[int, int] = {}  # row -> step after which it was dropped
         self.spec: Optional[ShrinkSpec] = None
         self._hook = None
@@ -125,7 +136,7 @@ class RowCancellation:
         """Forward pre-hook: arguments still at the full batch size keep only the live rows."""
         import torch
 
-        rows, current = len(self.cancelled), len(self.live)
+        rows, current = self.rows, len(self.live)
         for name in self.spec.denoiser_arguments:
             value = kwargs.get(name)
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows != current:
@@ -133,7 +144,7 @@ class RowCancellation:
         return args, kwargs
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        gone = [row for row in self.live if self.cancelled[row]()]
+        gone = sorted(self.cancelled_rows(self.live))
         if not gone:
             return callback_kwargs
         if len(gone) == len(self.live):

@@ -73,11 +73,6 @@ def model_statistics(http_url: str, model: str) -> dict:
         return json.load(response)["model_stats"][0]
 
 
-def batch_executions(http_url: str, model: str) -> dict[int, int]:
-    """``{batch size: executions}``: the batches Triton's dynamic batcher really formed."""
-    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in model_statistics(http_url, model)["batch_stats"]}
-
-
 def free_port() -> int:
     import socket
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-STAGES = ("validate", "pipeline", "postprocess")
+from .executor import CallReport, Images, Outcome, Cancelled, Rejected
+
+STAGES = ("validate", "pipeline", "respond")
+CALL_RESULTS = ("ok", "out_of_memory", "failed")
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 _GROUP_BUCKETS = [1, 2, 3, 4, 8, 16]
 _SECONDS_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
@@ -16,32 +19,54 @@ class BackendMetrics:
         histogram = pb_utils.MetricFamily.HISTOGRAM
         counter = pb_utils.MetricFamily.COUNTER
         self._families = [
-            pb_utils.MetricFamily("diffusion_pipeline_batch_size", "Images per diffusers pipeline call", histogram),
+            pb_utils.MetricFamily("diffusion_pipeline_batch_size", "Images per diffusers pipeline call (every actual call)", histogram),
             pb_utils.MetricFamily("diffusion_groups_per_execute", "Signature groups per execute() call", histogram),
             pb_utils.MetricFamily("diffusion_stage_seconds", "Seconds per execute() stage", histogram),
-            pb_utils.MetricFamily("diffusion_pipeline_calls_total", "Diffusers pipeline calls", counter),
+            pb_utils.MetricFamily("diffusion_pipeline_calls_total", "Diffusers pipeline calls, by result", counter),
             pb_utils.MetricFamily("diffusion_images_total", "Images generated", counter),
             pb_utils.MetricFamily("diffusion_request_errors_total", "Requests answered with an error", counter),
             pb_utils.MetricFamily("diffusion_requests_cancelled_total", "Requests cancelled before their image was done", counter),
             pb_utils.MetricFamily(
                 "diffusion_cancelled_rows_dropped_total", "Cancelled images dropped from a running pipeline call", counter
             ),
+            pb_utils.MetricFamily("diffusion_denoising_steps_total", "Denoising steps run (one per step of a call)", counter),
+            pb_utils.MetricFamily(
+                "diffusion_cancellation_poll_seconds_total", "Seconds spent asking Triton whether requests were cancelled", counter
+            ),
         ]
-        batch, groups, stages, calls, images, errors, cancelled, dropped = self._families
+        batch, groups, stages, calls, images, errors, cancelled, dropped, steps, poll = self._families
         self.pipeline_batch_size = batch.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.groups_per_execute = groups.Metric(labels=labels, buckets=_GROUP_BUCKETS)
         self.stage_seconds = {
             stage: stages.Metric(labels={**labels, "stage": stage}, buckets=_SECONDS_BUCKETS) for stage in STAGES
         }
-        self.pipeline_calls = calls.Metric(labels=labels)
+        self.pipeline_calls = {result: calls.Metric(labels={**labels, "result": result}) for result in CALL_RESULTS}
         self.images = images.Metric(labels=labels)
         self.request_errors = errors.Metric(labels=labels)
         self.cancelled = cancelled.Metric(labels=labels)
         self.rows_dropped = dropped.Metric(labels=labels)
+        self.steps = steps.Metric(labels=labels)
+        self.poll_seconds = poll.Metric(labels=labels)
 
-    def observe_call(self, batch_size: int) -> None:
-        self.pipeline_batch_size.observe(batch_size)
-        self.pipeline_calls.increment(1)
+    def observe_call(self, report: CallReport) -> None:
+        self.pipeline_batch_size.observe(report.rows)
+        self.pipeline_calls[report.result].increment(1)
+        self.stage_seconds["pipeline"].observe(report.seconds)
+        if report.rows_dropped:
+            self.rows_dropped.increment(report.rows_dropped)
+        if report.poll_seconds:
+            self.poll_seconds.increment(report.poll_seconds)
+
+    def observe_step(self) -> None:
+        self.steps.increment(1)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage].observe(seconds)
+
+    def observe_outcome(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Images):
+            self.images.increment(len(outcome.images))
+        elif isinstance(outcome, Cancelled):
+            self.cancelled.increment(1)
+        else:  # Rejected or Failed
+            self.request_errors.increment(1)

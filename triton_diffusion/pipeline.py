@@ -1,8 +1,8 @@
 """Load a diffusers pipeline from a model's settings, and run one pipeline call per chunk.
 
 Family-agnostic: the pipeline class comes from ``model_index.json`` (or ``pipeline_class``), the
-image-to-image variant from ``AutoPipelineForImage2Image.from_pipe`` (shared weights), and call
-arguments are passed only where the pipeline's ``__call__`` accepts them.
+image-to-image variant from ``AutoPipelineForImage2Image.from_pipe`` (shared weights). The call
+arguments are fixed per task and checked against the pipeline's ``__call__`` at load time.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .architectures import RANDOM_PREFIX, build_random_pipeline
-from .cancellation import RowCancellation
-from .requests import IMAGE_TO_IMAGE, GenerationItem
+from .cancellation import RowCancellation, never_cancelled
+from .requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, CallParams, GenerationItem
 from .settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,16 @@ class ModelLoadError(RuntimeError):
     """The pipeline could not be loaded; the message says what to fix."""
 
 
-def resolve_device(name: str) -> str:
+def resolve_device(name: str, instance_kind: str = "", instance_device_id: int = 0) -> str:
+    """``device`` from config.pbtxt; ``auto`` means the GPU Triton gave this instance
+    (``instance_group { kind: KIND_GPU }``), else the first GPU if there is one, else the CPU."""
     import torch
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    if name != "auto":
+        return name
+    if instance_kind == "GPU":
+        return f"cuda:{instance_device_id}"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_dtype(name: str, device: str):
@@ -73,6 +77,29 @@ def _load_error_message(settings: ModelSettings, location: str, exc: Exception) 
     return f"cannot load pipeline from config.pbtxt parameter pretrained_model={settings.pretrained_model!r}: {hint}. Cause: {type(exc).__name__}: {exc}"
 
 
+# The keyword arguments ``run`` passes, per task. A pipeline whose ``__call__`` lacks a required
+# one cannot be served (load error); an optional one only limits what requests it accepts.
+REQUIRED_ARGUMENTS = {
+    TEXT_TO_IMAGE: ("prompt", "num_inference_steps", "guidance_scale", "generator", "output_type", "height", "width",
+                    "callback_on_step_end", "callback_on_step_end_tensor_inputs"),
+    IMAGE_TO_IMAGE: ("prompt", "image", "strength", "num_inference_steps", "guidance_scale", "generator", "output_type",
+                     "callback_on_step_end", "callback_on_step_end_tensor_inputs"),
+}
+# negative_prompt: requests with one are rejected where it is missing. height/width for
+# image-to-image: pipelines without them (SD) produce the size of the resized source image.
+OPTIONAL_ARGUMENTS = {TEXT_TO_IMAGE: ("negative_prompt",), IMAGE_TO_IMAGE: ("negative_prompt", "height", "width")}
+
+
+def call_arguments(pipe, task: str) -> frozenset[str]:
+    """The keyword arguments ``run`` will pass to ``pipe`` for ``task``; raises ``ModelLoadError``
+    when the pipeline lacks one it needs (rather than dropping it at call time)."""
+    accepted = set(inspect.signature(pipe.__call__).parameters)
+    missing = [name for name in REQUIRED_ARGUMENTS[task] if name not in accepted]
+    if missing:
+        raise ModelLoadError(f"{type(pipe).__name__}.__call__ does not take {missing}, which {task} needs")
+    return frozenset(REQUIRED_ARGUMENTS[task]) | {name for name in OPTIONAL_ARGUMENTS[task] if name in accepted}
+
+
 class PipelineRunner:
     """Holds the loaded pipelines of one model instance and runs chunks through them."""
 
@@ -80,19 +107,18 @@ class PipelineRunner:
         self.text_to_image = text_to_image
         self.image_to_image = image_to_image
         self.device = device
-        self._accepted = {
-            IMAGE_TO_IMAGE: set(inspect.signature(image_to_image.__call__).parameters) if image_to_image else set(),
-            "text-to-image": set(inspect.signature(text_to_image.__call__).parameters),
-        }
+        self.pipelines = {TEXT_TO_IMAGE: text_to_image, IMAGE_TO_IMAGE: image_to_image}
+        self.arguments = {task: call_arguments(pipe, task) for task, pipe in self.pipelines.items() if pipe is not None}
 
     @classmethod
-    def load(cls, settings: ModelSettings) -> "PipelineRunner":
+    def load(cls, settings: ModelSettings, device: Optional[str] = None) -> "PipelineRunner":
+        """``device``: where Triton placed the instance (None: ``settings.device`` resolved here)."""
         import diffusers
         import torch
 
         if settings.torch_num_threads > 0:
             torch.set_num_threads(settings.torch_num_threads)
-        device = resolve_device(settings.device)
+        device = device or resolve_device(settings.device)
         dtype = resolve_dtype(settings.torch_dtype, device)
         pipeline_cls = getattr(diffusers, settings.pipeline_class or "DiffusionPipeline", None)
         if pipeline_cls is None:
@@ -124,54 +150,58 @@ class PipelineRunner:
 
     def unsupported(self, item: GenerationItem) -> Optional[str]:
         """Why this pipeline cannot serve ``item``, or None."""
-        accepted = self._accepted[item.task]
-        if not accepted:
+        accepted = self.arguments.get(item.task)
+        if accepted is None:
             return f"this model ({type(self.text_to_image).__name__}) does not serve {item.task}"
         if item.negative_prompt is not None and "negative_prompt" not in accepted:
             return f"this model ({type(self.text_to_image).__name__}) does not take NEGATIVE_PROMPT"
         return None
 
     def run(
-        self, items: Sequence[GenerationItem], cancelled: Optional[Sequence[Callable[[], bool]]] = None
+        self,
+        params: CallParams,
+        items: Sequence[GenerationItem],
+        cancelled_rows: Callable[[Sequence[int]], set] = never_cancelled,
     ) -> list[Optional[np.ndarray]]:
-        """One pipeline call for items of one signature; returns uint8 HxWx3 images in order.
+        """One pipeline call for rows sharing ``params``; returns uint8 HxWx3 images in order.
 
-        ``cancelled[i]()`` says whether item i is still wanted; a cancelled item is dropped from
-        the call at the next denoising step where the pipeline allows it, and its output is None.
+        Scalars come from ``params`` alone (never from a row), so rows that differ in one cannot
+        share a call. ``cancelled_rows`` is asked once per denoising step which rows' requests were
+        cancelled; those rows leave the call where the pipeline allows it, and their output is None.
         """
         import torch
         from PIL import Image
 
-        first = items[0]
-        is_i2i = first.task == IMAGE_TO_IMAGE
-        pipe = self.image_to_image if is_i2i else self.text_to_image
-        # One CPU generator per item: its noise does not depend on its batch-mates or the device.
+        pipe = self.pipelines[params.task]
+        arguments = self.arguments[params.task]
+        # One CPU generator per row: its noise does not depend on its batch-mates or the device.
         generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
+        rows = RowCancellation(len(items), cancelled_rows, generators)
         kwargs = {
             "prompt": [item.prompt for item in items],
-            "num_inference_steps": first.num_inference_steps,
-            "guidance_scale": first.guidance_scale,
+            "num_inference_steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
             "generator": generators,
             "output_type": "np",
+            "callback_on_step_end": rows,
+            "callback_on_step_end_tensor_inputs": rows.tensor_inputs(pipe),
         }
-        if first.negative_prompt is not None:
+        if params.with_negative_prompt:
             kwargs["negative_prompt"] = [item.negative_prompt for item in items]
-        if is_i2i:
+        size = (params.height, params.width)
+        if params.task == IMAGE_TO_IMAGE:
             kwargs["image"] = [
-                Image.fromarray(item.image).convert("RGB").resize((item.width, item.height), Image.LANCZOS)
-                if item.image.shape[:2] != (item.height, item.width)
+                Image.fromarray(item.image).convert("RGB").resize(size[::-1], Image.LANCZOS)
+                if item.image.shape[:2] != size
                 else Image.fromarray(item.image)
                 for item in items
             ]
-            kwargs["strength"] = first.strength
-        # Image-to-image pipelines that take no size (SD) use the resized source image's size.
-        kwargs["height"], kwargs["width"] = first.height, first.width
-        rows = RowCancellation(cancelled or [lambda: False] * len(items), generators)
-        if cancelled is not None:
-            kwargs["callback_on_step_end"] = rows
-            kwargs["callback_on_step_end_tensor_inputs"] = rows.tensor_inputs(pipe)
-        accepted = self._accepted[first.task]
-        kwargs = {key: value for key, value in kwargs.items() if key in accepted}
+            kwargs["strength"] = params.strength
+        if "height" in arguments:
+            kwargs["height"], kwargs["width"] = size
+        unexpected = set(kwargs) - arguments
+        if unexpected:  # a request the backend should have rejected in parsing (unsupported())
+            raise ValueError(f"{type(pipe).__name__} does not take {sorted(unexpected)}")
         try:
             with torch.inference_mode():
                 images = pipe(**kwargs).images

@@ -16,21 +16,11 @@ from typing import Mapping, Optional, Union
 
 import numpy as np
 
+from .schema import INPUT_KINDS, INTEGER, NUMBER
 from .settings import ModelSettings
 
 TEXT_TO_IMAGE = "text-to-image"
 IMAGE_TO_IMAGE = "image-to-image"
-
-# name -> (accepted numpy dtype kinds, human name) for scalar-per-row inputs
-_SCALAR_INPUTS = {
-    "SEED": ("iu", "an integer"),
-    "NUM_INFERENCE_STEPS": ("iu", "an integer"),
-    "HEIGHT": ("iu", "an integer"),
-    "WIDTH": ("iu", "an integer"),
-    "GUIDANCE_SCALE": ("fiu", "a number"),
-    "STRENGTH": ("fiu", "a number"),
-}
-KNOWN_INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "IMAGE", *_SCALAR_INPUTS)
 MAX_SEED = 2**63 - 1
 
 
@@ -39,22 +29,58 @@ class RequestError(ValueError):
 
 
 @dataclass(frozen=True)
-class GenerationItem:
-    """One image to generate. ``image`` is set for image-to-image (uint8 HxWx3)."""
+class CallParams:
+    """Everything one pipeline call takes as a scalar.
 
-    prompt: str
-    negative_prompt: Optional[str]
-    seed: int
-    num_inference_steps: int
-    guidance_scale: float
+    It is both the batching signature (rows share a call only when their ``CallParams`` are
+    equal) and the source of the call's scalar arguments (``PipelineRunner.run`` reads them from
+    here alone), so a new scalar cannot be passed to the pipeline without also keeping rows that
+    differ in it apart.
+    """
+
+    task: str
     height: int
     width: int
-    image: Optional[np.ndarray] = None
-    strength: Optional[float] = None
+    num_inference_steps: int
+    guidance_scale: float
+    strength: Optional[float] = None  # image-to-image only
+    with_negative_prompt: bool = False  # rows carry a NEGATIVE_PROMPT (a per-row list in the call)
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """One image to generate: its per-row values, and the scalars it shares with its batch-mates."""
+
+    prompt: str
+    seed: int
+    params: CallParams
+    negative_prompt: Optional[str] = None
+    image: Optional[np.ndarray] = None  # image-to-image source, uint8 HxWx3
 
     @property
     def task(self) -> str:
-        return IMAGE_TO_IMAGE if self.image is not None else TEXT_TO_IMAGE
+        return self.params.task
+
+
+def text_to_image(prompt: str, seed: int, steps: int, guidance_scale: float, height: int, width: int,
+                  negative_prompt: Optional[str] = None) -> GenerationItem:
+    """A text-to-image item (benchmarks and tests build items without a request)."""
+    params = CallParams(TEXT_TO_IMAGE, height, width, steps, guidance_scale, None, negative_prompt is not None)
+    return GenerationItem(prompt, seed, params, negative_prompt)
+
+
+def image_to_image(prompt: str, seed: int, image: np.ndarray, strength: float, steps: int, guidance_scale: float,
+                   height: Optional[int] = None, width: Optional[int] = None,
+                   negative_prompt: Optional[str] = None) -> GenerationItem:
+    """An image-to-image item; the output size defaults to the source image's."""
+    height = image.shape[0] if height is None else height
+    width = image.shape[1] if width is None else width
+    params = CallParams(IMAGE_TO_IMAGE, height, width, steps, guidance_scale, strength, negative_prompt is not None)
+    return GenerationItem(prompt, seed, params, negative_prompt, image)
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,7 @@ class ParsedRequest:
 
 
 ParseResult = Union[ParsedRequest, RequestError]
+_DESCRIPTION = {INTEGER: "an integer", NUMBER: "a number"}
 
 
 def _rows(name: str, array: np.ndarray, batch: int) -> np.ndarray:
@@ -94,15 +121,15 @@ def _decode_text(name: str, value: object, max_bytes: int, allow_empty: bool) ->
     return text
 
 
-def _scalar(name: str, inputs: Mapping[str, np.ndarray], batch: int, default: float) -> list:
+def _scalar(name: str, inputs: Mapping[str, np.ndarray], batch: int, default) -> list:
     array = inputs.get(name)
     if array is None:
         return [default] * batch
-    kinds, description = _SCALAR_INPUTS[name]
-    if array.dtype.kind not in kinds:
-        raise RequestError(f"{name} must be {description}, got dtype {array.dtype}")
+    kind = INPUT_KINDS[name]
+    if array.dtype.kind not in ("iu" if kind == INTEGER else "fiu"):
+        raise RequestError(f"{name} must be {_DESCRIPTION[kind]}, got dtype {array.dtype}")
     values = _rows(name, array, batch).tolist()
-    if "f" in kinds:
+    if kind == NUMBER:
         for value in values:
             if not math.isfinite(value):
                 raise RequestError(f"{name} must be finite, got {value}")
@@ -114,16 +141,22 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
         raise RequestError(f"{name}={value} is outside the allowed range [{low}, {high}]")
 
 
-def _check_size(height: int, width: int, settings: ModelSettings) -> None:
+def _check_size(height: int, width: int, settings: ModelSettings, source: str = "", unsent: tuple = ()) -> None:
+    """``source`` describes where the sides named in ``unsent`` came from (the source image):
+    an error about a value the client never sent must say so."""
     for name, side in (("HEIGHT", height), ("WIDTH", width)):
-        _check_range(name, side, settings.min_side, settings.max_side)
+        label = f"{name}={side}{source if name in unsent else ''}"
+        if not settings.min_side <= side <= settings.max_side:
+            raise RequestError(f"{label} is outside the allowed range [{settings.min_side}, {settings.max_side}]")
         if side % settings.size_multiple:
-            raise RequestError(f"{name}={side} must be a multiple of {settings.size_multiple}")
-    if height * width > settings.max_pixels:
-        raise RequestError(f"{height}x{width} is {height * width} pixels; the limit is {settings.max_pixels}")
+            hint = "; send HEIGHT and WIDTH to resize it" if name in unsent else ""
+            raise RequestError(f"{label} must be a multiple of {settings.size_multiple}{hint}")
+    size = f"{height}x{width}{source if unsent else ''}"
+    if height * width > settings.pixel_limit:
+        raise RequestError(f"{size} is {height * width} pixels; the limit is {settings.pixel_limit}")
     if settings.allowed_sizes and (height, width) not in settings.allowed_sizes:
         allowed = ", ".join(f"{h}x{w}" for h, w in settings.allowed_sizes)
-        raise RequestError(f"size {height}x{width} is not served by this model; allowed sizes: {allowed}")
+        raise RequestError(f"size {size} is not served by this model; allowed sizes: {allowed}")
 
 
 def _source_images(inputs: Mapping[str, np.ndarray], batch: int, settings: ModelSettings) -> list:
@@ -153,16 +186,43 @@ def _source_images(inputs: Mapping[str, np.ndarray], batch: int, settings: Model
     return [np.ascontiguousarray(row) for row in image]
 
 
+def _output_size(inputs, batch: int, images: list, settings: ModelSettings) -> tuple[int, int]:
+    """The output size of every row. HEIGHT/WIDTH absent or 0 mean the default: the source
+    image's size for image-to-image, the model's ``default_height``/``default_width`` otherwise."""
+    heights = _scalar("HEIGHT", inputs, batch, 0)
+    widths = _scalar("WIDTH", inputs, batch, 0)
+    if len(set(heights)) > 1 or len(set(widths)) > 1:
+        raise RequestError("all rows of one request must share HEIGHT and WIDTH (its output is one tensor)")
+    height, width = int(heights[0]), int(widths[0])
+    unsent = tuple(name for name, side in (("HEIGHT", height), ("WIDTH", width)) if not side)
+    source = ""
+    if images[0] is not None:
+        if len({image.shape for image in images}) > 1 and unsent:
+            raise RequestError("source images of different sizes in one request need HEIGHT and WIDTH")
+        source = f" (the size of the {images[0].shape[0]}x{images[0].shape[1]} source IMAGE)"
+        height = height or images[0].shape[0]
+        width = width or images[0].shape[1]
+    else:
+        source = " (the model's default size)"
+        height = height or settings.default_height
+        width = width or settings.default_width
+    _check_size(height, width, settings, source, unsent)
+    return height, width
+
+
 def parse_request(
     inputs: Mapping[str, Optional[np.ndarray]], settings: ModelSettings, random_seed=None
 ) -> ParseResult:
-    """Validate one request's tensors; return its items or a ``RequestError`` (never raises it)."""
+    """Validate one request's tensors; return its items or a ``RequestError`` (never raises it).
+
+    ``inputs`` holds the tensors of the inputs the model's config declares (absent ones None).
+    """
     random_seed = random_seed or (lambda: secrets.randbelow(2**31))
     inputs = {name: value for name, value in inputs.items() if value is not None}
     try:
-        unknown = sorted(set(inputs) - set(KNOWN_INPUTS))
+        unknown = sorted(set(inputs) - set(INPUT_KINDS))
         if unknown:
-            raise RequestError(f"unknown input(s) {unknown}; known inputs are {list(KNOWN_INPUTS)}")
+            raise RequestError(f"unknown input(s) {unknown}; known inputs are {list(INPUT_KINDS)}")
         prompt = inputs.get("PROMPT")
         if prompt is None:
             raise RequestError("PROMPT is required")
@@ -184,51 +244,31 @@ def parse_request(
                 for v in _rows("NEGATIVE_PROMPT", negative, batch)
             ]
 
-        seeds = [int(s) if s is not None else None for s in _scalar("SEED", inputs, batch, None)]
-        for seed in seeds:
-            if seed is not None:
-                _check_range("SEED", seed, 0, MAX_SEED)
+        # Any negative SEED (or none) means "draw one"; the seed used is returned.
+        seeds = [int(s) if s is not None and s >= 0 else random_seed() for s in _scalar("SEED", inputs, batch, None)]
         steps = _scalar("NUM_INFERENCE_STEPS", inputs, batch, settings.default_steps)
         guidance = _scalar("GUIDANCE_SCALE", inputs, batch, settings.default_guidance_scale)
         images = _source_images(inputs, batch, settings)
         is_i2i = images[0] is not None
-        # Image-to-image defaults to the source image's size; text-to-image to the model's.
-        default_height = images[0].shape[0] if is_i2i else settings.default_height
-        default_width = images[0].shape[1] if is_i2i else settings.default_width
-        heights = _scalar("HEIGHT", inputs, batch, default_height)
-        widths = _scalar("WIDTH", inputs, batch, default_width)
+        height, width = _output_size(inputs, batch, images, settings)
         strengths = _scalar("STRENGTH", inputs, batch, settings.default_strength)
         for strength in strengths:
             _check_range("STRENGTH", strength, 0.0, 1.0)
-        if not is_i2i:
-            strengths = [None] * batch  # validated above, but text-to-image has no strength
-
-        if len(set(heights)) > 1 or len(set(widths)) > 1:
-            raise RequestError("all rows of one request must share HEIGHT and WIDTH (its output is one tensor)")
         items = []
         for row in range(batch):
             _check_range("NUM_INFERENCE_STEPS", steps[row], 1, settings.max_steps)
             _check_range("GUIDANCE_SCALE", guidance[row], 0.0, settings.max_guidance_scale)
-            _check_size(int(heights[row]), int(widths[row]), settings)
-            if strengths[row] is not None:
-                if int(steps[row] * strengths[row]) < 1:
-                    raise RequestError(
-                        f"NUM_INFERENCE_STEPS={steps[row]} x STRENGTH={strengths[row]} runs no denoising step; "
-                        "raise one of them"
-                    )
-            items.append(
-                GenerationItem(
-                    prompt=prompts[row],
-                    negative_prompt=negatives[row],
-                    seed=seeds[row] if seeds[row] is not None else random_seed(),
-                    num_inference_steps=int(steps[row]),
-                    guidance_scale=float(guidance[row]),
-                    height=int(heights[row]),
-                    width=int(widths[row]),
-                    image=images[row],
-                    strength=float(strengths[row]) if strengths[row] is not None else None,
+            strength = float(strengths[row]) if is_i2i else None  # validated above; text-to-image has none
+            if strength is not None and int(steps[row] * strength) < 1:
+                raise RequestError(
+                    f"NUM_INFERENCE_STEPS={steps[row]} x STRENGTH={strength} runs no denoising step; raise one of them"
                 )
+            params = CallParams(
+                task=IMAGE_TO_IMAGE if is_i2i else TEXT_TO_IMAGE, height=height, width=width,
+                num_inference_steps=int(steps[row]), guidance_scale=float(guidance[row]), strength=strength,
+                with_negative_prompt=negatives[row] is not None,
             )
+            items.append(GenerationItem(prompts[row], seeds[row], params, negatives[row], images[row]))
         return ParsedRequest(items=tuple(items))
     except RequestError as error:
         return error

@@ -7,8 +7,9 @@ turns them into typed settings with defaults, so that a new diffusers family nee
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,6 +49,10 @@ def _parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(sizes)
 
 
+class SettingsError(ValueError):
+    """A config.pbtxt ``parameters`` entry is unknown, malformed or inconsistent with another."""
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """Typed view of a model's ``config.pbtxt`` parameters (names match the parameter keys)."""
@@ -55,7 +60,7 @@ class ModelSettings:
     pretrained_model: str = ""
     pipeline_class: str = ""  # empty: the class named in model_index.json (DiffusionPipeline)
     torch_dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
-    device: str = "auto"  # auto: cuda if available, else cpu
+    device: str = "auto"  # auto: the GPU Triton assigned to the instance (KIND_GPU), else cuda if available, else cpu
     local_files_only: bool = False
     variant: str = ""
     enable_image_to_image: bool = True
@@ -70,7 +75,7 @@ class ModelSettings:
     size_multiple: int = 8
     min_side: int = 64
     max_side: int = 2048
-    max_pixels: int = 1024 * 1024
+    max_pixels: int = 0  # 0: no limit beyond max_side x max_side
     allowed_sizes: tuple[tuple[int, int], ...] = ()
     max_steps: int = 100
     max_guidance_scale: float = 50.0
@@ -79,18 +84,17 @@ class ModelSettings:
     # memory budget of one pipeline call: images x height x width
     max_pixels_per_call: int = 16 * 512 * 512
     max_images_per_call: int = 16
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "ModelSettings":
-        """Build settings from a flat ``{key: string}`` mapping; unknown keys go to ``extra``."""
-        known = {f.name: f for f in fields(cls) if f.name != "extra"}
+        """Build settings from a flat ``{key: string}`` mapping; an unknown key is an error."""
+        known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
-        extra: dict[str, str] = {}
         for key, raw in parameters.items():
             if key not in known:
-                extra[key] = raw
-                continue
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; known parameters: {', '.join(known)}"
+                raise SettingsError(f"config.pbtxt parameter {key!r} is not a known parameter{hint}")
             kind = known[key].type
             try:
                 if kind == "bool":
@@ -104,10 +108,12 @@ class ModelSettings:
                 else:
                     values[key] = raw
             except ValueError as exc:
-                raise ValueError(f"config.pbtxt parameter {key!r}: {exc}") from exc
+                raise SettingsError(f"config.pbtxt parameter {key!r}: {exc}") from exc
         if not values.get("pretrained_model"):
-            raise ValueError("config.pbtxt must set parameter 'pretrained_model' (a local path or hub id)")
-        return cls(**values, extra=extra)
+            raise SettingsError("config.pbtxt must set parameter 'pretrained_model' (a local path or hub id)")
+        settings = cls(**values)
+        settings.check()
+        return settings
 
     @classmethod
     def from_model_config(cls, model_config: Mapping[str, Any]) -> "ModelSettings":
@@ -120,3 +126,54 @@ class ModelSettings:
     @property
     def model_location(self) -> str:
         return resolve_model_location(self.pretrained_model)
+
+    @property
+    def pixel_limit(self) -> int:
+        """The most output pixels a request may ask for."""
+        return self.max_pixels or self.max_side * self.max_side
+
+    def check(self) -> None:
+        """Raise ``SettingsError`` for limits that contradict each other or the defaults."""
+        problems = []
+        if self.max_pixels and self.max_pixels >= self.max_side * self.max_side:
+            problems.append(
+                f"max_pixels={self.max_pixels} can never reject a request: max_side={self.max_side} already caps "
+                f"a request at {self.max_side * self.max_side} pixels (lower max_pixels, or remove it)"
+            )
+        if not 0 < self.min_side <= self.max_side:
+            problems.append(f"min_side={self.min_side} and max_side={self.max_side} allow no size")
+        sizes = [("default_height/default_width", self.default_height, self.default_width)]
+        sizes += [("allowed_sizes", height, width) for height, width in self.allowed_sizes]
+        for what, height, width in sizes:
+            sides_ok = all(self.min_side <= side <= self.max_side and side % self.size_multiple == 0 for side in (height, width))
+            if not sides_ok or height * width > self.pixel_limit:
+                problems.append(f"{what} {height}x{width} breaks the model's own size limits")
+        if self.allowed_sizes and (self.default_height, self.default_width) not in self.allowed_sizes:
+            problems.append(f"the default size {self.default_height}x{self.default_width} is not in allowed_sizes")
+        if not 1 <= self.default_steps <= self.max_steps:
+            problems.append(f"default_steps={self.default_steps} is outside [1, max_steps={self.max_steps}]")
+        if not 0 <= self.default_guidance_scale <= self.max_guidance_scale:
+            problems.append(f"default_guidance_scale={self.default_guidance_scale} is outside [0, {self.max_guidance_scale}]")
+        if not 0 <= self.default_strength <= 1:
+            problems.append(f"default_strength={self.default_strength} is outside [0, 1]")
+        if self.max_images_per_call < 1 or self.max_pixels_per_call < 1:
+            problems.append("max_images_per_call and max_pixels_per_call must be positive")
+        if problems:
+            raise SettingsError("config.pbtxt parameters are inconsistent: " + "; ".join(problems))
+
+    def batching_warnings(self, max_batch_size: int) -> list[str]:
+        """What a ``max_batch_size`` of the same config silently does to pipeline calls."""
+        warnings = []
+        if max_batch_size > self.max_images_per_call:
+            warnings.append(
+                f"max_batch_size={max_batch_size} exceeds max_images_per_call={self.max_images_per_call}: a full "
+                f"batch from Triton runs as {-(-max_batch_size // self.max_images_per_call)} pipeline calls"
+            )
+        per_call_at_default = self.max_pixels_per_call // (self.default_height * self.default_width)
+        if max_batch_size > per_call_at_default >= 1:
+            warnings.append(
+                f"max_batch_size={max_batch_size} exceeds what max_pixels_per_call={self.max_pixels_per_call} fits at "
+                f"the default size {self.default_height}x{self.default_width} ({per_call_at_default} images): a full "
+                "batch runs as several pipeline calls"
+            )
+        return warnings

@@ -1,0 +1,184 @@
+"""Run one Triton execution's requests: plan calls, run them, halve on out-of-memory, map outcomes.
+
+Pure (no ``pb_utils``, no torch): it is given the parsed requests, a pipeline-call function and a
+"was this request cancelled?" check per request, and returns one ``Outcome`` per request, in order.
+Every actual pipeline call is reported once through ``on_call`` (an out-of-memory attempt and
+each retry of its halves are separate calls).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence, Union
+
+import numpy as np
+
+from .batching import CallBudget, Chunk, plan_batches
+from .requests import CallParams, GenerationItem, ParsedRequest, ParseResult, RequestError
+
+log = logging.getLogger(__name__)
+
+RowRef = tuple[int, int]  # (request index in the execution, row inside that request)
+
+
+@dataclass(frozen=True)
+class Images:
+    """The request succeeded: one image per row, with the seed each was made with."""
+
+    images: tuple[np.ndarray, ...]
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The request is invalid (INVALID_ARG); nothing ran for it."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A pipeline call holding the request's rows failed (INTERNAL); the message names the cause."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """The client cancelled the request before its images were finished."""
+
+
+Outcome = Union[Images, Rejected, Failed, Cancelled]
+CANCELLED = Cancelled()
+
+OK, OUT_OF_MEMORY, FAILED = "ok", "out_of_memory", "failed"
+
+
+@dataclass(frozen=True)
+class CallReport:
+    """One actual pipeline call."""
+
+    params: CallParams
+    rows: int
+    seconds: float
+    result: str  # OK, OUT_OF_MEMORY or FAILED
+    rows_dropped: int = 0  # rows that left the call mid-denoise because their request was cancelled
+    steps: int = 0  # denoising steps the call ran (cancellation polls)
+    poll_seconds: float = 0.0  # time spent asking whether requests were cancelled
+
+
+class PipelineCall(Protocol):
+    """Runs rows of equal ``params`` in one call; None marks a row dropped because it was cancelled.
+
+    ``cancelled_rows(live)`` (call it once per denoising step) returns which of the ``live`` row
+    positions belong to cancelled requests.
+    """
+
+    def __call__(
+        self, params: CallParams, items: Sequence[GenerationItem], cancelled_rows: Callable[[Sequence[int]], set]
+    ) -> Sequence[Optional[np.ndarray]]: ...
+
+
+class RequestPoll:
+    """``cancelled_rows`` for one call: asks each live *request* once per step, however many rows it has."""
+
+    def __init__(self, row_requests: Sequence[int], is_cancelled: Sequence[Callable[[], bool]], on_step: Callable[[], None]):
+        self.row_requests = list(row_requests)
+        self.is_cancelled = is_cancelled
+        self.on_step = on_step
+        self.steps = 0
+        self.seconds = 0.0
+
+    def __call__(self, live_rows: Sequence[int]) -> set[int]:
+        started = time.perf_counter()
+        requests = dict.fromkeys(self.row_requests[row] for row in live_rows)
+        gone = {request for request in requests if self.is_cancelled[request]()}
+        self.seconds += time.perf_counter() - started
+        self.steps += 1
+        self.on_step()
+        return {row for row in live_rows if self.row_requests[row] in gone}
+
+
+def _no_op(*_args) -> None:
+    return None
+
+
+class Executor:
+    """Plans and runs the pipeline calls of one execution; see the module docstring."""
+
+    def __init__(
+        self,
+        call: PipelineCall,
+        budget: CallBudget,
+        is_out_of_memory: Callable[[BaseException], bool],
+        on_call: Callable[[CallReport], None] = _no_op,
+        on_step: Callable[[], None] = _no_op,
+        on_plan: Callable[[list[Chunk]], None] = _no_op,
+    ):
+        self.call = call
+        self.budget = budget
+        self.is_out_of_memory = is_out_of_memory
+        self.on_call = on_call
+        self.on_step = on_step
+        self.on_plan = on_plan
+
+    def run(self, parsed: Sequence[ParseResult], is_cancelled: Sequence[Callable[[], bool]]) -> list[Outcome]:
+        """One outcome per request, in order. ``is_cancelled[i]()`` asks whether request i was cancelled."""
+        rows = [
+            (item.params, (index, row))
+            for index, result in enumerate(parsed)
+            if isinstance(result, ParsedRequest)
+            for row, item in enumerate(result.items)
+        ]
+        chunks = plan_batches(rows, self.budget)
+        self.on_plan(chunks)
+        results: dict[RowRef, object] = {}
+        for chunk in chunks:
+            items = [parsed[request].items[row] for request, row in chunk.rows]
+            results.update(zip(chunk.rows, self._run_rows(chunk.params, list(chunk.rows), items, is_cancelled)))
+        return [self._outcome(index, result, results) for index, result in enumerate(parsed)]
+
+    def _run_rows(self, params: CallParams, refs: list[RowRef], items: list[GenerationItem], is_cancelled) -> list:
+        """Results of one chunk: an image, ``CANCELLED`` or a ``Failed`` per row."""
+        requests = dict.fromkeys(request for request, _ in refs)
+        if all(is_cancelled[request]() for request in requests):
+            return [CANCELLED] * len(refs)  # nobody is waiting: do not run it
+        poll = RequestPoll([request for request, _ in refs], is_cancelled, self.on_step)
+        started = time.perf_counter()
+        try:
+            outputs = list(self.call(params, items, poll))
+            if len(outputs) != len(items):
+                raise RuntimeError(f"the pipeline returned {len(outputs)} images for {len(items)} rows")
+        except Exception as exc:  # one failed call must not fail the other chunks of this execution
+            out_of_memory = self.is_out_of_memory(exc)
+            self._report(params, len(items), started, OUT_OF_MEMORY if out_of_memory else FAILED, poll)
+            if not out_of_memory:
+                log.exception("pipeline call of %d rows failed", len(items))
+                return [Failed(f"pipeline failed: {type(exc).__name__}: {exc}")] * len(items)
+            if len(items) == 1:
+                return [Failed(f"out of memory even for a single {params.height}x{params.width} image: {exc}")]
+            # Halve and retry: no request fails because of its batch-mates.
+            middle = len(items) // 2
+            return self._run_rows(params, refs[:middle], items[:middle], is_cancelled) + self._run_rows(
+                params, refs[middle:], items[middle:], is_cancelled
+            )
+        dropped = sum(output is None for output in outputs)
+        self._report(params, len(items), started, OK, poll, dropped)
+        return [CANCELLED if output is None else output for output in outputs]
+
+    def _report(self, params, rows: int, started: float, result: str, poll: RequestPoll, dropped: int = 0) -> None:
+        self.on_call(CallReport(params, rows, time.perf_counter() - started, result, dropped, poll.steps, poll.seconds))
+
+    @staticmethod
+    def _outcome(index: int, parsed: ParseResult, results: dict) -> Outcome:
+        if isinstance(parsed, RequestError):
+            return Rejected(str(parsed))
+        outputs = [results[(index, row)] for row in range(len(parsed.items))]
+        failures = [output for output in outputs if isinstance(output, Failed)]
+        if failures:
+            return failures[0]
+        if any(output is CANCELLED for output in outputs):
+            return CANCELLED
+        return Images(tuple(outputs), tuple(item.seed for item in parsed.items))

@@ -1,0 +1,93 @@
+"""The request schema, read from the model's ``config.pbtxt`` (its ``input`` and ``output`` lists).
+
+``config.pbtxt`` declares which inputs a model takes, their data types and which are optional;
+this module checks that every declared input is one the backend understands, with a data type
+that fits its meaning, so a typo in a config fails the model's load instead of being ignored.
+The client reads the same declaration from the served config (``client.api.ServedSchema``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# What each input means to the backend -> the Triton data types that can carry it.
+TEXT, INTEGER, NUMBER, PIXELS = "text", "integer", "number", "pixels"
+INPUT_KINDS = {
+    "PROMPT": TEXT,
+    "NEGATIVE_PROMPT": TEXT,
+    "SEED": INTEGER,
+    "NUM_INFERENCE_STEPS": INTEGER,
+    "HEIGHT": INTEGER,
+    "WIDTH": INTEGER,
+    "GUIDANCE_SCALE": NUMBER,
+    "STRENGTH": NUMBER,
+    "IMAGE": PIXELS,
+}
+REQUIRED_INPUTS = ("PROMPT",)
+OUTPUTS = {"IMAGE": "TYPE_UINT8", "SEED": "TYPE_INT64"}
+_TYPES_OF_KIND = {
+    TEXT: {"TYPE_STRING"},
+    INTEGER: {"TYPE_INT32", "TYPE_INT64"},
+    NUMBER: {"TYPE_FP32", "TYPE_FP64"},
+    PIXELS: {"TYPE_UINT8"},
+}
+# numpy dtype kinds that the Python backend hands us for each Triton type
+NUMPY_KINDS = {
+    "TYPE_STRING": "OSU", "TYPE_INT32": "iu", "TYPE_INT64": "iu", "TYPE_FP32": "f", "TYPE_FP64": "f", "TYPE_UINT8": "u",
+}
+
+
+class SchemaError(ValueError):
+    """The ``input``/``output`` lists of a config.pbtxt do not fit this backend."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    data_type: str  # Triton's spelling, e.g. "TYPE_INT64"
+    optional: bool
+
+    @property
+    def kind(self) -> str:
+        return INPUT_KINDS[self.name]
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The inputs a model declares, by name, in declaration order."""
+
+    inputs: Mapping[str, InputSpec]
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any]) -> "Schema":
+        """From Triton's model config JSON (``args['model_config']``, parsed)."""
+        inputs: dict[str, InputSpec] = {}
+        for entry in config.get("input", []):
+            name, data_type = entry.get("name", ""), entry.get("data_type", "")
+            if name not in INPUT_KINDS:
+                raise SchemaError(
+                    f"config.pbtxt declares input {name!r}, which this backend does not understand; "
+                    f"known inputs: {', '.join(INPUT_KINDS)}"
+                )
+            allowed = _TYPES_OF_KIND[INPUT_KINDS[name]]
+            if data_type not in allowed:
+                raise SchemaError(f"config.pbtxt input {name} has data_type {data_type}; it must be one of {sorted(allowed)}")
+            inputs[name] = InputSpec(name, data_type, bool(entry.get("optional", False)))
+        for name in REQUIRED_INPUTS:
+            if name not in inputs:
+                raise SchemaError(f"config.pbtxt must declare input {name}")
+            if inputs[name].optional:
+                raise SchemaError(f"config.pbtxt input {name} is required by the backend; remove 'optional: true'")
+        declared_outputs = {entry.get("name"): entry.get("data_type") for entry in config.get("output", [])}
+        for name, data_type in OUTPUTS.items():
+            if declared_outputs.get(name) != data_type:
+                raise SchemaError(f"config.pbtxt must declare output {name} with data_type {data_type}")
+        return cls(inputs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.inputs
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
