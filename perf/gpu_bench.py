@@ -52,6 +52,8 @@ GUIDANCE = {"sd15": 7.5, "flux-dev": 3.5}
 MODES = {
     "none": None,  # no dynamic batching: every request its own execution
     "dynamic": "max_queue_delay_microseconds: {delay_us}",
+    # wait up to 100 ms for a full batch of the largest concurrency level
+    "dynamic-full": "preferred_batch_size: [ {max_batch} ] max_queue_delay_microseconds: 100000",
 }
 
 
@@ -187,7 +189,8 @@ def serve_mode(arch: str, mode: str, args, workdir: Path):
         "max_images_per_call": str(max(args.concurrency)), "max_pixels_per_call": str(max(args.concurrency) * args.size ** 2),
     }
     batching = MODES[mode]
-    config = model_config.variant(name, parameters, None if batching is None else batching.format(delay_us=args.delay_us),
+    batching = None if batching is None else batching.format(delay_us=args.delay_us, max_batch=max(args.concurrency))
+    config = model_config.variant(name, parameters, batching,
                                   max_batch_size=max(args.concurrency))
     model_config.write_model(workdir / "repo", config)
     started = time.perf_counter()

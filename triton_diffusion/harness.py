@@ -46,6 +46,8 @@ def serve(
             broken = {m: states.get(m, {}).get("reason", "") for m in models if states.get(m, {}).get("state") != "READY"}
             if broken:
                 raise ServerError(f"models not READY: {broken} (log: {log_path})")
+        # Triton opens the metrics port just after HTTP and gRPC: tests read it at once.
+        wait_until(lambda: _answers(server.metrics_url), "the metrics endpoint", timeout=60)
     except BaseException:
         server.stop()
         raise
@@ -110,6 +112,14 @@ class Stats:
     def mean_batch(self) -> float:
         executions = sum(self.histogram.values())
         return sum(size * count for size, count in self.histogram.items()) / executions if executions else 0.0
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except OSError:
+        return False
 
 
 def metrics_text(server: TritonServer) -> str:
