@@ -1,19 +1,32 @@
 """The benchmark tools run for real against a live server (short, bounded, loopback only)."""
 
 import csv
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from client import DiffusionClient, GenerationRequest
+
+from .conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_short_locust_run_has_no_failures_and_writes_csv(server, tmp_path):
+    # The run must be long enough for each user to finish a few requests: size it from how long a
+    # batch of four takes on this machine now (seconds quiet, much longer beside busy processes).
+    with DiffusionClient(f"grpc://{server.grpc_url}", TINY) as client:
+        started = time.perf_counter()
+        client.generate_many([GenerationRequest(f"probe {i}", seed=i, height=128, width=128) for i in range(4)], concurrency=4)
+        batch_seconds = time.perf_counter() - started
+    duration = max(12, math.ceil(4 * batch_seconds))
     completed = subprocess.run(
         [sys.executable, str(ROOT / "perf" / "load.py"), "--host", server.grpc_url, "--http-host", server.http_url,
-         "--users", "4", "--spawn-rate", "4", "--duration", "12s", "--sizes", "64x64,128x128",
+         "--users", "4", "--spawn-rate", "4", "--duration", f"{duration}s", "--sizes", "64x64,128x128",
          "--i2i-ratio", "0.3", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True, text=True, timeout=duration + 300,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     stats_file = next(tmp_path.glob("locust-*_stats.csv"))
