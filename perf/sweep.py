@@ -69,7 +69,7 @@ def run_point(grpc_url: str, http_url: str, model: str, concurrency: int, data: 
             perf_analyzer_binary(), "-m", model, "-u", grpc_url, "-i", "grpc", "--input-data", str(data),
             "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-mode", "count_windows",
             "--measurement-request-count", str(max(args.min_requests, args.requests_per_level * concurrency)),
-            "--stability-percentage", "100", "--max-trials", "3", "-f", report.name,
+            "--stability-percentage", str(args.stability_percentage), "--max-trials", "3", "-f", report.name,
         ]
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0:
@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--requests-per-level", type=int, default=3)
     parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--stability-percentage", type=float, default=100,
+                        help="perf_analyzer's allowed variation between windows (raise it on a noisy machine)")
     parser.add_argument("--out", type=Path, default=Path("perf/out"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

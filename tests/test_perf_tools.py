@@ -41,7 +41,9 @@ def test_short_locust_run_has_no_failures_and_writes_csv(server, tmp_path):
 def test_perf_analyzer_sweep_writes_csv_and_plot(tmp_path):
     completed = subprocess.run(
         [sys.executable, str(ROOT / "perf" / "sweep.py"), "--variants", "tiny_none,tiny_dynamic_p16",
-         "--concurrency", "4", "--min-requests", "8", "--steps", "2", "--size", "64", "--out", str(tmp_path)],
+         "--concurrency", "4", "--min-requests", "8", "--steps", "2", "--size", "64", "--out", str(tmp_path),
+         # a smoke test of the tool, not a measurement: on a busy machine windows vary by more than 100%
+         "--stability-percentage", "10000"],
         capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
