@@ -32,12 +32,6 @@ _TYPES_OF_KIND = {
     NUMBER: {"TYPE_FP32", "TYPE_FP64"},
     PIXELS: {"TYPE_UINT8"},
 }
-# numpy dtype kinds that the Python backend hands us for each Triton type
-NUMPY_KINDS = {
-    "TYPE_STRING": "OSU", "TYPE_INT32": "iu", "TYPE_INT64": "iu", "TYPE_FP32": "f", "TYPE_FP64": "f", "TYPE_UINT8": "u",
-}
-
-
 class SchemaError(ValueError):
     """The ``input``/``output`` lists of a config.pbtxt do not fit this backend."""
 
@@ -47,10 +41,6 @@ class InputSpec:
     name: str
     data_type: str  # Triton's spelling, e.g. "TYPE_INT64"
     optional: bool
-
-    @property
-    def kind(self) -> str:
-        return INPUT_KINDS[self.name]
 
 
 @dataclass(frozen=True)
