@@ -48,6 +48,16 @@ from perf.prompts import vbench_prompts  # noqa: E402
 from triton_diffusion import harness, model_config  # noqa: E402
 
 DTYPES = {"sd15": "float16", "flux-dev": "bfloat16"}
+# --speed compiled: the knobs that measured faster on an H100 (README); both sides get the same.
+SPEED = {
+    "eager": {},
+    "compiled": {
+        "sd15": {"compile": "full", "compile_vae": "true", "channels_last": "true", "fuse_qkv": "true"},
+        # no fuse_qkv: diffusers keeps the unfused weights too (+4 GB), and two copies (offline and
+        # served) of the 12B model must fit one 80 GB card
+        "flux-dev": {"compile": "regional"},
+    },
+}
 GUIDANCE = {"sd15": 7.5, "flux-dev": 3.5}
 MODES = {
     "none": None,  # no dynamic batching: every request its own execution
@@ -74,6 +84,25 @@ def dtype_for(arch: str, args) -> str:
 
 def guidance_for(arch: str) -> float:
     return GUIDANCE.get(arch.removesuffix("-tiny"), 3.5)
+
+
+def speed_parameters(arch: str, args) -> dict[str, str]:
+    """The config.pbtxt speed parameters of ``--speed`` for ``arch``, plus what the bench adds."""
+    parameters = dict(SPEED[args.speed].get(arch.removesuffix("-tiny"), {}))
+    if args.device == "cpu" and parameters.get("compile"):
+        # a CPU check of the code path, not of inductor
+        parameters.update(compile_backend="eager", speed_devices="cpu")
+    if args.compile_mode and parameters:
+        parameters["compile_mode"] = args.compile_mode
+    if args.step_cache:
+        parameters["step_cache"] = args.step_cache
+    if parameters or args.warm_up:
+        # Warm exactly what the sweep sends: the batch sizes it measures, at its size and guidance.
+        biggest = args.max_batch or max(args.concurrency + args.batch_sizes)
+        parameters["warmup_batch_sizes"] = ",".join(map(str, sorted({1, 2, *args.batch_sizes, *(min(c, biggest) for c in args.concurrency)})))
+        parameters["warmup_guidance_scales"] = str(guidance_for(arch))
+    parameters["cancellation_poll_interval_ms"] = str(args.poll_interval_ms)
+    return parameters
 
 
 def items_for(prompts, count, args, arch, offset=0):
@@ -136,9 +165,12 @@ class Offline:
 
         self.arch, self.args, self.prompts, self.calls = arch, args, prompts, 0
         started = time.perf_counter()
-        self.runner = PipelineRunner.load(
-            ModelSettings(pretrained_model=f"random:{arch}", device=args.device, torch_dtype=dtype_for(arch, args)))
-        log(f"{arch}: built random-weight {type(self.runner.text_to_image).__name__} in {time.perf_counter() - started:.1f}s")
+        self.runner = PipelineRunner.load(ModelSettings.from_parameters({
+            **base_parameters(arch, args), **speed_parameters(arch, args)}))
+        self.load_seconds = time.perf_counter() - started
+        log(f"{arch}: built random-weight {type(self.runner.text_to_image).__name__} in {self.load_seconds:.1f}s; {self.runner.speed}")
+        self.warmup = self.runner.warm_up()
+        log(f"{arch}: offline warm-up {self.warmup}")
         self.warm: set[int] = set()
         self.times: dict[int, list[float]] = {}
         self.memory: dict[int, int] = {}
@@ -156,7 +188,12 @@ class Offline:
         started = time.perf_counter()
         self.runner.run(items[0].params, items)
         self._sync()
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if self.args.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()  # the served model shares the card: give back this call's activations
+        return seconds
 
     def warm_up(self, batch: int) -> None:
         if batch not in self.warm:
@@ -180,23 +217,30 @@ class Offline:
             torch.cuda.empty_cache()
 
 
-def serve_mode(arch: str, mode: str, args, workdir: Path):
-    name = f"{arch}_{mode}".replace("-", "_")
-    parameters = {
+def base_parameters(arch: str, args) -> dict[str, str]:
+    biggest = args.max_batch or max(args.concurrency + args.batch_sizes)
+    return {
         "pretrained_model": f"random:{arch}", "device": args.device, "torch_dtype": dtype_for(arch, args),
         "default_height": str(args.size), "default_width": str(args.size), "default_steps": str(args.steps),
-        "default_guidance_scale": str(guidance_for(arch)), "min_side": "64", "max_side": "2048", "max_pixels": None,
-        "max_images_per_call": str(max(args.concurrency)), "max_pixels_per_call": str(max(args.concurrency) * args.size ** 2),
+        "default_guidance_scale": str(guidance_for(arch)), "min_side": "64", "max_side": "2048",
+        "max_images_per_call": str(biggest), "max_pixels_per_call": str(biggest * args.size ** 2),
     }
+
+
+def serve_mode(arch: str, mode: str, args, workdir: Path):
+    name = f"{arch}_{mode}".replace("-", "_")
+    parameters = {**base_parameters(arch, args), "max_pixels": None, **speed_parameters(arch, args)}
     batching = MODES[mode]
-    batching = None if batching is None else batching.format(delay_us=args.delay_us, max_batch=max(args.concurrency))
-    config = model_config.variant(name, parameters, batching,
-                                  max_batch_size=max(args.concurrency))
+    max_batch = args.max_batch or max(args.concurrency)
+    batching = None if batching is None else batching.format(delay_us=args.delay_us, max_batch=max_batch)
+    config = model_config.variant(name, parameters, batching, max_batch_size=max_batch)
     model_config.write_model(workdir / "repo", config)
     started = time.perf_counter()
     server = harness.serve([name], workdir / "repo", log_path=workdir / f"{name}.log", ready_timeout=900)
-    log(f"{name}: READY in {time.perf_counter() - started:.1f}s")
-    return server, name
+    ready = time.perf_counter() - started
+    warmup = harness.metric(server, "diffusion_warmup_seconds", name)
+    log(f"{name}: READY in {ready:.1f}s (warm-up {warmup:.1f}s)")
+    return server, name, {"ready_s": ready, "warmup_s": warmup}
 
 
 def stub_pids(server) -> list[int]:
@@ -236,8 +280,9 @@ def spread(values) -> dict:
 def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
     offline = Offline(arch, args, prompts)
     served: dict[str, dict[int, list[dict]]] = {}
+    startup: dict[str, dict] = {}
     for mode in args.modes:
-        server, name = serve_mode(arch, mode, args, workdir / mode)
+        server, name, startup[mode] = serve_mode(arch, mode, args, workdir / mode)
         served[mode] = {c: [] for c in args.concurrency}
         try:
             with DiffusionClient(f"grpc://{server.grpc_url}", name, timeout_s=1800) as client:
@@ -255,6 +300,8 @@ def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
                         served[mode][concurrency].append(round_)
                         log(f"{name} r{repeat + 1} c={concurrency}: {round_['images_per_s']:.2f} img/s, batches {round_['histogram']}, "
                             f"failures {round_['failures']}")
+            # Every shape the sweep sent was warmed before READY: anything compiled since is a miss.
+            startup[mode]["compilations_while_serving"] = harness.metric(server, "diffusion_compilations_while_serving_total", name)
         finally:
             server.stop()
     # Offline at every batch size that formed, with as many repeats as the others.
@@ -262,7 +309,10 @@ def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
     for batch in sorted(formed | set(args.batch_sizes)):
         while len(offline.times.get(batch, [])) < args.repeats:
             offline.measure(batch)
-    result = {"arch": arch, "dtype": dtype_for(arch, args), "offline": {}, "served": {}}
+    result = {"arch": arch, "dtype": dtype_for(arch, args), "speed": args.speed, "speed_parameters": speed_parameters(arch, args),
+              "offline_startup": {"load_s": offline.load_seconds, "warmup_s": offline.warmup.seconds,
+                                  "warmup_graphs": offline.warmup.compiled_graphs},
+              "served_startup": startup, "offline": {}, "served": {}}
     for batch, times in sorted(offline.times.items()):
         result["offline"][batch] = {"seconds": spread(times), "images_per_s": batch / statistics.median(times),
                                     "gpu_mem_mib": offline.memory.get(batch)}
@@ -300,7 +350,11 @@ def fmt_spread(s: dict, digits: int = 2) -> str:
 def summarize(results: list[dict], header: str) -> str:
     lines = [header]
     for result in results:
-        lines.append(f"\n== {result['arch']} ({result['dtype']}) ==")
+        lines.append(f"\n== {result['arch']} ({result['dtype']}, {result['speed']}: {result['speed_parameters']}) ==")
+        start = result["offline_startup"]
+        lines.append(f"offline: load {start['load_s']:.1f}s, warm-up {start['warmup_s']:.1f}s ({start['warmup_graphs']} graphs); served: "
+                     + "; ".join(f"{mode} READY {s['ready_s']:.1f}s (warm-up {s['warmup_s']:.1f}s), compilations while serving "
+                                 f"{s.get('compilations_while_serving', '-')}" for mode, s in result["served_startup"].items()))
         lines.append("offline | batch | s/call median (min-max) | img/s | GPU MiB (process)")
         for batch, row in result["offline"].items():
             lines.append(f"  | {batch} | {fmt_spread(row['seconds'], 3)} | {row['images_per_s']:.2f} | {row['gpu_mem_mib'] or '-'}")
@@ -335,7 +389,14 @@ def main(argv=None) -> int:
     parser.add_argument("--requests-per-level", type=int, default=3)
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--delay-us", type=int, default=10_000)
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=["none", "dynamic"])
+    parser.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["none", "dynamic"])
+    parser.add_argument("--max-batch", type=int, default=0, help="Triton max_batch_size and preferred size (default: the top concurrency)")
+    parser.add_argument("--speed", choices=sorted(SPEED), default="eager")
+    parser.add_argument("--compile-mode", default="", help="torch.compile mode for --speed compiled")
+    parser.add_argument("--step-cache", default="", help='e.g. "FirstBlockCache threshold=0.05" (changes images)')
+    parser.add_argument("--warm-up", action="store_true", help="warm up before READY with --speed eager too")
+    parser.add_argument("--poll-interval-ms", type=int, default=100)
+    parser.add_argument("--tag", default="", help="added to the result file names")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -348,9 +409,10 @@ def main(argv=None) -> int:
     card = card_name()
     import torch
 
-    header = (f"card: {card}, torch {torch.__version__}, {args.size}x{args.size}, {args.steps} steps, {args.repeats} repeats "
+    header = (f"card: {card}, torch {torch.__version__}, {args.speed}, {args.size}x{args.size}, {args.steps} steps, {args.repeats} repeats "
               f"(offline and served interleaved), {date.today().isoformat()}")
-    stem = args.out / f"gpu_bench_{card.replace(' ', '_')}_{date.today().isoformat()}_{args.archs.replace(',', '+')}"
+    stem = args.out / (f"gpu_bench_{card.replace(' ', '_')}_{date.today().isoformat()}_{args.archs.replace(',', '+')}_{args.speed}"
+                       f"{'_' + args.tag if args.tag else ''}")
     results = []
     log(header)
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,10 +41,10 @@ class FakePipeline:
         return [image_of(item) if row in live else None for row, item in enumerate(items)]
 
 
-def executor(pipeline, budget=CallBudget(16, 10**9)):
+def executor(pipeline, budget=CallBudget(16, 10**9), poll_interval_s=0.0):
     reports, steps = [], []
     run = Executor(pipeline, budget, lambda exc: isinstance(exc, FakeOOM), on_call=reports.append,
-                   on_step=lambda: steps.append(1))
+                   on_step=lambda: steps.append(1), poll_interval_s=poll_interval_s)
     return run, reports, steps
 
 
@@ -100,6 +100,15 @@ def test_a_request_cancelled_mid_call_is_dropped_and_polled_once_per_step():
     assert len(steps) == 3
     (report,) = reports
     assert report.rows_dropped == 2 and report.steps == 3 and report.poll_seconds >= 0
+
+
+def test_a_poll_interval_skips_asking_between_polls():
+    asked = []
+    run, reports, steps = executor(FakePipeline(steps=5), poll_interval_s=3600)
+    outcomes = run.run([request("a")], [lambda: asked.append(1) or False])
+    assert isinstance(outcomes[0], Images)
+    # once before the call; within the hour no step asks again, but every step is counted
+    assert len(asked) == 1 and len(steps) == 5 and reports[0].steps == 5
 
 
 def test_out_of_memory_halves_down_to_single_rows_and_reports_every_actual_call():

@@ -45,6 +45,13 @@ def test_missing_model_and_bad_values_are_reported_with_the_key():
         ({"allowed_sizes": "256x256"}, "default size 512x512 is not in allowed_sizes"),
         ({"default_steps": "60", "max_steps": "50"}, "default_steps=60 is outside"),
         ({"min_side": "1024", "max_side": "512"}, "allow no size"),
+        ({"compile": "yes"}, "compile='yes' must be one of off, regional, full"),
+        ({"compile_dynamic": "maybe"}, "compile_dynamic='maybe' must be one of auto, true, false"),
+        ({"batch_buckets": "1,2,4,8"}, "max_images_per_call=16 exceeds the largest of batch_buckets=\\[1, 2, 4, 8\\]"),
+        ({"batch_buckets": "4,16", "warmup_batch_sizes": "2"}, "warmup_batch_sizes must be among batch_buckets"),
+        ({"allowed_sizes": "512x512", "warmup_sizes": "256x256"}, "warmup_sizes must be among allowed_sizes"),
+        ({"warmup_sizes": "4096x4096"}, "warmup_sizes 4096x4096 breaks"),
+        ({"vae_slicing": "true", "compile_vae": "true"}, "vae_slicing decodes one image at a time"),
     ],
 )
 def test_contradictory_limits_fail(parameters, message):
@@ -65,6 +72,25 @@ def test_shipped_configs_are_consistent(model):
     settings = ModelSettings.from_parameters(model_config.parameters(config))
     assert settings.batching_warnings(config.max_batch_size) == []
     assert settings.pixel_limit < settings.max_side ** 2  # max_pixels can fire
+
+
+def test_the_warm_up_plan_covers_what_serving_can_form():
+    plain = ModelSettings.from_parameters({"pretrained_model": "x"})
+    assert plain.warmup_plan()[0] == ()  # eager and no buckets: nothing to warm
+    compiled = ModelSettings.from_parameters(
+        {"pretrained_model": "x", "compile": "full", "allowed_sizes": "512x512,768x512", "default_guidance_scale": "5"})
+    # 1 (its own graph), 2 (makes the batch dimension dynamic) and the largest call
+    assert compiled.warmup_plan() == ((1, 2, 16), ((512, 512), (768, 512)), (5.0,))
+    buckets = ModelSettings.from_parameters({"pretrained_model": "x", "batch_buckets": "1,4,16"})
+    assert buckets.warmup_plan()[0] == (1, 4, 16)
+
+
+def test_speed_knobs_apply_only_on_the_listed_device_types():
+    settings = ModelSettings.from_parameters({"pretrained_model": "x", "compile": "full", "fuse_qkv": "true", "batch_buckets": "16"})
+    assert settings.for_device("cuda:1") is settings
+    on_cpu = settings.for_device("cpu")
+    assert (on_cpu.compile, on_cpu.fuse_qkv, on_cpu.batch_buckets) == ("off", False, (16,))  # buckets are not a speed knob
+    assert ModelSettings.from_parameters({"pretrained_model": "x", "speed_devices": "cpu, cuda"}).speed_devices == ("cpu", "cuda")
 
 
 def test_cache_placeholder_and_env_vars_expand(monkeypatch, tmp_path):

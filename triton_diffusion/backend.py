@@ -13,6 +13,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .acceleration import compiled_graphs
 from .batching import CallBudget
 from .executor import Cancelled, Executor, Failed, Images, Outcome, Rejected
 from .metrics import BackendMetrics
@@ -44,6 +45,14 @@ class TritonPythonModel:
         for warning in self.settings.batching_warnings(int(model_config.get("max_batch_size", 0))):
             pb_utils.Logger.log_warn(f"{self.model_name}: WARNING: {warning}")
         self.metrics = BackendMetrics(pb_utils, self.model_name, args["model_version"])
+        if self.runner.speed:
+            pb_utils.Logger.log_info(f"{self.model_name}: speed settings: {'; '.join(self.runner.speed)}")
+        warmup = self.runner.warm_up()  # before READY: serving must not compile
+        self.metrics.warmup_seconds.set(warmup.seconds)
+        if warmup.calls:
+            pb_utils.Logger.log_info(f"{self.model_name}: warm-up ran {warmup.calls} calls in {warmup.seconds:.1f}s, "
+                                     f"{warmup.compiled_graphs} graphs compiled")
+        self.graphs_seen, self.padded_rows_seen = compiled_graphs(), 0
         self.executor = Executor(
             self.runner.run,
             CallBudget(self.settings.max_images_per_call, self.settings.max_pixels_per_call),
@@ -51,6 +60,7 @@ class TritonPythonModel:
             on_call=self.metrics.observe_call,
             on_step=self.metrics.observe_step,
             on_plan=lambda chunks: self.metrics.groups_per_execute.observe(len({chunk.params for chunk in chunks})),
+            poll_interval_s=self.settings.cancellation_poll_interval_ms / 1000,
         )
         pb_utils.Logger.log_info(
             f"{self.model_name}: {type(self.runner.text_to_image).__name__} from "
@@ -62,10 +72,22 @@ class TritonPythonModel:
         parsed = [self._parse(request) for request in requests]
         self.metrics.observe_stage("validate", time.perf_counter() - started)
         outcomes = self.executor.run(parsed, [request.is_cancelled for request in requests])
+        self._count_compilations_and_padding()
         started = time.perf_counter()
         responses = [self._respond(outcome) for outcome in outcomes]
         self.metrics.observe_stage("respond", time.perf_counter() - started)
         return responses
+
+    def _count_compilations_and_padding(self) -> None:
+        graphs = compiled_graphs()
+        if graphs > self.graphs_seen:
+            pb_utils.Logger.log_warn(f"{self.model_name}: compiled {graphs - self.graphs_seen} new graph(s) while serving "
+                                     "(a batch size or size the warm-up did not cover)")
+            self.metrics.compilations.increment(graphs - self.graphs_seen)
+            self.graphs_seen = graphs
+        if self.runner.padded_rows > self.padded_rows_seen:
+            self.metrics.padding_rows.increment(self.runner.padded_rows - self.padded_rows_seen)
+            self.padded_rows_seen = self.runner.padded_rows
 
     def _parse(self, request) -> ParseResult:
         inputs = {name: pb_utils.get_input_tensor_by_name(request, name) for name in self.schema.names}

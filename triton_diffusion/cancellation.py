@@ -108,10 +108,16 @@ class RowCancellation:
     were not finished (``wanted`` lists the others).
     """
 
-    def __init__(self, rows: int, cancelled_rows: Callable[[Sequence[int]], set], generators: list):
+    def __init__(self, rows: int, cancelled_rows: Callable[[Sequence[int]], set], generators: list,
+                 filler_rows: int = 0, can_shrink: bool = True):
+        """``filler_rows``: the last rows only pad the call to a warmed batch size (nobody waits for
+        them); ``can_shrink=False`` keeps the batch size fixed (static compiled graphs), so a
+        cancelled row rides to the end unless every row is cancelled."""
         self.rows = rows
         self.cancelled_rows = cancelled_rows
         self.generators = generators
+        self.requested_rows = rows - filler_rows
+        self.can_shrink = can_shrink
         self.live = list(range(rows))
         self.dropped: dict[int, int] = {}  # row -> step after which it was dropped
         self.spec: Optional[ShrinkSpec] = None
@@ -119,11 +125,12 @@ class RowCancellation:
 
     def wanted(self) -> list[tuple[int, int]]:
         """``(row, position in the pipeline's output)`` of each row whose image was finished."""
-        return [(row, position) for position, row in enumerate(self.live) if row not in self.dropped]
+        return [(row, position) for position, row in enumerate(self.live)
+                if row not in self.dropped and row < self.requested_rows]
 
     def tensor_inputs(self, pipe) -> list[str]:
         """What to ask the pipeline for (``callback_on_step_end_tensor_inputs``)."""
-        self.spec = shrink_spec(pipe)
+        self.spec = shrink_spec(pipe) if self.can_shrink else None
         return list(self.spec.callback_inputs if self.spec else ("latents",))
 
     def close(self) -> None:
@@ -144,15 +151,17 @@ class RowCancellation:
         return args, kwargs
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        gone = sorted(self.cancelled_rows(self.live))
+        wanted = [row for row in self.live if row < self.requested_rows and row not in self.dropped]
+        gone = sorted(self.cancelled_rows(wanted))
         if not gone:
             return callback_kwargs
-        if len(gone) == len(self.live):
+        if len(gone) == len(wanted):
             pipe._interrupt = True  # nobody is waiting for this call any more
             self.dropped.update((row, step) for row in gone)
             return callback_kwargs
-        if self.spec is None:
-            return callback_kwargs  # this pipeline cannot drop rows: they ride to the end
+        if self.spec is None:  # the batch cannot shrink: the rows ride to the end, unwanted
+            self.dropped.update((row, step) for row in gone)
+            return callback_kwargs
         return self._drop(pipe, step, gone, callback_kwargs)
 
     def _drop(self, pipe, step: int, gone: list[int], callback_kwargs: dict) -> dict:

@@ -82,22 +82,30 @@ class PipelineCall(Protocol):
 
 
 class RequestPoll:
-    """``cancelled_rows`` for one call: asks each live *request* once per step, however many rows it has."""
+    """``cancelled_rows`` for one call: asks each live *request* (however many rows it has) at most
+    once per ``interval_s`` (0: every step); asking Triton costs IPC per request, on the CPU thread
+    that launches the GPU work."""
 
-    def __init__(self, row_requests: Sequence[int], is_cancelled: Sequence[Callable[[], bool]], on_step: Callable[[], None]):
+    def __init__(self, row_requests: Sequence[int], is_cancelled: Sequence[Callable[[], bool]], on_step: Callable[[], None],
+                 interval_s: float = 0.0):
         self.row_requests = list(row_requests)
         self.is_cancelled = is_cancelled
         self.on_step = on_step
+        self.interval_s = interval_s
         self.steps = 0
         self.seconds = 0.0
+        self.last_poll = time.perf_counter()
 
     def __call__(self, live_rows: Sequence[int]) -> set[int]:
         started = time.perf_counter()
+        self.steps += 1
+        self.on_step()
+        if started - self.last_poll < self.interval_s:
+            return set()
+        self.last_poll = started
         requests = dict.fromkeys(self.row_requests[row] for row in live_rows)
         gone = {request for request in requests if self.is_cancelled[request]()}
         self.seconds += time.perf_counter() - started
-        self.steps += 1
-        self.on_step()
         return {row for row in live_rows if self.row_requests[row] in gone}
 
 
@@ -116,6 +124,7 @@ class Executor:
         on_call: Callable[[CallReport], None] = _no_op,
         on_step: Callable[[], None] = _no_op,
         on_plan: Callable[[list[Chunk]], None] = _no_op,
+        poll_interval_s: float = 0.0,
     ):
         self.call = call
         self.budget = budget
@@ -123,6 +132,7 @@ class Executor:
         self.on_call = on_call
         self.on_step = on_step
         self.on_plan = on_plan
+        self.poll_interval_s = poll_interval_s
 
     def run(self, parsed: Sequence[ParseResult], is_cancelled: Sequence[Callable[[], bool]]) -> list[Outcome]:
         """One outcome per request, in order. ``is_cancelled[i]()`` asks whether request i was cancelled."""
@@ -145,7 +155,7 @@ class Executor:
         requests = dict.fromkeys(request for request, _ in refs)
         if all(is_cancelled[request]() for request in requests):
             return [CANCELLED] * len(refs)  # nobody is waiting: do not run it
-        poll = RequestPoll([request for request, _ in refs], is_cancelled, self.on_step)
+        poll = RequestPoll([request for request, _ in refs], is_cancelled, self.on_step, self.poll_interval_s)
         started = time.perf_counter()
         try:
             outputs = list(self.call(params, items, poll))

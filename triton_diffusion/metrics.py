@@ -18,6 +18,7 @@ class BackendMetrics:
         labels = {"model": model_name, "version": model_version}
         histogram = pb_utils.MetricFamily.HISTOGRAM
         counter = pb_utils.MetricFamily.COUNTER
+        gauge = pb_utils.MetricFamily.GAUGE
         self._families = [
             pb_utils.MetricFamily("diffusion_pipeline_batch_size", "Images per diffusers pipeline call (every actual call)", histogram),
             pb_utils.MetricFamily("diffusion_groups_per_execute", "Signature groups per execute() call", histogram),
@@ -33,8 +34,13 @@ class BackendMetrics:
             pb_utils.MetricFamily(
                 "diffusion_cancellation_poll_seconds_total", "Seconds spent asking Triton whether requests were cancelled", counter
             ),
+            pb_utils.MetricFamily("diffusion_warmup_seconds", "Seconds the warm-up ran before the model was READY", gauge),
+            pb_utils.MetricFamily(
+                "diffusion_compilations_while_serving_total",
+                "Graphs torch.compile built after the warm-up (a shape no warm-up covered; 0 when warm)", counter),
+            pb_utils.MetricFamily("diffusion_padding_rows_total", "Filler rows run to pad calls to a batch bucket", counter),
         ]
-        batch, groups, stages, calls, images, errors, cancelled, dropped, steps, poll = self._families
+        batch, groups, stages, calls, images, errors, cancelled, dropped, steps, poll, warmup, compilations, padding = self._families
         self.pipeline_batch_size = batch.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.groups_per_execute = groups.Metric(labels=labels, buckets=_GROUP_BUCKETS)
         self.stage_seconds = {
@@ -47,6 +53,9 @@ class BackendMetrics:
         self.rows_dropped = dropped.Metric(labels=labels)
         self.steps = steps.Metric(labels=labels)
         self.poll_seconds = poll.Metric(labels=labels)
+        self.warmup_seconds = warmup.Metric(labels=labels)
+        self.compilations = compilations.Metric(labels=labels)
+        self.padding_rows = padding.Metric(labels=labels)
 
     def observe_call(self, report: CallReport) -> None:
         self.pipeline_batch_size.observe(report.rows)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .acceleration import SpeedSettingError, apply_speed_settings, bucket_for, compiled_graphs, reset_step_cache
 from .architectures import RANDOM_PREFIX, build_random_pipeline
 from .cancellation import RowCancellation, never_cancelled
 from .requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, CallParams, GenerationItem
@@ -100,15 +103,31 @@ def call_arguments(pipe, task: str) -> frozenset[str]:
     return frozenset(REQUIRED_ARGUMENTS[task]) | {name for name in OPTIONAL_ARGUMENTS[task] if name in accepted}
 
 
+@dataclass(frozen=True)
+class WarmupReport:
+    """What ``PipelineRunner.warm_up`` ran before the model reported READY."""
+
+    calls: int
+    seconds: float
+    compiled_graphs: int  # graphs torch.compile built during the warm-up
+
+
 class PipelineRunner:
     """Holds the loaded pipelines of one model instance and runs chunks through them."""
 
-    def __init__(self, text_to_image, image_to_image, device: str):
+    def __init__(self, text_to_image, image_to_image, device: str, settings: Optional[ModelSettings] = None,
+                 speed: Sequence[str] = ()):
         self.text_to_image = text_to_image
         self.image_to_image = image_to_image
         self.device = device
+        self.settings = settings or ModelSettings(pretrained_model="(in memory)")
+        self.speed = tuple(speed)  # the speed knobs applied at load, for the log
         self.pipelines = {TEXT_TO_IMAGE: text_to_image, IMAGE_TO_IMAGE: image_to_image}
         self.arguments = {task: call_arguments(pipe, task) for task, pipe in self.pipelines.items() if pipe is not None}
+        # A static batch size (buckets, or graphs compiled with dynamic=False) must not shrink mid-call.
+        self.can_shrink = not self.settings.batch_buckets and not (
+            self.settings.compiles and self.settings.compile_dynamic == "false")
+        self.padded_rows = 0  # filler rows run so far to reach a bucket
 
     @classmethod
     def load(cls, settings: ModelSettings, device: Optional[str] = None) -> "PipelineRunner":
@@ -139,6 +158,13 @@ class PipelineRunner:
                 raise ModelLoadError(_load_error_message(settings, location, exc)) from exc
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        effective = settings.for_device(device)
+        try:
+            speed = apply_speed_settings(pipe, effective)
+        except SpeedSettingError as exc:
+            raise ModelLoadError(f"config.pbtxt speed parameters: {exc}") from None
+        if effective is not settings:
+            speed = [f"speed knobs ignored on {device} (speed_devices={','.join(settings.speed_devices)})"]
         image_to_image = None
         if settings.enable_image_to_image:
             try:
@@ -146,7 +172,22 @@ class PipelineRunner:
                 image_to_image.set_progress_bar_config(disable=True)
             except (ValueError, KeyError) as exc:
                 log.warning("%s has no image-to-image variant (%s); serving text-to-image only", type(pipe).__name__, exc)
-        return cls(pipe, image_to_image, device)
+        return cls(pipe, image_to_image, device, effective, speed)
+
+    def warm_up(self) -> WarmupReport:
+        """Run every (batch size, size, guidance) of ``settings.warmup_plan()`` once, two steps each,
+        so that the shapes serving will use are compiled (and allocated) before READY."""
+        batch_sizes, sizes, guidance_scales = self.settings.warmup_plan()
+        started, graphs_before, calls = time.perf_counter(), compiled_graphs(), 0
+        for height, width in sizes:
+            for guidance_scale in guidance_scales:
+                params = CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale)
+                for batch in batch_sizes:
+                    items = [GenerationItem("warm-up", row, params) for row in range(batch)]
+                    self.run(params, items)
+                    calls += 1
+        self.padded_rows = 0
+        return WarmupReport(calls, time.perf_counter() - started, compiled_graphs() - graphs_before)
 
     def unsupported(self, item: GenerationItem) -> Optional[str]:
         """Why this pipeline cannot serve ``item``, or None."""
@@ -174,15 +215,20 @@ class PipelineRunner:
 
         pipe = self.pipelines[params.task]
         arguments = self.arguments[params.task]
+        requested = len(items)
+        fillers = bucket_for(requested, self.settings.batch_buckets) - requested
+        # Filler rows repeat the last row: a warmed batch size costs less than compiling a new one.
+        items = list(items) + [items[-1]] * fillers
+        self.padded_rows += fillers
         # One CPU generator per row: its noise does not depend on its batch-mates or the device.
         generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
-        rows = RowCancellation(len(items), cancelled_rows, generators)
+        rows = RowCancellation(len(items), cancelled_rows, generators, fillers, self.can_shrink)
         kwargs = {
             "prompt": [item.prompt for item in items],
             "num_inference_steps": params.num_inference_steps,
             "guidance_scale": params.guidance_scale,
             "generator": generators,
-            "output_type": "np",
+            "output_type": "pt",
             "callback_on_step_end": rows,
             "callback_on_step_end_tensor_inputs": rows.tensor_inputs(pipe),
         }
@@ -202,13 +248,18 @@ class PipelineRunner:
         unexpected = set(kwargs) - arguments
         if unexpected:  # a request the backend should have rejected in parsing (unsupported())
             raise ValueError(f"{type(pipe).__name__} does not take {sorted(unexpected)}")
+        reset_step_cache(pipe)
         try:
             with torch.inference_mode():
                 images = pipe(**kwargs).images
         finally:
             rows.close()
-        images = np.asarray(images)
-        outputs: list[Optional[np.ndarray]] = [None] * len(items)
-        for row, position in rows.wanted():
-            outputs[row] = (images[position] * 255).round().clip(0, 255).astype(np.uint8)
+        wanted = rows.wanted()
+        outputs: list[Optional[np.ndarray]] = [None] * requested
+        if wanted:
+            positions = torch.tensor([position for _, position in wanted], device=images.device)
+            # To uint8 where the images are (the GPU), then one copy: the same rounding as on the CPU in float32.
+            pixels = images[positions].float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            for (row, _), image in zip(wanted, pixels):
+                outputs[row] = image
         return outputs

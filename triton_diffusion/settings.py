@@ -7,6 +7,7 @@ turns them into typed settings with defaults, so that a new diffusers family nee
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, fields
@@ -49,6 +50,24 @@ def _parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(sizes)
 
 
+def _parse_ints(text: str) -> tuple[int, ...]:
+    """``"1, 2, 4"`` -> (1, 2, 4)."""
+    return tuple(int(part) for part in text.replace(";", ",").split(",") if part.strip())
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.replace(";", ",").split(",") if part.strip())
+
+
+_LIST_PARSERS = {"speed_devices": lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
+                 "allowed_sizes": _parse_sizes, "warmup_sizes": _parse_sizes, "batch_buckets": _parse_ints,
+                 "warmup_batch_sizes": _parse_ints, "warmup_guidance_scales": _parse_floats}
+SPEED_KNOBS = ("compile", "compile_mode", "compile_dynamic", "compile_vae", "compile_backend", "channels_last", "fuse_qkv",
+               "attention_backend", "vae_slicing", "vae_tiling", "step_cache")
+COMPILE_CHOICES = ("off", "regional", "full")
+COMPILE_DYNAMIC_CHOICES = ("auto", "true", "false")
+
+
 class SettingsError(ValueError):
     """A config.pbtxt ``parameters`` entry is unknown, malformed or inconsistent with another."""
 
@@ -84,6 +103,27 @@ class ModelSettings:
     # memory budget of one pipeline call: images x height x width
     max_pixels_per_call: int = 16 * 512 * 512
     max_images_per_call: int = 16
+    # how often a running call asks Triton whether its requests were cancelled (0: every step)
+    cancellation_poll_interval_ms: int = 100
+    # speed (acceleration.py); all off by default: the CPU tiny model gains nothing from them
+    speed_devices: tuple[str, ...] = ("cuda",)  # device types the knobs below apply on (elsewhere: ignored, logged)
+    compile: str = "off"  # off | regional (diffusers compile_repeated_blocks) | full (the whole denoiser)
+    compile_mode: str = ""  # torch.compile mode: "" (default), reduce-overhead (CUDA graphs), max-autotune...
+    compile_dynamic: str = "auto"  # torch.compile dynamic=: auto (None: a dim that changes becomes dynamic), true, false
+    compile_vae: bool = False  # also compile the VAE decoder
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    attention_backend: str = ""  # diffusers set_attention_backend on the denoiser: native, _native_cudnn, flash...
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    step_cache: str = ""  # a diffusers cache config, e.g. "FirstBlockCache threshold=0.05" (changes images)
+    # calls are padded up to the nearest bucket (warmed shapes; static compiled graphs); empty: no padding
+    batch_buckets: tuple[int, ...] = ()
+    # warm-up before READY: every batch size x size x guidance below (defaults in warmup_plan())
+    warmup_batch_sizes: tuple[int, ...] = ()
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+    warmup_guidance_scales: tuple[float, ...] = ()
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "ModelSettings":
@@ -103,8 +143,8 @@ class ModelSettings:
                     values[key] = int(raw)
                 elif kind == "float":
                     values[key] = float(raw)
-                elif key == "allowed_sizes":
-                    values[key] = _parse_sizes(raw)
+                elif key in _LIST_PARSERS:
+                    values[key] = _LIST_PARSERS[key](raw)
                 else:
                     values[key] = raw
             except ValueError as exc:
@@ -158,8 +198,61 @@ class ModelSettings:
             problems.append(f"default_strength={self.default_strength} is outside [0, 1]")
         if self.max_images_per_call < 1 or self.max_pixels_per_call < 1:
             problems.append("max_images_per_call and max_pixels_per_call must be positive")
+        problems += self._speed_problems()
         if problems:
             raise SettingsError("config.pbtxt parameters are inconsistent: " + "; ".join(problems))
+
+    def _speed_problems(self) -> list[str]:
+        problems = []
+        if self.compile not in COMPILE_CHOICES:
+            problems.append(f"compile={self.compile!r} must be one of {', '.join(COMPILE_CHOICES)}")
+        if self.compile_dynamic not in COMPILE_DYNAMIC_CHOICES:
+            problems.append(f"compile_dynamic={self.compile_dynamic!r} must be one of {', '.join(COMPILE_DYNAMIC_CHOICES)}")
+        if self.vae_slicing and self.compile_vae:
+            problems.append("vae_slicing decodes one image at a time, so compile_vae would compile batch 1 only; choose one")
+        if any(size < 1 for size in self.batch_buckets + self.warmup_batch_sizes):
+            problems.append("batch_buckets and warmup_batch_sizes must be positive")
+        if self.batch_buckets and self.max_images_per_call > max(self.batch_buckets):
+            problems.append(
+                f"max_images_per_call={self.max_images_per_call} exceeds the largest of batch_buckets={list(self.batch_buckets)}: "
+                "such a call would have no bucket"
+            )
+        if self.batch_buckets and set(self.warmup_batch_sizes) - set(self.batch_buckets):
+            problems.append("warmup_batch_sizes must be among batch_buckets (calls are padded to a bucket)")
+        if self.allowed_sizes and set(self.warmup_sizes) - set(self.allowed_sizes):
+            problems.append("warmup_sizes must be among allowed_sizes (no request can have another size)")
+        for height, width in self.warmup_sizes:
+            if height * width > self.pixel_limit or max(height, width) > self.max_side:
+                problems.append(f"warmup_sizes {height}x{width} breaks the model's own size limits")
+        if any(not 0 <= scale <= self.max_guidance_scale for scale in self.warmup_guidance_scales):
+            problems.append(f"warmup_guidance_scales must be within [0, max_guidance_scale={self.max_guidance_scale}]")
+        if self.cancellation_poll_interval_ms < 0:
+            problems.append("cancellation_poll_interval_ms must be 0 or more")
+        return problems
+
+    def for_device(self, device: str) -> "ModelSettings":
+        """These settings on ``device``: the speed knobs reset where ``speed_devices`` excludes its type
+        (a GPU config run on a CPU would otherwise spend many minutes compiling for no gain)."""
+        if device.split(":")[0] in self.speed_devices:
+            return self
+        return dataclasses.replace(self, **{name: getattr(ModelSettings, name) for name in SPEED_KNOBS})
+
+    @property
+    def compiles(self) -> bool:
+        return self.compile != "off" or self.compile_vae
+
+    def warmup_plan(self) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[float, ...]]:
+        """(batch sizes, sizes, guidance scales) to run before READY; empty batch sizes: no warm-up.
+
+        Defaults: the buckets, or with no buckets 1, 2 and the largest call when compiling (with
+        ``compile_dynamic=auto`` the second size makes the batch dimension dynamic, so every larger
+        batch reuses that graph); the default size and every allowed size; the default guidance.
+        """
+        batch_sizes = self.warmup_batch_sizes or self.batch_buckets
+        if not batch_sizes and self.compiles:
+            batch_sizes = tuple(sorted({1, min(2, self.max_images_per_call), self.max_images_per_call}))
+        sizes = self.warmup_sizes or tuple(dict.fromkeys(((self.default_height, self.default_width),) + self.allowed_sizes))
+        return tuple(batch_sizes), sizes, self.warmup_guidance_scales or (self.default_guidance_scale,)
 
     def batching_warnings(self, max_batch_size: int) -> list[str]:
         """What a ``max_batch_size`` of the same config silently does to pipeline calls."""

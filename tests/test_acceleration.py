@@ -1,0 +1,143 @@
+"""Speed knobs, warm-up and batch buckets, in-process on the tiny pipelines (CPU).
+
+torch.compile runs with the ``eager`` backend here: dynamo traces, guards and counts graphs
+exactly as with inductor (what these tests check), without inductor's minutes of C++ builds on a
+2-core CI machine. Inductor itself is exercised by ``perf/gpu_bench.py --speed compiled``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perf.cancel_bench import CancelAfter
+from tests.test_cancellation import FLUX_ROUNDING_SHARE, assert_same_image
+from triton_diffusion.acceleration import SpeedSettingError, bucket_for, compiled_graphs, step_cache_config
+from triton_diffusion.cancellation import per_row_checks
+from triton_diffusion.pipeline import ModelLoadError, PipelineRunner
+from triton_diffusion.requests import text_to_image
+from triton_diffusion.settings import ModelSettings
+from triton_diffusion.tiny import ensure_tiny_model
+
+SIZE, STEPS = 64, 4
+CPU = {"device": "cpu", "torch_dtype": "float32", "torch_num_threads": 2, "speed_devices": ("cpu",)}
+COMPILED = {**CPU, "compile": "full", "compile_backend": "eager", "warmup_sizes": ((SIZE, SIZE),)}
+
+
+def tiny_sd(**settings) -> PipelineRunner:
+    return PipelineRunner.load(ModelSettings(pretrained_model=str(ensure_tiny_model()), **{**CPU, **settings}))
+
+
+def batch(count: int, size: int = SIZE, guidance: float = 7.5):
+    return [text_to_image(f"a red barn in snow, view {row}", 300 + row, STEPS, guidance, size, size) for row in range(count)]
+
+
+def run(runner, items, checks=None):
+    return runner.run(items[0].params, items, per_row_checks(checks or [lambda: False] * len(items)))
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return tiny_sd()
+
+
+@pytest.fixture(scope="module")
+def solo_images(eager):
+    """Each row of ``batch(3)`` served alone by the uncompiled pipeline."""
+    return [run(eager, [item])[0] for item in batch(3)]
+
+
+def test_bucket_is_the_smallest_that_holds_the_call():
+    assert [bucket_for(rows, (1, 2, 4, 8, 16)) for rows in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert bucket_for(5, ()) == 5
+
+
+def test_step_cache_configs_are_diffusers_own_and_typos_are_named():
+    config = step_cache_config("FirstBlockCache threshold=0.08")
+    assert type(config).__name__ == "FirstBlockCacheConfig" and config.threshold == 0.08
+    with pytest.raises(SpeedSettingError, match="'FirstBlok' is not a diffusers cache config; known: .*FirstBlockCache"):
+        step_cache_config("FirstBlok threshold=0.08")
+    with pytest.raises(SpeedSettingError, match="'treshold' is not one of its options \\['threshold'\\]"):
+        step_cache_config("FirstBlockCache treshold=0.08")
+
+
+def test_the_output_is_the_pipelines_own_image_rounded_to_uint8(eager):
+    """Images go to uint8 on the device (one copy to the host); same values as diffusers' numpy output."""
+    import torch
+
+    item = batch(1)[0]
+    ours = run(eager, [item])[0]
+    reference = eager.text_to_image(
+        prompt=[item.prompt], num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE, output_type="np",
+        generator=[torch.Generator("cpu").manual_seed(item.seed)]).images[0]
+    assert np.array_equal(ours, (reference * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def test_buckets_pad_calls_to_warmed_static_graphs_and_serving_compiles_nothing(solo_images):
+    runner = tiny_sd(**COMPILED, compile_dynamic="false", batch_buckets=(1, 2, 4), max_images_per_call=4)
+    warmup = runner.warm_up()
+    assert warmup.calls == 3 and warmup.compiled_graphs >= 3  # one static graph per bucket
+    graphs = compiled_graphs()
+    outputs = run(runner, batch(3))  # padded to the bucket of 4
+    assert compiled_graphs() == graphs and runner.padded_rows == 1
+    assert len(outputs) == 3
+    for output, solo in zip(outputs, solo_images):
+        assert_same_image(output, solo)
+    # The counter can move: a size no warm-up covered compiles (what the served metric reports).
+    run(runner, batch(1, size=2 * SIZE))
+    assert compiled_graphs() > graphs
+
+
+def test_a_cancelled_row_of_a_padded_call_rides_along_and_is_dropped_at_the_end(solo_images):
+    runner = tiny_sd(**COMPILED, compile_dynamic="false", batch_buckets=(4,), max_images_per_call=4)
+    runner.warm_up()
+    graphs = compiled_graphs()
+    never = lambda: False  # noqa: E731
+    outputs = run(runner, batch(3), [never, CancelAfter(1), never])
+    assert outputs[1] is None and compiled_graphs() == graphs  # the batch kept its warmed size
+    assert_same_image(outputs[0], solo_images[0])
+    assert_same_image(outputs[2], solo_images[2])
+    # Every real row cancelled: the filler row alone does not keep the call going.
+    assert run(runner, batch(3), [CancelAfter(1)] * 3) == [None, None, None]
+
+
+def test_dynamic_batch_graphs_serve_every_batch_size_after_warm_up(solo_images):
+    runner = tiny_sd(**COMPILED, compile_vae=True, max_images_per_call=4)
+    assert runner.warm_up().calls == 3  # batch 1, 2 (the batch dimension becomes dynamic) and 4
+    graphs = compiled_graphs()
+    outputs = run(runner, batch(3))
+    assert compiled_graphs() == graphs and runner.padded_rows == 0
+    for output, solo in zip(outputs, solo_images):
+        assert_same_image(output, solo)
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"attention_backend": "native"}, "does not go through diffusers' attention dispatcher"),
+        ({"step_cache": "FirstBlockCache threshold=0.05"}, "UNet2DConditionModel takes no diffusers cache hooks"),
+    ],
+)
+def test_a_knob_the_pipeline_cannot_take_fails_the_load_with_a_reason(knobs, message):
+    with pytest.raises(ModelLoadError, match=message):
+        tiny_sd(**knobs)
+
+
+def test_speed_knobs_are_ignored_on_devices_not_listed():
+    runner = tiny_sd(**{**COMPILED, "speed_devices": ("cuda",)})
+    assert runner.speed == ("speed knobs ignored on cpu (speed_devices=cuda)",) and not runner.settings.compiles
+
+
+def test_flux_with_attention_backend_regional_compile_and_a_step_cache_that_never_skips():
+    """diffusers' dispatcher, compile_repeated_blocks and a cache hook together; a threshold of 0
+    never skips a block, so images equal the plain pipeline's; the cache state is reset between
+    calls of different batch sizes."""
+    plain = PipelineRunner.load(ModelSettings(pretrained_model="random:flux-dev-tiny", **CPU))
+    fast = PipelineRunner.load(ModelSettings(
+        pretrained_model="random:flux-dev-tiny", **CPU, attention_backend="native", compile="regional", compile_backend="eager",
+        step_cache="FirstBlockCache threshold=0", fuse_qkv=True))
+    assert any("compiled repeated blocks" in applied for applied in fast.speed)
+    items = batch(2, guidance=3.5)
+    for count in (2, 1):
+        for ours, reference in zip(run(fast, items[:count]), run(plain, items[:count])):
+            assert_same_image(ours, reference, FLUX_ROUNDING_SHARE)

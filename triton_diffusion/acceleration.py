@@ -1,0 +1,190 @@
+"""Speed knobs of a loaded pipeline, read from ``config.pbtxt`` and applied once at load.
+
+Each knob calls what diffusers or torch already offer; nothing here reimplements a kernel:
+
+- ``channels_last``: UNet and VAE weights in channels-last memory format (convolutions without
+  layout transposes).
+- ``fuse_qkv``: diffusers' ``fuse_qkv_projections`` (one GEMM for query, key and value).
+- ``attention_backend``: diffusers' ``set_attention_backend`` on the denoiser (``native``,
+  ``_native_cudnn``, ``flash``..., whatever the installed torch and packages offer).
+- ``vae_slicing`` / ``vae_tiling``: decode one image / one tile at a time (memory at 1024 and up).
+- ``step_cache``: one of diffusers' step-cache configs (``FirstBlockCache``, ``MagCache``,
+  ``TaylorSeerCache``...) on the denoiser. It skips computation, so images change, and a cache
+  that decides per call from the whole batch makes a batched image differ from the same request
+  served alone.
+- ``compile``: ``torch.compile`` of the denoiser, ``regional`` (diffusers'
+  ``compile_repeated_blocks``: the repeated transformer blocks, compiled once and reused) or
+  ``full`` (the whole module); ``compile_vae`` adds the VAE decoder.
+
+Compiled graphs are specialised to shapes. ``warm_up`` (pipeline.py) runs every planned batch size
+and size before the model reports READY, and ``compiled_graphs()`` counts graphs so that a
+compilation while serving shows on the metrics port.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Optional, Sequence
+
+from .settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+# Enough cached graphs for every warmed (batch, size) of a model: torch's default (8) would make
+# dynamo give up compiling (and run eagerly) after the eighth shape of one function.
+_RECOMPILE_LIMIT = 64
+
+
+class SpeedSettingError(ValueError):
+    """A speed knob cannot be applied to this pipeline; the message says which and why."""
+
+
+def denoiser_of(pipe):
+    """The module run once per denoising step (``transformer`` or ``unet``)."""
+    for name in ("transformer", "unet"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            return module
+    raise SpeedSettingError(f"{type(pipe).__name__} has neither a transformer nor a unet")
+
+
+def bucket_for(rows: int, buckets: Sequence[int]) -> int:
+    """The batch size a call of ``rows`` rows runs at: the smallest bucket that holds it (no buckets: ``rows``)."""
+    fitting = [bucket for bucket in buckets if bucket >= rows]
+    return min(fitting) if fitting else rows
+
+
+def step_cache_config(text: str):
+    """``"FirstBlockCache threshold=0.05"`` -> ``diffusers.FirstBlockCacheConfig(threshold=0.05)``."""
+    import diffusers
+
+    name, *pairs = text.split()
+    cls = getattr(diffusers, name if name.endswith("Config") else f"{name}Config", None)
+    if cls is None or "Cache" not in cls.__name__:
+        known = sorted(n.removesuffix("Config") for n in dir(diffusers) if n.endswith("CacheConfig") or n == "PyramidAttentionBroadcastConfig")
+        raise SpeedSettingError(f"step_cache {name!r} is not a diffusers cache config; known: {', '.join(known)}")
+    accepted = set(inspect.signature(cls).parameters)
+    kwargs = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        if key not in accepted:
+            raise SpeedSettingError(f"step_cache {name}: {key!r} is not one of its options {sorted(accepted)}")
+        kwargs[key] = _literal(raw)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise SpeedSettingError(f"step_cache {text!r}: {exc}") from None
+
+
+def _literal(raw: str):
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (each new shape that does not fit an
+    existing graph adds one)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def apply_speed_settings(pipe, settings: ModelSettings) -> list[str]:
+    """Apply the model's speed knobs to ``pipe`` in place; returns what was applied, for the log.
+
+    Order matters: memory format and fused projections change the modules that compile traces,
+    and a cache hook must be in place before compiling so that the graphs include it.
+    """
+    import torch
+
+    applied: list[str] = []
+    denoiser = denoiser_of(pipe)
+    vae = getattr(pipe, "vae", None)
+    if settings.channels_last:
+        for module in (getattr(pipe, "unet", None), vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if settings.fuse_qkv:
+        if not hasattr(denoiser, "fuse_qkv_projections"):
+            raise SpeedSettingError(f"fuse_qkv: {type(denoiser).__name__} has no fuse_qkv_projections")
+        denoiser.fuse_qkv_projections()
+        applied.append("fused QKV")
+    if settings.attention_backend:
+        if not any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules()):
+            raise SpeedSettingError(
+                f"attention_backend: {type(denoiser).__name__}'s attention does not go through diffusers' attention "
+                "dispatcher, so set_attention_backend would change nothing (leave attention_backend empty)"
+            )
+        try:
+            denoiser.set_attention_backend(settings.attention_backend)
+        except (ValueError, RuntimeError) as exc:
+            raise SpeedSettingError(f"attention_backend={settings.attention_backend!r}: {exc}") from None
+        applied.append(f"attention {settings.attention_backend}")
+    if settings.vae_slicing or settings.vae_tiling:
+        if vae is None:
+            raise SpeedSettingError("vae_slicing/vae_tiling: this pipeline has no vae")
+        if settings.vae_slicing:
+            vae.enable_slicing()
+            applied.append("VAE slicing")
+        if settings.vae_tiling:
+            vae.enable_tiling()
+            applied.append("VAE tiling")
+    if settings.step_cache:
+        if not hasattr(denoiser, "enable_cache"):
+            raise SpeedSettingError(f"step_cache: {type(denoiser).__name__} takes no diffusers cache hooks")
+        config = step_cache_config(settings.step_cache)
+        try:
+            denoiser.enable_cache(config)
+        except ValueError as exc:
+            raise SpeedSettingError(f"step_cache={settings.step_cache!r}: {exc}") from None
+        applied.append(f"step cache {settings.step_cache}")
+    if settings.compiles:
+        applied += _compile(pipe, denoiser, vae, settings)
+    return applied
+
+
+def _compile(pipe, denoiser, vae, settings: ModelSettings) -> list[str]:
+    import torch
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    options: dict = {"backend": settings.compile_backend,
+                     "dynamic": {"auto": None, "true": True, "false": False}[settings.compile_dynamic]}
+    if settings.compile_mode:
+        options["mode"] = settings.compile_mode
+    described = ", ".join(f"{key}={value}" for key, value in options.items())
+    applied = []
+    if settings.compile == "regional":
+        try:
+            # A step cache decides on the host whether to run a block (a graph break by design).
+            denoiser.compile_repeated_blocks(fullgraph=not settings.step_cache, **options)
+        except (ValueError, AttributeError) as exc:
+            raise SpeedSettingError(f"compile=regional: {exc} (use compile=full for {type(denoiser).__name__})") from None
+        applied.append(f"compiled repeated blocks of {type(denoiser).__name__} ({described})")
+    elif settings.compile == "full":
+        denoiser.compile(**options)
+        applied.append(f"compiled {type(denoiser).__name__} ({described})")
+    if settings.compile_vae:
+        if vae is None:
+            raise SpeedSettingError("compile_vae: this pipeline has no vae")
+        vae.decoder.compile(**options)
+        applied.append(f"compiled {type(vae).__name__} decoder")
+    return applied
+
+
+def reset_step_cache(pipe) -> None:
+    """Forget a step cache's state: a call that raised or was interrupted never reset it, and the
+    next call (another batch size) must not start from it."""
+    denoiser: Optional[object] = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if denoiser is not None and getattr(denoiser, "is_cache_enabled", False) and hasattr(denoiser, "_reset_stateful_cache"):
+        denoiser._reset_stateful_cache()
