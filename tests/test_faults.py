@@ -68,6 +68,69 @@ def test_watchdog_reloads_the_model_after_its_stub_dies(fault_server):
         watchdog.stop()
 
 
+class RequestLoop:
+    """Small requests one after another in a thread, until stopped; counts successes and failures."""
+
+    def __init__(self, server):
+        self.server, self.ok, self.failures = server, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        with DiffusionClient(f"grpc://{self.server.grpc_url}", TINY, timeout_s=120) as client:
+            while not self._stop.is_set():
+                try:
+                    client.generate("a lighthouse", seed=self.ok, height=64, width=64, steps=2)
+                    self.ok += 1
+                except ServerError as exc:
+                    self.failures.append(str(exc))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    def wait_for_successes(self, more: int):
+        target = self.ok + more
+        harness.wait_until(lambda: self.ok >= target or self.failures, f"{more} more successful requests", timeout=240)
+
+
+def test_a_config_loaded_through_the_api_is_a_reload_not_a_crash_and_survives_a_later_crash(fault_server):
+    """Editing a config through Triton's load API (what Model Analyzer does) swaps the stub: the
+    watchdog must neither count that as a crash nor revert the config, and after a real crash it
+    reloads with the config being served, not config.pbtxt."""
+    watchdog = StubWatchdog(fault_server, [TINY], interval=0.5).start()
+    try:
+        with RequestLoop(fault_server) as loop:
+            loop.wait_for_successes(2)
+            config = fault_server.served_config(TINY)
+            config["max_batch_size"] = 4
+            # Triton fills in preferred_batch_size=[max_batch_size] when config.pbtxt names none
+            config["dynamic_batching"].update(preferred_batch_size=[4], max_queue_delay_microseconds=5000)
+            (old_stub,) = watchdog.stubs()[TINY]
+            fault_server.load_model(TINY, config)
+            harness.wait_until(lambda: old_stub not in watchdog.stubs()[TINY], "the old stub to be retired", timeout=120)
+            polls = watchdog.polls
+            harness.wait_until(lambda: watchdog.polls >= polls + 2, "the watchdog to look at the swap", timeout=120)
+            loop.wait_for_successes(2)
+        assert loop.failures == [] and watchdog.reloads == []
+        assert fault_server.served_config(TINY)["max_batch_size"] == 4
+
+        (stub,) = watchdog.stubs()[TINY]
+        psutil.Process(stub).kill()
+        harness.wait_until(lambda: watchdog.reloads, "the watchdog to heal the crash", timeout=240)
+        harness.wait_until(lambda: fault_server.model_states()[TINY]["state"] == "READY", "the model to be READY", timeout=240)
+        served = fault_server.served_config(TINY)
+        assert served["max_batch_size"] == 4 and int(served["dynamic_batching"]["max_queue_delay_microseconds"]) == 5000
+        back = DiffusionClient(f"grpc://{fault_server.grpc_url}", TINY).generate("back", seed=5, height=64, width=64)
+        assert back.array.shape == (64, 64, 3)
+    finally:
+        watchdog.stop()
+
+
 def test_broken_configs_fail_to_load_with_a_message_naming_the_problem_and_others_serve(tmp_path):
     repository = tmp_path / "repo"
     model_config.write_model(repository, model_config.shipped(TINY))

@@ -101,6 +101,12 @@ class StubWatchdog:
     healthy" and does not restart the stub; a plain load request is a no-op. Unloading and
     loading the model again starts a fresh stub. This thread does that ``grace_s`` after it sees
     the death, once Triton has failed the dead stub's in-flight execution.
+
+    A stub also goes away when Triton reloads the model (a config loaded through the API, Model
+    Analyzer's candidates): Triton starts the new instances first and retires the old ones. So a
+    vanished stub is a crash only while the model is READY *and* fewer stubs are alive than its
+    served config has instances, and still so after ``grace_s``. The reload keeps the served
+    config (``TritonServer.reload_model``).
     """
 
     def __init__(self, server: "TritonServer", models: Sequence[str], interval: float = 1.0, grace_s: float = 2.0, log=print):
@@ -108,6 +114,7 @@ class StubWatchdog:
 
         self.server, self.models, self.interval, self.grace_s, self.log = server, list(models), interval, grace_s, log
         self.reloads: list[str] = []
+        self.polls = 0  # checks done so far (tests wait on it)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stub-watchdog", daemon=True)
 
@@ -145,22 +152,33 @@ class StubWatchdog:
         expected = self.stubs()
         while not self._stop.wait(self.interval):
             current = self.stubs()
-            died = [m for m in self.models if expected.get(m) and not expected[m] <= current.get(m, set())]
-            for model in died:
-                self._recover(model)
-            expected = self.stubs() if died else current  # a reload starts new stubs
+            vanished = [m for m in self.models if expected.get(m) and not expected[m] <= current.get(m, set())]
+            for model in vanished:
+                if self._crashed(model):
+                    self._recover(model)
+            expected = self.stubs() if vanished else current  # a reload starts new stubs
+            self.polls += 1
 
-    def _recover(self, model: str) -> None:
-        # A stub also exits when its model is unloaded on purpose or the server stops: Triton
-        # then no longer reports the model READY. After a crash it still does.
+    def _short_of_stubs(self, model: str) -> bool:
+        """READY with fewer live stubs than instances: what a crash leaves. An unload or a stopping
+        server is not READY; a reload's new stubs are alive."""
         try:
             if self.server.model_states().get(model, {}).get("state") != "READY":
-                return
-        except OSError:  # the server itself is going away
-            return
+                return False
+            config = self.server.served_config(model)
+        except OSError:  # the server itself is going away, or the model with it
+            return False
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+        return len(self.stubs().get(model, ())) < instances
+
+    def _crashed(self, model: str) -> bool:
+        if not self._short_of_stubs(model):
+            return False
         self.log(f"[watchdog] stub of {model} died: reloading the model in {self.grace_s:.0f}s")
-        if self._stop.wait(self.grace_s):
-            return
+        # Still short after the grace period (and not stopping): a crash, not a reload in flight.
+        return not self._stop.wait(self.grace_s) and self._short_of_stubs(model)
+
+    def _recover(self, model: str) -> None:
         try:
             self.server.reload_model(model)
             self.reloads.append(model)
@@ -226,8 +244,9 @@ class TritonServer:
         )
         return self
 
-    def _get(self, path: str, method: str = "GET", timeout: float = 2.0):
-        request = urllib.request.Request(f"http://{self.http_url}{path}", method=method)
+    def _get(self, path: str, method: str = "GET", timeout: float = 2.0, body: Optional[dict] = None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://{self.http_url}{path}", method=method, data=data)
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
             return response.status, (json.loads(body) if body else None)
@@ -259,14 +278,27 @@ class TritonServer:
             f"tritonserver was not ready within {timeout:.0f}s (models {list(self.config.models)}) {self._log_hint()}"
         )
 
-    def reload_model(self, model: str, timeout: float = 120.0) -> None:
-        """Unload then load ``model`` (explicit model control): a fresh stub process.
+    def served_config(self, model: str) -> dict:
+        """The config Triton serves ``model`` with (after defaults and any config loaded through the API)."""
+        return self._get(f"/v2/models/{model}/config", timeout=10)[1]
 
-        The load is sent at once, not after the unload finishes: the unload of a model whose stub
-        died may never finish (Triton 2.51 keeps waiting on the dead instance), the load does.
+    def load_model(self, model: str, config: Optional[dict] = None, timeout: float = 120.0) -> None:
+        """Load (or reload) ``model``; ``config`` replaces its config.pbtxt for this load, as
+        ``tritonclient``'s ``load_model(config=...)`` and Model Analyzer do."""
+        body = {"parameters": {"config": json.dumps(config)}} if config is not None else None
+        self._get(f"/v2/repository/models/{model}/load", method="POST", timeout=timeout, body=body)
+
+    def reload_model(self, model: str, timeout: float = 120.0) -> None:
+        """Unload then load ``model`` with the config it is served with now: a fresh stub process.
+
+        The served config is kept, so a config loaded through the API survives (re-reading
+        config.pbtxt would silently revert it). The load is sent at once, not after the unload
+        finishes: the unload of a model whose stub died may never finish (Triton 2.51 keeps
+        waiting on the dead instance), the load does.
         """
+        config = self.served_config(model)
         self._get(f"/v2/repository/models/{model}/unload", method="POST", timeout=timeout)
-        self._get(f"/v2/repository/models/{model}/load", method="POST", timeout=timeout)
+        self.load_model(model, config, timeout)
 
     def _log_hint(self) -> str:
         return f"(log: {self.log_path})" if self.log_path else "(see its output above)"
