@@ -57,3 +57,28 @@ def test_perf_analyzer_sweep_writes_csv_and_plot(tmp_path):
     assert float(dynamic["mean_batch"]) >= 2.0, dynamic
     assert all(float(r["images_per_s"]) > 0 for r in rows)
     assert next(tmp_path.glob("sweep-*.png")).stat().st_size > 0
+
+
+def readme_perf_analyzer_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return [line for line in readme.splitlines() if line.startswith("perf_analyzer -m ")]
+
+
+def test_the_readme_perf_analyzer_recipe_runs_as_written(server):
+    """The README's perf_analyzer lines, only the server address changed: every request succeeds and
+    requests share executions (all entries send the same inputs)."""
+    from perf.sweep import perf_analyzer_binary
+    from triton_diffusion import harness
+
+    commands = readme_perf_analyzer_commands()
+    assert len(commands) == 2
+    for command in commands:
+        before = harness.Stats.read(server, TINY)
+        failures_before = harness.metric(server, "nv_inference_request_failure", TINY)
+        program, *arguments = command.replace("localhost:8001", server.grpc_url).split()
+        completed = subprocess.run([perf_analyzer_binary(), *arguments], capture_output=True, text=True, cwd=ROOT)
+        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+        delta = harness.wait_until(lambda: (d := harness.Stats.read(server, TINY) - before).inferences >= 24 and d,
+                                   "perf_analyzer's requests counted")
+        assert harness.metric(server, "nv_inference_request_failure", TINY) == failures_before
+        assert delta.executions < delta.inferences, f"no request shared an execution: {delta.histogram}"
