@@ -14,7 +14,7 @@ def shipped_dict(model="stable_diffusion_tiny"):
     return model_config.as_dict(model_config.shipped(model))
 
 
-@pytest.mark.parametrize("model", ["stable_diffusion_tiny", "sd_turbo"])
+@pytest.mark.parametrize("model", ["stable_diffusion_tiny", "sd_turbo", "sdxl", "flux_dev"])
 def test_the_shipped_schemas_are_accepted(model):
     schema = Schema.from_model_config(shipped_dict(model))
     assert schema.names[0] == "PROMPT" and "IMAGE" in schema and not schema.inputs["PROMPT"].optional

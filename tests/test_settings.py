@@ -3,6 +3,8 @@
 import pytest
 
 from triton_diffusion import model_config
+from dataclasses import fields
+
 from triton_diffusion.settings import ModelSettings, SettingsError, resolve_model_location
 
 
@@ -66,7 +68,7 @@ def test_a_batch_larger_than_one_call_is_warned_about():
     assert "max_batch_size=32 exceeds max_images_per_call=16" in warning and "2 pipeline calls" in warning
 
 
-@pytest.mark.parametrize("model", ["stable_diffusion_tiny", "sd_turbo"])
+@pytest.mark.parametrize("model", ["stable_diffusion_tiny", "sd_turbo", "sdxl", "flux_dev"])
 def test_shipped_configs_are_consistent(model):
     config = model_config.shipped(model)
     settings = ModelSettings.from_parameters(model_config.parameters(config))
@@ -99,3 +101,14 @@ def test_cache_placeholder_and_env_vars_expand(monkeypatch, tmp_path):
     assert resolve_model_location("{cache}/tiny-sd") == f"{tmp_path}/tiny-sd"
     assert resolve_model_location("$MY_MODELS/sd") == "/models/sd"
     assert resolve_model_location("stabilityai/sd-turbo") == "stabilityai/sd-turbo"
+
+
+def test_every_parameter_is_documented_and_the_readme_table_is_current():
+    from pathlib import Path
+
+    from triton_diffusion.settings import PARAMETER_DOCS, parameters_markdown
+
+    assert set(PARAMETER_DOCS) == {field.name for field in fields(ModelSettings)}
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("<!-- parameters:begin -->\n", 1)[1].split("\n<!-- parameters:end -->", 1)[0]
+    assert table == parameters_markdown(), "README's parameter table is stale: python -m triton_diffusion.settings"

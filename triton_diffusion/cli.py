@@ -103,6 +103,16 @@ def _build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .gateway import create_app
+
+    app = create_app(args.triton, args.model, args.timeout_s)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="triton-diffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +143,13 @@ def main(argv=None) -> int:
     serve.add_argument("--no-watchdog", action="store_true", help="do not reload models whose stub process died")
     serve.add_argument("tritonserver_args", nargs=argparse.REMAINDER, help="after --: passed to tritonserver")
     serve.set_defaults(func=_serve)
+    gateway = sub.add_parser("gateway", help="OpenAI-compatible images API in front of a running Triton")
+    gateway.add_argument("--triton", default=_env("GATEWAY_TRITON", "grpc://localhost:8001"), help="Triton's gRPC address")
+    gateway.add_argument("--model", default=_env("GATEWAY_MODEL", DEFAULT_MODELS[0]), help="model used when a request names none")
+    gateway.add_argument("--host", default=_env("GATEWAY_HOST", "0.0.0.0"))
+    gateway.add_argument("--port", type=int, default=int(_env("GATEWAY_PORT", 9000)))
+    gateway.add_argument("--timeout-s", type=float, default=None, help="per-image deadline (cancels the Triton request)")
+    gateway.set_defaults(func=_gateway)
     build = sub.add_parser("build-tiny", help="build the tiny random-weight models into the cache")
     build.add_argument("--force", action="store_true")
     build.set_defaults(func=_build_tiny)

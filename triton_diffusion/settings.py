@@ -270,3 +270,70 @@ class ModelSettings:
                 "batch runs as several pipeline calls"
             )
         return warnings
+
+
+# One line per parameter: README's parameter table is generated from this (python -m
+# triton_diffusion.settings) and a test keeps the two equal, so the documentation cannot go stale.
+PARAMETER_DOCS = {
+    "pretrained_model": "Local path, hub id (`org/name`), `{cache}/...` (the project's model cache: `.cache/models`, or "
+                        "`$TRITON_DIFFUSION_CACHE`), or `random:<arch>` (random weights of a real architecture). Required.",
+    "pipeline_class": "diffusers class to load with; empty: the one named in `model_index.json`.",
+    "torch_dtype": "`auto` (fp16 on CUDA, fp32 on CPU), `float32`, `float16` or `bfloat16`.",
+    "device": "`auto` (the GPU Triton gave a `KIND_GPU` instance, else the first GPU, else the CPU), or `cpu`, `cuda:N`.",
+    "local_files_only": "Never download: weights must be in the Hugging Face cache (`HF_HOME`) or a local path.",
+    "variant": "Weight file variant to load, e.g. `fp16`.",
+    "enable_image_to_image": "Also serve image-to-image (requests with `IMAGE`) through `AutoPipelineForImage2Image`.",
+    "torch_num_threads": "CPU threads for torch in this instance; 0 leaves torch's default.",
+    "default_height": "Output height when a request sends none (or 0).",
+    "default_width": "Output width when a request sends none (or 0).",
+    "default_steps": "Denoising steps when a request sends none.",
+    "default_guidance_scale": "Guidance scale when a request sends none.",
+    "default_strength": "Image-to-image strength when a request sends none.",
+    "size_multiple": "Height and width must be multiples of this.",
+    "min_side": "Smallest height or width a request may ask for.",
+    "max_side": "Largest height or width a request may ask for.",
+    "max_pixels": "Most output pixels (height x width) per image; 0: `max_side` x `max_side`.",
+    "allowed_sizes": "If set (`\"512x512,768x512\"`, height x width), the only sizes served.",
+    "max_steps": "Most denoising steps a request may ask for.",
+    "max_guidance_scale": "Largest guidance scale a request may ask for.",
+    "max_prompt_bytes": "Longest prompt (UTF-8 bytes) accepted.",
+    "max_input_image_pixels": "Largest image-to-image source image (pixels) accepted.",
+    "max_pixels_per_call": "Memory budget of one pipeline call: images x height x width.",
+    "max_images_per_call": "Most images in one pipeline call.",
+    "cancellation_poll_interval_ms": "How often a running call asks Triton whether its requests were cancelled; 0: every step.",
+    "speed_devices": "Device types the speed knobs apply on (default `cuda`); elsewhere they are ignored and logged.",
+    "compile": "`off`, `regional` (diffusers' `compile_repeated_blocks`) or `full` (the whole denoiser).",
+    "compile_mode": "torch.compile mode: empty (default), `reduce-overhead` (CUDA graphs), `max-autotune`, ...",
+    "compile_dynamic": "torch.compile `dynamic=`: `auto` (a dimension that changes becomes dynamic), `true`, `false` (static).",
+    "compile_vae": "Also compile the VAE decoder.",
+    "compile_backend": "torch.compile backend (`inductor`; tests use `eager`).",
+    "channels_last": "UNet and VAE in channels-last memory format.",
+    "fuse_qkv": "diffusers' `fuse_qkv_projections` on the denoiser.",
+    "attention_backend": "diffusers' `set_attention_backend` on the denoiser: `native`, `_native_cudnn`, `flash`, ...",
+    "vae_slicing": "Decode one image at a time (memory).",
+    "vae_tiling": "Decode in tiles (memory at large sizes).",
+    "step_cache": "A diffusers step cache, e.g. `\"FirstBlockCache threshold=0.05\"`; changes images, and batched may differ from alone.",
+    "batch_buckets": "Pad each call up to the nearest of these batch sizes (static or CUDA-graph shapes); empty: no padding.",
+    "warmup_batch_sizes": "Batch sizes run before READY; default: `batch_buckets`, or 1, 2 and `max_images_per_call` when compiling.",
+    "warmup_sizes": "Sizes run before READY; default: the default size and `allowed_sizes`.",
+    "warmup_guidance_scales": "Guidance scales run before READY; default: the default guidance.",
+}
+
+
+def parameters_markdown() -> str:
+    """The README's table of every ``config.pbtxt`` parameter, its default and what it does."""
+    def shown(value) -> str:
+        if isinstance(value, tuple):
+            return ",".join("x".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value) or "(empty)"
+        if isinstance(value, bool):
+            return str(value).lower()
+        return str(value) if value != "" else "(empty)"
+
+    lines = ["| parameter | default | meaning |", "|---|---|---|"]
+    for field in fields(ModelSettings):
+        lines.append(f"| `{field.name}` | {shown(field.default)} | {PARAMETER_DOCS[field.name]} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(parameters_markdown())
