@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-DEFAULT_MODELS = ("stable_diffusion_tiny",)
+DEFAULT_MODELS = ("tiny_shapes", "stable_diffusion_tiny")  # the first is the gateway's default
 
 
 class ServerError(RuntimeError):

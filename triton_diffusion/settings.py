@@ -23,9 +23,13 @@ def default_cache_dir() -> Path:
     return Path(__file__).resolve().parent.parent / ".cache" / "models"
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
 def resolve_model_location(value: str) -> str:
-    """Expand ``{cache}``, ``~`` and ``$VARS`` in a model path; hub ids pass through unchanged."""
-    value = value.replace("{cache}", str(default_cache_dir()))
+    """Expand ``{cache}``, ``{repo}`` (this checkout), ``~`` and ``$VARS`` in a model path; hub ids
+    pass through unchanged."""
+    value = value.replace("{cache}", str(default_cache_dir())).replace("{repo}", str(PROJECT_ROOT))
     return os.path.expandvars(os.path.expanduser(value))
 
 
@@ -276,7 +280,8 @@ class ModelSettings:
 # triton_diffusion.settings) and a test keeps the two equal, so the documentation cannot go stale.
 PARAMETER_DOCS = {
     "pretrained_model": "Local path, hub id (`org/name`), `{cache}/...` (the project's model cache: `.cache/models`, or "
-                        "`$TRITON_DIFFUSION_CACHE`), or `random:<arch>` (random weights of a real architecture). Required.",
+                        "`$TRITON_DIFFUSION_CACHE`), `{repo}/...` (this checkout), or `random:<arch>` (random weights of a "
+                        "real architecture). Required.",
     "pipeline_class": "diffusers class to load with; empty: the one named in `model_index.json`.",
     "torch_dtype": "`auto` (fp16 on CUDA, fp32 on CPU), `float32`, `float16` or `bfloat16`.",
     "device": "`auto` (the GPU Triton gave a `KIND_GPU` instance, else the first GPU, else the CPU), or `cpu`, `cuda:N`.",
