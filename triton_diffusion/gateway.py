@@ -68,11 +68,16 @@ def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
 
 
 def encode_png(array: np.ndarray) -> bytes:
+    """PNG at zlib level 1: lossless like any PNG, several times faster to write than the default."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def _encoded(result) -> str:
+    return base64.b64encode(encode_png(result.array)).decode()
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -135,9 +140,10 @@ class Gateway:
                 raise from_server_error(result)
             if isinstance(result, BaseException):
                 raise result
+        # Off the event loop (zlib releases the GIL): other callers' requests keep flowing meanwhile.
+        encoded_images = await asyncio.gather(*(asyncio.to_thread(_encoded, result) for result in results))
         data = []
-        for result in results:
-            encoded = base64.b64encode(encode_png(result.array)).decode()
+        for result, encoded in zip(results, encoded_images):
             item = {"b64_json": encoded} if response_format == "b64_json" else {"url": f"data:image/png;base64,{encoded}"}
             item["revised_prompt"] = None
             item["seed"] = result.seed
