@@ -82,8 +82,6 @@ def main(argv=None) -> int:
                                stdout=subprocess.DEVNULL, stderr=open(work / "gateway_bench_gateway.log", "w"))
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        import urllib.request
-
         harness.wait_until(lambda: _answers(url), "the gateway to answer", timeout=60)
         sides = {"direct gRPC": [], "gateway (openai package)": []}
         # warm-up: one round each

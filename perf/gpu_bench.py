@@ -86,6 +86,11 @@ def guidance_for(arch: str) -> float:
     return GUIDANCE.get(arch.removesuffix("-tiny"), 3.5)
 
 
+def largest_call(args) -> int:
+    """The most images one pipeline call holds: ``--max-batch``, else the top concurrency or batch size."""
+    return args.max_batch or max(args.concurrency + args.batch_sizes)
+
+
 def speed_parameters(arch: str, args) -> dict[str, str]:
     """The config.pbtxt speed parameters of ``--speed`` for ``arch``, plus what the bench adds."""
     parameters = dict(SPEED[args.speed].get(arch.removesuffix("-tiny"), {}))
@@ -98,7 +103,7 @@ def speed_parameters(arch: str, args) -> dict[str, str]:
         parameters["step_cache"] = args.step_cache
     if parameters or args.warm_up:
         # Warm exactly what the sweep sends: the batch sizes it measures, at its size and guidance.
-        biggest = args.max_batch or max(args.concurrency + args.batch_sizes)
+        biggest = largest_call(args)
         parameters["warmup_batch_sizes"] = ",".join(map(str, sorted({1, 2, *args.batch_sizes, *(min(c, biggest) for c in args.concurrency)})))
         parameters["warmup_guidance_scales"] = str(guidance_for(arch))
     parameters["cancellation_poll_interval_ms"] = str(args.poll_interval_ms)
@@ -218,7 +223,7 @@ class Offline:
 
 
 def base_parameters(arch: str, args) -> dict[str, str]:
-    biggest = args.max_batch or max(args.concurrency + args.batch_sizes)
+    biggest = largest_call(args)
     return {
         "pretrained_model": f"random:{arch}", "device": args.device, "torch_dtype": dtype_for(arch, args),
         "default_height": str(args.size), "default_width": str(args.size), "default_steps": str(args.steps),

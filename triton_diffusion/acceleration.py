@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .settings import ModelSettings
 
@@ -150,11 +150,11 @@ def apply_speed_settings(pipe, settings: ModelSettings) -> list[str]:
             raise SpeedSettingError(f"step_cache={settings.step_cache!r}: {exc}") from None
         applied.append(f"step cache {settings.step_cache}")
     if settings.compiles:
-        applied += _compile(pipe, denoiser, vae, settings)
+        applied += _compile(denoiser, vae, settings)
     return applied
 
 
-def _compile(pipe, denoiser, vae, settings: ModelSettings) -> list[str]:
+def _compile(denoiser, vae, settings: ModelSettings) -> list[str]:
     import torch
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
@@ -185,6 +185,6 @@ def _compile(pipe, denoiser, vae, settings: ModelSettings) -> list[str]:
 def reset_step_cache(pipe) -> None:
     """Forget a step cache's state: a call that raised or was interrupted never reset it, and the
     next call (another batch size) must not start from it."""
-    denoiser: Optional[object] = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    if denoiser is not None and getattr(denoiser, "is_cache_enabled", False) and hasattr(denoiser, "_reset_stateful_cache"):
+    denoiser = denoiser_of(pipe)
+    if getattr(denoiser, "is_cache_enabled", False) and hasattr(denoiser, "_reset_stateful_cache"):
         denoiser._reset_stateful_cache()
