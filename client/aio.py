@@ -84,13 +84,14 @@ class AsyncDiffusionClient(ClientOptions):
         from tritonclient.utils import InferenceServerException
 
         kwargs = infer_options(request, self.protocol, self.timeout_s)
-        inputs = build_inputs(self._types, request.tensors(await self.schema()))
+        schema = await self.schema()
+        inputs = build_inputs(self._types, request.tensors(schema))
         started = time.perf_counter()
         try:
-            result = await self._bounded(self._client.infer(self.model, inputs, outputs=build_outputs(self._types), **kwargs))
+            result = await self._bounded(self._client.infer(self.model, inputs, outputs=build_outputs(self._types, schema.output), **kwargs))
         except InferenceServerException as exc:
             raise to_server_error(exc) from None
-        return parse_result(result, request, time.perf_counter() - started)
+        return parse_result(result, request, time.perf_counter() - started, schema.output)
 
     async def generate_many(
         self,

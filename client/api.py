@@ -74,6 +74,7 @@ class ServedSchema:
 
     inputs: Mapping[str, object]
     defaults: Mapping[str, float]
+    output: str = "IMAGE"  # IMAGE ([H, W, 3] per prompt) or VIDEO ([F, H, W, 3])
 
     @classmethod
     def from_config(cls, config: Mapping) -> "ServedSchema":
@@ -86,7 +87,8 @@ class ServedSchema:
                     defaults[key] = float(value.get("string_value", ""))
                 except ValueError:
                     continue
-        return cls(inputs, defaults)
+        output = "VIDEO" if any(entry.get("name") == "VIDEO" for entry in config.get("output", [])) else "IMAGE"
+        return cls(inputs, defaults, output)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class GenerationRequest:
     width: Optional[int] = None
     init_image: Optional[object] = None  # PIL image or uint8 HxWx3 array (image-to-image)
     strength: Optional[float] = None
+    num_frames: Optional[int] = None  # video models; None: the model's default
     priority: int = 0
     timeout_us: int = 0
 
@@ -112,6 +115,8 @@ class GenerationRequest:
         size, or the source image's; an empty NEGATIVE_PROMPT or IMAGE: none), else as the
         model's ``default_*`` parameter read from its served config.
         """
+        if self.num_frames and "NUM_FRAMES" not in schema.inputs:
+            raise ValueError("num_frames is for video models; this model declares no NUM_FRAMES input")
         image = None
         if self.init_image is not None:
             image = np.asarray(self.init_image.convert("RGB") if hasattr(self.init_image, "convert") else self.init_image)
@@ -124,6 +129,7 @@ class GenerationRequest:
             "HEIGHT": self.height or 0,
             "WIDTH": self.width or 0,
             "STRENGTH": _or(self.strength, schema.defaults.get("default_strength")),
+            "NUM_FRAMES": self.num_frames or 0,
         }
         tensors = {}
         for name, dtype in schema.inputs.items():
@@ -140,16 +146,45 @@ def _or(value, default):
 
 @dataclass
 class GenerationResult:
-    array: np.ndarray  # uint8 HxWx3
+    array: np.ndarray  # uint8 HxWx3 (an image) or FxHxWx3 (a video)
     seed: int
     seconds: float
     request: GenerationRequest = field(repr=False, default=None)
 
     @property
+    def is_video(self) -> bool:
+        return self.array.ndim == 4
+
+    @property
     def image(self):
+        """The image (of a video: its first frame)."""
         from PIL import Image
 
-        return Image.fromarray(self.array)
+        return Image.fromarray(self.array[0] if self.is_video else self.array)
+
+    def save_video(self, path, fps: int = 16) -> None:
+        """Write the frames as MP4 (H.264 through imageio-ffmpeg's bundled ffmpeg) or, for a ``.gif``
+        path, an animated GIF (Pillow)."""
+        from pathlib import Path
+
+        frames = self.array if self.is_video else self.array[None]
+        if Path(path).suffix.lower() == ".gif":
+            from PIL import Image
+
+            images = [Image.fromarray(frame) for frame in frames]
+            images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+            return
+        import imageio_ffmpeg
+
+        height, width = frames.shape[1:3]
+        # yuv420p (what players expect) needs even sides; macro_block_size=1 keeps the size exact otherwise.
+        writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec="libx264",
+                                             pix_fmt_out="yuv420p" if height % 2 == 0 == width % 2 else "yuv444p",
+                                             macro_block_size=1, quality=8)
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -181,8 +216,8 @@ def build_inputs(module, tensors: dict[str, np.ndarray]) -> list:
     return inputs
 
 
-def build_outputs(module) -> list:
-    return [module.InferRequestedOutput("IMAGE"), module.InferRequestedOutput("SEED")]
+def build_outputs(module, output: str = "IMAGE") -> list:
+    return [module.InferRequestedOutput(output), module.InferRequestedOutput("SEED")]
 
 
 def to_server_error(exc: Exception) -> ServerError:
@@ -209,9 +244,9 @@ def infer_options(request: GenerationRequest, protocol: str, timeout_s: Optional
     return kwargs
 
 
-def parse_result(result, request: GenerationRequest, seconds: float) -> GenerationResult:
+def parse_result(result, request: GenerationRequest, seconds: float, output: str = "IMAGE") -> GenerationResult:
     return GenerationResult(
-        array=result.as_numpy("IMAGE")[0], seed=int(result.as_numpy("SEED")[0][0]), seconds=seconds, request=request
+        array=result.as_numpy(output)[0], seed=int(result.as_numpy("SEED")[0][0]), seconds=seconds, request=request
     )
 
 
@@ -300,16 +335,17 @@ class DiffusionClient(ClientOptions):
         from tritonclient.utils import InferenceServerException
 
         kwargs = infer_options(request, self.protocol, self.timeout_s)
-        inputs = build_inputs(self._module, request.tensors(self.schema))
+        schema = self.schema
+        inputs = build_inputs(self._module, request.tensors(schema))
         started = time.perf_counter()
         try:
-            result = self._client.infer(self.model, inputs, outputs=build_outputs(self._module), **kwargs)
+            result = self._client.infer(self.model, inputs, outputs=build_outputs(self._module, schema.output), **kwargs)
         except InferenceServerException as exc:
             raise to_server_error(exc) from None
         except _HTTP_TIMEOUTS:
             self._reconnect()  # the timed-out connection may still receive the late answer
             raise timeout_error(self.timeout_s) from None
-        return parse_result(result, request, time.perf_counter() - started)
+        return parse_result(result, request, time.perf_counter() - started, schema.output)
 
     def _reconnect(self) -> None:
         try:

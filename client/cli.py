@@ -49,22 +49,27 @@ def _requests(args) -> list[GenerationRequest]:
         requests.append(GenerationRequest(
             prompt, negative_prompt=args.negative, seed=None if args.seed is None else args.seed + index,
             steps=args.steps, guidance_scale=args.guidance, height=height, width=width,
-            init_image=init_image, strength=args.strength, priority=args.priority,
+            init_image=init_image, strength=args.strength, num_frames=args.frames, priority=args.priority,
         ))
     return requests
 
 
-def _save(result, index: int, out: Path, model: str) -> Path:
+def _save(result, index: int, out: Path, model: str, video_format: str = "mp4", fps: int = 16) -> Path:
     from PIL.PngImagePlugin import PngInfo
 
     request = result.request
+    stem = f"{index:04d}-{_slug(request.prompt)}-seed{result.seed}"
+    if result.is_video:
+        path = out / f"{stem}.{video_format}"
+        result.save_video(path, fps)
+        return path
     info = PngInfo()
     for key, value in {
         "prompt": request.prompt, "negative_prompt": request.negative_prompt or "", "seed": result.seed,
         "model": model, "steps": request.steps or "", "guidance_scale": request.guidance_scale or "",
     }.items():
         info.add_text(key, str(value))
-    path = out / f"{index:04d}-{_slug(request.prompt)}-seed{result.seed}.png"
+    path = out / f"{stem}.png"
     result.image.save(path, pnginfo=info)
     return path
 
@@ -83,7 +88,7 @@ async def _generate(args) -> int:
             failures.append((index, outcome))
             progress.write(f"request {index} ({requests[index].prompt[:40]!r}) failed: {outcome}")
         else:
-            _save(outcome, index, out, args.model)
+            _save(outcome, index, out, args.model, args.video_format, args.fps)
         progress.update(1)
 
     started = time.perf_counter()
@@ -167,7 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--url", default="grpc://localhost:8001", help="grpc://host:port or http://host:port")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate images and save PNGs (seed and prompt in PNG metadata)")
+    gen = sub.add_parser("generate", help="generate images (PNGs, seed and prompt in PNG metadata) or videos (MP4/GIF)")
     gen.add_argument("prompts", nargs="*")
     gen.add_argument("--prompts-file")
     gen.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -179,6 +184,9 @@ def main(argv=None) -> int:
     gen.add_argument("--negative")
     gen.add_argument("--init-image", help="source image for image-to-image")
     gen.add_argument("--strength", type=float)
+    gen.add_argument("--frames", type=int, help="video models: frames per video (default: the model's)")
+    gen.add_argument("--fps", type=int, default=16, help="video models: frame rate of the saved file")
+    gen.add_argument("--video-format", choices=("mp4", "gif"), default="mp4", help="video models: file format")
     gen.add_argument("--priority", type=int, default=0)
     gen.add_argument("--timeout", type=float, help="client-side timeout per request, seconds")
     gen.add_argument("--out", default="images")

@@ -126,3 +126,21 @@ def test_pixel_limit_and_allowed_sizes():
     assert "4608 pixels; the limit is 4096" in str(big)
     odd = parse_request({"PROMPT": text("a"), "HEIGHT": scalar(32, np.int32), "WIDTH": scalar(32, np.int32)}, settings)
     assert "allowed sizes: 64x64" in str(odd)
+
+
+VIDEO = ModelSettings(pretrained_model="x", default_num_frames=5, max_num_frames=33, size_multiple=16)
+
+
+def test_num_frames_belongs_to_video_models_and_splits_groups():
+    error = parse(PROMPT=text("a"), NUM_FRAMES=scalar(9, np.int32))
+    assert isinstance(error, RequestError) and "NUM_FRAMES=9: this model makes images, not videos" in str(error)
+    (item,) = parse(PROMPT=text("a"), NUM_FRAMES=scalar(0, np.int32)).items  # 0: the default (an image)
+    assert item.params.num_frames == 0 and item.params.pixels == 128 * 128
+    (clip,) = parse_request({"PROMPT": text("a")}, VIDEO).items
+    (longer,) = parse_request({"PROMPT": text("a"), "NUM_FRAMES": scalar(9, np.int32)}, VIDEO).items
+    assert (clip.params.num_frames, longer.params.num_frames) == (5, 9)
+    assert clip.params != longer.params and longer.params.pixels == 9 * 512 * 512  # the call budget counts frames
+    error = parse_request({"PROMPT": text("a"), "NUM_FRAMES": scalar(65, np.int32)}, VIDEO)
+    assert "NUM_FRAMES=65 is outside the allowed range [1, 33]" in str(error)
+    error = parse_request({"PROMPT": text("a", "b"), "NUM_FRAMES": np.array([[5], [9]], np.int32)}, VIDEO)
+    assert "must share NUM_FRAMES" in str(error)

@@ -5,7 +5,7 @@ import inspect
 import pytest
 
 from triton_diffusion import model_config
-from triton_diffusion.pipeline import ModelLoadError, call_arguments, resolve_device
+from triton_diffusion.pipeline import ModelLoadError, call_arguments, check_output, resolve_device
 from triton_diffusion.requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE
 from triton_diffusion.schema import Schema, SchemaError
 
@@ -14,10 +14,20 @@ def shipped_dict(model="stable_diffusion_tiny"):
     return model_config.as_dict(model_config.shipped(model))
 
 
-@pytest.mark.parametrize("model", ["stable_diffusion_tiny", "sd_turbo", "sdxl", "flux_dev"])
+IMAGE_MODELS = ["stable_diffusion_tiny", "sd_turbo", "sdxl", "flux_dev", "flux_tiny", "sdxl_tiny", "sd3_tiny",
+                "qwen_image_tiny", "z_image_tiny"]
+
+
+@pytest.mark.parametrize("model", IMAGE_MODELS)
 def test_the_shipped_schemas_are_accepted(model):
     schema = Schema.from_model_config(shipped_dict(model))
     assert schema.names[0] == "PROMPT" and "IMAGE" in schema and not schema.inputs["PROMPT"].optional
+    assert schema.output == "IMAGE"
+
+
+def test_a_video_model_declares_video_out_and_frames_in():
+    schema = Schema.from_model_config(shipped_dict("wan_tiny"))
+    assert schema.output == "VIDEO" and "NUM_FRAMES" in schema and "IMAGE" not in schema
 
 
 @pytest.mark.parametrize(
@@ -28,6 +38,9 @@ def test_the_shipped_schemas_are_accepted(model):
         (lambda c: c["input"].pop(0), "must declare input PROMPT"),
         (lambda c: c["input"][0].update(optional=True), "input PROMPT is required"),
         (lambda c: c["output"].pop(1), "must declare output SEED"),
+        (lambda c: c["output"].pop(0), "exactly one of the outputs IMAGE and VIDEO .*neither"),
+        (lambda c: c["output"].append({"name": "VIDEO", "data_type": "TYPE_UINT8"}), "exactly one of the outputs"),
+        (lambda c: c["output"][0].update(data_type="TYPE_FP32"), "output IMAGE must have data_type TYPE_UINT8"),
     ],
 )
 def test_a_schema_the_backend_cannot_serve_fails_with_the_reason(change, message):
@@ -64,3 +77,34 @@ def test_device_auto_follows_the_instance_triton_placed():
     assert resolve_device("auto", "GPU", 1) == "cuda:1"
     assert resolve_device("cuda:0", "GPU", 1) == "cuda:0"  # an explicit device wins
     assert resolve_device("auto", "CPU", 0) in ("cpu", "cuda")
+
+
+def _named(name, *arguments):
+    """A stand-in pipeline whose class name puts it in a family."""
+    return type(name, (_Pipeline,), {})(*arguments)
+
+
+def test_family_details_change_what_a_pipeline_must_take():
+    # Qwen-Image: GUIDANCE_SCALE is its true CFG scale.
+    qwen = tuple("true_cfg_scale" if n == "guidance_scale" else n for n in FULL)
+    assert "true_cfg_scale" in call_arguments(_named("QwenImagePipeline", *qwen), TEXT_TO_IMAGE)
+    with pytest.raises(ModelLoadError, match=r"does not take \['true_cfg_scale'\]"):
+        call_arguments(_named("QwenImagePipeline", *FULL), TEXT_TO_IMAGE)
+    # Wan: a video pipeline needs num_frames.
+    assert "num_frames" in call_arguments(_named("WanPipeline", *FULL, "num_frames"), TEXT_TO_IMAGE)
+    with pytest.raises(ModelLoadError, match=r"does not take \['num_frames'\]"):
+        call_arguments(_named("WanPipeline", *FULL), TEXT_TO_IMAGE)
+
+
+def test_a_config_whose_output_does_not_fit_the_pipeline_fails_the_load():
+    from triton_diffusion.settings import ModelSettings
+
+    video, image = ModelSettings(pretrained_model="x", default_num_frames=5), ModelSettings(pretrained_model="x")
+    check_output(_named("WanPipeline"), video, "VIDEO")
+    check_output(_named("FluxPipeline"), image, "IMAGE")
+    with pytest.raises(ModelLoadError, match="WanPipeline makes videos: config.pbtxt must declare output VIDEO"):
+        check_output(_named("WanPipeline"), video, "IMAGE")
+    with pytest.raises(ModelLoadError, match="a video model needs default_num_frames > 0"):
+        check_output(_named("WanPipeline"), image, "VIDEO")
+    with pytest.raises(ModelLoadError, match="makes images"):
+        check_output(_named("FluxPipeline"), video, "VIDEO")

@@ -38,7 +38,7 @@ class TritonPythonModel:
             self.settings = ModelSettings.from_model_config(model_config)
             device = resolve_device(self.settings.device, args.get("model_instance_kind", ""),
                                     int(args.get("model_instance_device_id") or 0))
-            self.runner = PipelineRunner.load(self.settings, device)
+            self.runner = PipelineRunner.load(self.settings, device, self.schema.output)
         except (SchemaError, SettingsError, ModelLoadError) as exc:
             # Raising fails this model's load with the message; the server and other models stay up.
             raise pb_utils.TritonModelException(f"{self.model_name}: {exc}") from None
@@ -104,7 +104,7 @@ class TritonPythonModel:
         if isinstance(outcome, Images):
             return pb_utils.InferenceResponse(
                 output_tensors=[
-                    pb_utils.Tensor("IMAGE", np.stack(outcome.images)),
+                    pb_utils.Tensor(self.schema.output, np.stack(outcome.images)),
                     pb_utils.Tensor("SEED", np.array([[seed] for seed in outcome.seeds], dtype=np.int64)),
                 ]
             )

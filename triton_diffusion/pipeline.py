@@ -18,6 +18,7 @@ import numpy as np
 from .acceleration import SpeedSettingError, apply_speed_settings, bucket_for, compiled_graphs, reset_step_cache
 from .architectures import RANDOM_PREFIX, build_random_pipeline
 from .cancellation import RowCancellation, never_cancelled
+from .families import Family, family_of, frame_step
 from .requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, CallParams, GenerationItem
 from .settings import ModelSettings
 
@@ -90,17 +91,33 @@ REQUIRED_ARGUMENTS = {
 }
 # negative_prompt: requests with one are rejected where it is missing. height/width for
 # image-to-image: pipelines without them (SD) produce the size of the resized source image.
-OPTIONAL_ARGUMENTS = {TEXT_TO_IMAGE: ("negative_prompt",), IMAGE_TO_IMAGE: ("negative_prompt", "height", "width")}
+OPTIONAL_ARGUMENTS = {TEXT_TO_IMAGE: ("negative_prompt", "max_sequence_length"),
+                      IMAGE_TO_IMAGE: ("negative_prompt", "height", "width", "max_sequence_length")}
 
 
 def call_arguments(pipe, task: str) -> frozenset[str]:
     """The keyword arguments ``run`` will pass to ``pipe`` for ``task``; raises ``ModelLoadError``
     when the pipeline lacks one it needs (rather than dropping it at call time)."""
+    family = family_of(pipe)
     accepted = set(inspect.signature(pipe.__call__).parameters)
-    missing = [name for name in REQUIRED_ARGUMENTS[task] if name not in accepted]
+    required = [family.guidance_argument if name == "guidance_scale" else name for name in REQUIRED_ARGUMENTS[task]]
+    if family.video:
+        required.append("num_frames")
+    missing = [name for name in required if name not in accepted]
     if missing:
         raise ModelLoadError(f"{type(pipe).__name__}.__call__ does not take {missing}, which {task} needs")
-    return frozenset(REQUIRED_ARGUMENTS[task]) | {name for name in OPTIONAL_ARGUMENTS[task] if name in accepted}
+    return frozenset(required) | {name for name in OPTIONAL_ARGUMENTS[task] if name in accepted}
+
+
+def check_output(pipe, settings: ModelSettings, declared_output: str) -> None:
+    """The model's declared output (IMAGE or VIDEO) and ``default_num_frames`` fit what the pipeline makes."""
+    family = family_of(pipe)
+    if family.output != declared_output:
+        raise ModelLoadError(f"{type(pipe).__name__} makes {family.output.lower()}s: config.pbtxt must declare output "
+                             f"{family.output} (it declares {declared_output})")
+    if family.video != bool(settings.default_num_frames):
+        need = "a video model needs default_num_frames > 0" if family.video else "an image model takes no default_num_frames"
+        raise ModelLoadError(f"config.pbtxt parameters: {need}")
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,7 @@ class PipelineRunner:
         self.device = device
         self.settings = settings or ModelSettings(pretrained_model="(in memory)")
         self.speed = tuple(speed)  # the speed knobs applied at load, for the log
+        self.family: Family = family_of(text_to_image)
         self.pipelines = {TEXT_TO_IMAGE: text_to_image, IMAGE_TO_IMAGE: image_to_image}
         self.arguments = {task: call_arguments(pipe, task) for task, pipe in self.pipelines.items() if pipe is not None}
         # A static batch size (buckets, or graphs compiled with dynamic=False) must not shrink mid-call.
@@ -130,8 +148,9 @@ class PipelineRunner:
         self.padded_rows = 0  # filler rows run so far to reach a bucket
 
     @classmethod
-    def load(cls, settings: ModelSettings, device: Optional[str] = None) -> "PipelineRunner":
-        """``device``: where Triton placed the instance (None: ``settings.device`` resolved here)."""
+    def load(cls, settings: ModelSettings, device: Optional[str] = None, output: str = "IMAGE") -> "PipelineRunner":
+        """``device``: where Triton placed the instance (None: ``settings.device`` resolved here);
+        ``output``: what the model's config declares (IMAGE or VIDEO)."""
         import diffusers
         import torch
 
@@ -158,6 +177,7 @@ class PipelineRunner:
                 raise ModelLoadError(_load_error_message(settings, location, exc)) from exc
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        check_output(pipe, settings, output)
         effective = settings.for_device(device)
         try:
             speed = apply_speed_settings(pipe, effective)
@@ -181,7 +201,8 @@ class PipelineRunner:
         started, graphs_before, calls = time.perf_counter(), compiled_graphs(), 0
         for height, width in sizes:
             for guidance_scale in guidance_scales:
-                params = CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale)
+                params = CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale,
+                                    num_frames=self.settings.default_num_frames)
                 for batch in batch_sizes:
                     items = [GenerationItem("warm-up", row, params) for row in range(batch)]
                     self.run(params, items)
@@ -196,6 +217,12 @@ class PipelineRunner:
             return f"this model ({type(self.text_to_image).__name__}) does not serve {item.task}"
         if item.negative_prompt is not None and "negative_prompt" not in accepted:
             return f"this model ({type(self.text_to_image).__name__}) does not take NEGATIVE_PROMPT"
+        if item.negative_prompt is not None and self.family.negative_prompt_refusal:
+            return self.family.negative_prompt_refusal
+        step = frame_step(self.pipelines[item.task])
+        if item.params.num_frames and (item.params.num_frames - 1) % step:
+            return (f"NUM_FRAMES={item.params.num_frames}: {type(self.text_to_image).__name__} makes {step}k+1 frames "
+                    f"(1, {1 + step}, {1 + 2 * step}, ...)")
         return None
 
     def run(
@@ -204,7 +231,7 @@ class PipelineRunner:
         items: Sequence[GenerationItem],
         cancelled_rows: Callable[[Sequence[int]], set] = never_cancelled,
     ) -> list[Optional[np.ndarray]]:
-        """One pipeline call for rows sharing ``params``; returns uint8 HxWx3 images in order.
+        """One pipeline call for rows sharing ``params``; returns uint8 HxWx3 images (FxHxWx3 videos) in order.
 
         Scalars come from ``params`` alone (never from a row), so rows that differ in one cannot
         share a call. ``cancelled_rows`` is asked once per denoising step which rows' requests were
@@ -226,7 +253,7 @@ class PipelineRunner:
         kwargs = {
             "prompt": [item.prompt for item in items],
             "num_inference_steps": params.num_inference_steps,
-            "guidance_scale": params.guidance_scale,
+            self.family.guidance_argument: params.guidance_scale,
             "generator": generators,
             "output_type": "pt",
             "callback_on_step_end": rows,
@@ -234,6 +261,12 @@ class PipelineRunner:
         }
         if params.with_negative_prompt:
             kwargs["negative_prompt"] = [item.negative_prompt for item in items]
+        elif self.family.cfg_negative_prompt is not None and params.guidance_scale > 1:
+            kwargs["negative_prompt"] = [self.family.cfg_negative_prompt] * len(items)
+        if params.num_frames:
+            kwargs["num_frames"] = params.num_frames
+        if self.settings.max_sequence_length and "max_sequence_length" in arguments:
+            kwargs["max_sequence_length"] = self.settings.max_sequence_length
         size = (params.height, params.width)
         if params.task == IMAGE_TO_IMAGE:
             kwargs["image"] = [
@@ -251,7 +284,8 @@ class PipelineRunner:
         reset_step_cache(pipe)
         try:
             with torch.inference_mode():
-                images = pipe(**kwargs).images
+                output = pipe(**kwargs)
+                images = output.frames if self.family.video else output.images  # [B, (F,) C, H, W] in [0, 1]
         finally:
             rows.close()
         wanted = rows.wanted()
@@ -259,7 +293,9 @@ class PipelineRunner:
         if wanted:
             positions = torch.tensor([position for _, position in wanted], device=images.device)
             # To uint8 where the images are (the GPU), then one copy: the same rounding as on the CPU in float32.
-            pixels = images[positions].float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            channels_last = (0, 1, 3, 4, 2) if images.dim() == 5 else (0, 2, 3, 1)
+            pixels = images[positions].float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(*channels_last)
+            pixels = pixels.cpu().numpy()
             for (row, _), image in zip(wanted, pixels):
                 outputs[row] = image
         return outputs

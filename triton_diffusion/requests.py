@@ -45,10 +45,12 @@ class CallParams:
     guidance_scale: float
     strength: Optional[float] = None  # image-to-image only
     with_negative_prompt: bool = False  # rows carry a NEGATIVE_PROMPT (a per-row list in the call)
+    num_frames: int = 0  # video models only (0: an image)
 
     @property
     def pixels(self) -> int:
-        return self.height * self.width
+        """Pixels one row makes (all its frames): what the call budget counts."""
+        return self.height * self.width * max(1, self.num_frames)
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,11 @@ class GenerationItem:
 
 
 def text_to_image(prompt: str, seed: int, steps: int, guidance_scale: float, height: int, width: int,
-                  negative_prompt: Optional[str] = None) -> GenerationItem:
-    """A text-to-image item (benchmarks and tests build items without a request)."""
-    params = CallParams(TEXT_TO_IMAGE, height, width, steps, guidance_scale, None, negative_prompt is not None)
+                  negative_prompt: Optional[str] = None, num_frames: int = 0) -> GenerationItem:
+    """A text-to-image (or, with ``num_frames``, text-to-video) item: benchmarks and tests build
+    items without a request."""
+    params = CallParams(TEXT_TO_IMAGE, height, width, steps, guidance_scale, None, negative_prompt is not None,
+                        num_frames)
     return GenerationItem(prompt, seed, params, negative_prompt)
 
 
@@ -186,6 +190,21 @@ def _source_images(inputs: Mapping[str, np.ndarray], batch: int, settings: Model
     return [np.ascontiguousarray(row) for row in image]
 
 
+def _frames(inputs, batch: int, settings: ModelSettings) -> int:
+    """Frames per row: NUM_FRAMES (absent or 0: ``default_num_frames``); 0 for image models."""
+    frames = {int(value) for value in _scalar("NUM_FRAMES", inputs, batch, 0)}
+    if len(frames) > 1:
+        raise RequestError("all rows of one request must share NUM_FRAMES (its output is one tensor)")
+    requested = frames.pop()
+    if not settings.default_num_frames:
+        if requested:
+            raise RequestError(f"NUM_FRAMES={requested}: this model makes images, not videos")
+        return 0
+    frames = requested or settings.default_num_frames
+    _check_range("NUM_FRAMES", frames, 1, settings.max_num_frames)
+    return frames
+
+
 def _output_size(inputs, batch: int, images: list, settings: ModelSettings) -> tuple[int, int]:
     """The output size of every row. HEIGHT/WIDTH absent or 0 mean the default: the source
     image's size for image-to-image, the model's ``default_height``/``default_width`` otherwise."""
@@ -251,6 +270,7 @@ def parse_request(
         images = _source_images(inputs, batch, settings)
         is_i2i = images[0] is not None
         height, width = _output_size(inputs, batch, images, settings)
+        num_frames = _frames(inputs, batch, settings)
         strengths = _scalar("STRENGTH", inputs, batch, settings.default_strength)
         for strength in strengths:
             _check_range("STRENGTH", strength, 0.0, 1.0)
@@ -266,7 +286,7 @@ def parse_request(
             params = CallParams(
                 task=IMAGE_TO_IMAGE if is_i2i else TEXT_TO_IMAGE, height=height, width=width,
                 num_inference_steps=int(steps[row]), guidance_scale=float(guidance[row]), strength=strength,
-                with_negative_prompt=negatives[row] is not None,
+                with_negative_prompt=negatives[row] is not None, num_frames=num_frames,
             )
             items.append(GenerationItem(prompts[row], seeds[row], params, negatives[row], images[row]))
         return ParsedRequest(items=tuple(items))

@@ -23,9 +23,12 @@ INPUT_KINDS = {
     "GUIDANCE_SCALE": NUMBER,
     "STRENGTH": NUMBER,
     "IMAGE": PIXELS,
+    "NUM_FRAMES": INTEGER,  # video models only
 }
 REQUIRED_INPUTS = ("PROMPT",)
-OUTPUTS = {"IMAGE": "TYPE_UINT8", "SEED": "TYPE_INT64"}
+# Every model returns SEED, and either IMAGE ([B, H, W, 3]) or VIDEO ([B, F, H, W, 3]).
+MEDIA_OUTPUTS = {"IMAGE": "TYPE_UINT8", "VIDEO": "TYPE_UINT8"}
+SEED_OUTPUT = ("SEED", "TYPE_INT64")
 _TYPES_OF_KIND = {
     TEXT: {"TYPE_STRING"},
     INTEGER: {"TYPE_INT32", "TYPE_INT64"},
@@ -48,6 +51,7 @@ class Schema:
     """The inputs a model declares, by name, in declaration order."""
 
     inputs: Mapping[str, InputSpec]
+    output: str = "IMAGE"  # IMAGE or VIDEO: what the model returns besides SEED
 
     @classmethod
     def from_model_config(cls, config: Mapping[str, Any]) -> "Schema":
@@ -70,10 +74,16 @@ class Schema:
             if inputs[name].optional:
                 raise SchemaError(f"config.pbtxt input {name} is required by the backend; remove 'optional: true'")
         declared_outputs = {entry.get("name"): entry.get("data_type") for entry in config.get("output", [])}
-        for name, data_type in OUTPUTS.items():
-            if declared_outputs.get(name) != data_type:
-                raise SchemaError(f"config.pbtxt must declare output {name} with data_type {data_type}")
-        return cls(inputs)
+        name, data_type = SEED_OUTPUT
+        if declared_outputs.get(name) != data_type:
+            raise SchemaError(f"config.pbtxt must declare output {name} with data_type {data_type}")
+        media = [name for name in MEDIA_OUTPUTS if name in declared_outputs]
+        if len(media) != 1:
+            raise SchemaError("config.pbtxt must declare exactly one of the outputs IMAGE and VIDEO (TYPE_UINT8), "
+                              f"got {media or 'neither'}")
+        if declared_outputs[media[0]] != MEDIA_OUTPUTS[media[0]]:
+            raise SchemaError(f"config.pbtxt output {media[0]} must have data_type {MEDIA_OUTPUTS[media[0]]}")
+        return cls(inputs, media[0])
 
     def __contains__(self, name: str) -> bool:
         return name in self.inputs

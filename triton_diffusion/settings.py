@@ -94,6 +94,8 @@ class ModelSettings:
     default_steps: int = 20
     default_guidance_scale: float = 7.5
     default_strength: float = 0.8
+    default_num_frames: int = 0  # video models: frames per video (> 0 makes NUM_FRAMES accepted); 0: an image model
+    max_sequence_length: int = 0  # text tokens the pipeline encodes (its max_sequence_length); 0: the pipeline's default
     # request limits
     size_multiple: int = 8
     min_side: int = 64
@@ -101,6 +103,7 @@ class ModelSettings:
     max_pixels: int = 0  # 0: no limit beyond max_side x max_side
     allowed_sizes: tuple[tuple[int, int], ...] = ()
     max_steps: int = 100
+    max_num_frames: int = 129
     max_guidance_scale: float = 50.0
     max_prompt_bytes: int = 4096
     max_input_image_pixels: int = 2048 * 2048
@@ -200,6 +203,10 @@ class ModelSettings:
             problems.append(f"default_guidance_scale={self.default_guidance_scale} is outside [0, {self.max_guidance_scale}]")
         if not 0 <= self.default_strength <= 1:
             problems.append(f"default_strength={self.default_strength} is outside [0, 1]")
+        if self.default_num_frames and not 1 <= self.default_num_frames <= self.max_num_frames:
+            problems.append(f"default_num_frames={self.default_num_frames} is outside [1, max_num_frames={self.max_num_frames}]")
+        if self.default_num_frames < 0 or self.max_sequence_length < 0:
+            problems.append("default_num_frames and max_sequence_length must be 0 or more")
         if self.max_images_per_call < 1 or self.max_pixels_per_call < 1:
             problems.append("max_images_per_call and max_pixels_per_call must be positive")
         problems += self._speed_problems()
@@ -294,12 +301,16 @@ PARAMETER_DOCS = {
     "default_steps": "Denoising steps when a request sends none.",
     "default_guidance_scale": "Guidance scale when a request sends none.",
     "default_strength": "Image-to-image strength when a request sends none.",
+    "default_num_frames": "Video models: frames per video when a request sends no `NUM_FRAMES`; 0 marks an image model "
+                          "(declare output `IMAGE`), more than 0 a video model (declare output `VIDEO` and input `NUM_FRAMES`).",
+    "max_sequence_length": "Text tokens the pipeline encodes (its `max_sequence_length`); 0: the pipeline's default.",
     "size_multiple": "Height and width must be multiples of this.",
     "min_side": "Smallest height or width a request may ask for.",
     "max_side": "Largest height or width a request may ask for.",
     "max_pixels": "Most output pixels (height x width) per image; 0: `max_side` x `max_side`.",
     "allowed_sizes": "If set (`\"512x512,768x512\"`, height x width), the only sizes served.",
     "max_steps": "Most denoising steps a request may ask for.",
+    "max_num_frames": "Video models: most frames a request may ask for.",
     "max_guidance_scale": "Largest guidance scale a request may ask for.",
     "max_prompt_bytes": "Longest prompt (UTF-8 bytes) accepted.",
     "max_input_image_pixels": "Largest image-to-image source image (pixels) accepted.",
