@@ -148,9 +148,9 @@ class PipelineRunner:
         self.padded_rows = 0  # filler rows run so far to reach a bucket
 
     @classmethod
-    def load(cls, settings: ModelSettings, device: Optional[str] = None, output: str = "IMAGE") -> "PipelineRunner":
+    def load(cls, settings: ModelSettings, device: Optional[str] = None, output: Optional[str] = None) -> "PipelineRunner":
         """``device``: where Triton placed the instance (None: ``settings.device`` resolved here);
-        ``output``: what the model's config declares (IMAGE or VIDEO)."""
+        ``output``: what the model's config declares (IMAGE or VIDEO; None outside a server)."""
         import diffusers
         import torch
 
@@ -177,7 +177,7 @@ class PipelineRunner:
                 raise ModelLoadError(_load_error_message(settings, location, exc)) from exc
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        check_output(pipe, settings, output)
+        check_output(pipe, settings, output or family_of(pipe).output)
         effective = settings.for_device(device)
         try:
             speed = apply_speed_settings(pipe, effective)
