@@ -255,12 +255,12 @@ def main(argv=None) -> int:
             if args.concurrency:
                 result["served"] = served(arch, args, prompts, Path(tmp) / arch)
             results.append(result)
-            stem.with_suffix(".json").write_text(json.dumps({"card": card, "date": date.today().isoformat(),
+            Path(f"{stem}.json").write_text(json.dumps({"card": card, "date": date.today().isoformat(),
                                                              "args": {k: str(v) for k, v in vars(args).items()},
                                                              "results": results}, indent=1))
             log(summarize([result], arch))
     table = summarize(results, header)
-    stem.with_suffix(".txt").write_text(table + "\n")
+    Path(f"{stem}.txt").write_text(table + "\n")  # not with_suffix: "wan2.1-..." has a dot
     print(table)
     return 0
 

@@ -14,8 +14,8 @@ def shipped_dict(model="stable_diffusion_tiny"):
     return model_config.as_dict(model_config.shipped(model))
 
 
-IMAGE_MODELS = ["stable_diffusion_tiny", "sd_turbo", "sdxl", "flux_dev", "flux_tiny", "sdxl_tiny", "sd3_tiny",
-                "qwen_image_tiny", "z_image_tiny"]
+IMAGE_MODELS = ["stable_diffusion_tiny", "sd_turbo", "sdxl", "flux_dev", "qwen_image", "z_image_turbo", "sd35_large",
+                "flux_tiny", "sdxl_tiny", "sd3_tiny", "qwen_image_tiny", "z_image_tiny"]
 
 
 @pytest.mark.parametrize("model", IMAGE_MODELS)
@@ -25,8 +25,9 @@ def test_the_shipped_schemas_are_accepted(model):
     assert schema.output == "IMAGE"
 
 
-def test_a_video_model_declares_video_out_and_frames_in():
-    schema = Schema.from_model_config(shipped_dict("wan_tiny"))
+@pytest.mark.parametrize("model", ["wan_tiny", "wan_t2v"])
+def test_a_video_model_declares_video_out_and_frames_in(model):
+    schema = Schema.from_model_config(shipped_dict(model))
     assert schema.output == "VIDEO" and "NUM_FRAMES" in schema and "IMAGE" not in schema
 
 

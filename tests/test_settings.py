@@ -68,7 +68,9 @@ def test_a_batch_larger_than_one_call_is_warned_about():
     assert "max_batch_size=32 exceeds max_images_per_call=16" in warning and "2 pipeline calls" in warning
 
 
-@pytest.mark.parametrize("model", ["stable_diffusion_tiny", "sd_turbo", "sdxl", "flux_dev"])
+@pytest.mark.parametrize("model", ["stable_diffusion_tiny", "sd_turbo", "sdxl", "flux_dev", "qwen_image", "z_image_turbo",
+                                   "sd35_large", "wan_t2v", "flux_tiny", "sdxl_tiny", "sd3_tiny", "qwen_image_tiny",
+                                   "z_image_tiny", "wan_tiny"])
 def test_shipped_configs_are_consistent(model):
     config = model_config.shipped(model)
     settings = ModelSettings.from_parameters(model_config.parameters(config))

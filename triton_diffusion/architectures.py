@@ -380,4 +380,6 @@ def build_random_pipeline(name: str, device: str, dtype, seed: int = 0):
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # a freshly built transformers model is in training mode: dropout on
+    # Schedulers keep their tables on the CPU (some call numpy on them): rebuild outside the device context.
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     return pipe.to(device)
