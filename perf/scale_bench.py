@@ -48,7 +48,8 @@ def instance_calls(server, name: str) -> dict[str, float]:
         match = re.match(r'diffusion_pipeline_calls_total\{([^}]*)\} (\S+)', line)
         if match and f'model="{name}"' in match.group(1):
             instance = re.search(r'instance="([^"]*)"', match.group(1))
-            key = instance.group(1) if instance else "?"
+            device = re.search(r'device="([^"]*)"', match.group(1))
+            key = f"{instance.group(1) if instance else '?'}@{device.group(1) if device else '?'}"
             calls[key] = calls.get(key, 0.0) + float(match.group(2))
     return calls
 
@@ -112,7 +113,7 @@ def summarize(results: list[dict], header: str) -> str:
         base = next((r for r in results if r["arch"] == result["arch"] and r["layout"] == "1"), None)
         gpus = parse_layout(result["layout"])[0]
         efficiency = f"{result['images_per_s'] / (gpus * base['images_per_s']):.2f}" if base else "-"
-        calls = ", ".join(f"{k.rsplit('_', 1)[-1]}: {v:.0f}" for k, v in sorted(result["calls_per_instance"].items()))
+        calls = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(result["calls_per_instance"].items()))
         lines.append(f"{result['arch']} | {result['layout']} | {result['concurrency']} | {result['images_per_s']:.3f} | {efficiency} | "
                      f"{result['p50_s']:.2f} / {result['p99_s']:.2f} ({result['n']}) | {result['histogram']} | {calls} | "
                      f"{result['gpu_mem_mib_all_stubs'] or '-'}{' | FAILURES ' + str(result['failures']) if result['failures'] else ''}")

@@ -44,7 +44,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.model_name}: {exc}") from None
         for warning in self.settings.batching_warnings(int(model_config.get("max_batch_size", 0))):
             pb_utils.Logger.log_warn(f"{self.model_name}: WARNING: {warning}")
-        self.metrics = BackendMetrics(pb_utils, self.model_name, args["model_version"], args.get("model_instance_name", ""))
+        self.metrics = BackendMetrics(pb_utils, self.model_name, args["model_version"], args.get("model_instance_name", ""),
+                                      self.runner.device)
         if self.runner.speed:
             pb_utils.Logger.log_info(f"{self.model_name}: speed settings: {'; '.join(self.runner.speed)}")
         warmup = self.runner.warm_up()  # before READY: serving must not compile

@@ -14,10 +14,11 @@ _SECONDS_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 class BackendMetrics:
     """Per-model metric series: realized batch per pipeline call, groups per execute, stage times."""
 
-    def __init__(self, pb_utils, model_name: str, model_version: str, instance: str = ""):
+    def __init__(self, pb_utils, model_name: str, model_version: str, instance: str = "", device: str = ""):
         # One series per model instance (Triton's own statistics are per model): shows how the
-        # batcher spreads executions over instances, e.g. one per GPU.
-        labels = {"model": model_name, "version": model_version, "instance": instance}
+        # batcher spreads executions over instances. Triton gives a KIND_GPU group's instances on
+        # different GPUs the same name, so the device tells them apart.
+        labels = {"model": model_name, "version": model_version, "instance": instance, "device": device}
         histogram = pb_utils.MetricFamily.HISTOGRAM
         counter = pb_utils.MetricFamily.COUNTER
         gauge = pb_utils.MetricFamily.GAUGE
