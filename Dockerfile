@@ -13,7 +13,8 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS runtime
-ARG APT_PACKAGES="python3 python3-venv libpython3.11 libb64-0d curl ca-certificates"
+# nginx: the load balancer of the compose "replicas" profile (the same image runs it)
+ARG APT_PACKAGES="python3 python3-venv libpython3.11 libb64-0d curl ca-certificates nginx"
 ENV DEBIAN_FRONTEND=noninteractive
 RUN missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done); \
     if [ -n "$missing" ]; then \

@@ -35,8 +35,10 @@ class ServerError(RuntimeError):
         return self.status in TIMEOUT_STATUSES
 
 
-# gRPC's and HTTP's spelling of "queue full / try later", and of "the deadline passed".
-RETRYABLE_STATUSES = ("StatusCode.UNAVAILABLE", "503", "UNAVAILABLE")
+# gRPC's and HTTP's spelling of "queue full / try later" (and, behind a load balancer, of "the
+# replica went away": 502), and of "the deadline passed". Retrying is safe: a request with a seed
+# makes the same image again.
+RETRYABLE_STATUSES = ("StatusCode.UNAVAILABLE", "503", "502", "UNAVAILABLE")
 TIMEOUT_STATUSES = ("StatusCode.DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
 
 
@@ -274,6 +276,7 @@ class ClientOptions:
         self.model = model
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
+        self.retries = 0  # retried attempts so far (queue full, or a replica gone behind a balancer)
         self._schema: Optional[ServedSchema] = None
         self._connect()
 
@@ -329,6 +332,7 @@ class DiffusionClient(ClientOptions):
                 delay = next(delays, None) if exc.retryable else None
                 if delay is None:
                     raise
+                self.retries += 1
                 time.sleep(delay)
 
     def _generate_once(self, request: GenerationRequest) -> GenerationResult:
@@ -353,9 +357,10 @@ class DiffusionClient(ClientOptions):
         finally:
             self._connect()
 
-    def generate_many(self, requests: Sequence[GenerationRequest], concurrency: int = 8) -> list:
+    def generate_many(self, requests: Sequence[GenerationRequest], concurrency: int = 8, on_result=None) -> list:
         """Results in request order; a failed request's slot holds its exception (``ServerError``
-        for whatever the server or the deadline said) and the others go on."""
+        for whatever the server or the deadline said) and the others go on. ``on_result(index,
+        result_or_exception)`` is called as each one finishes (from worker threads)."""
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
@@ -363,21 +368,26 @@ class DiffusionClient(ClientOptions):
         local = threading.local()
         clients = []
 
-        def one(request):
+        def one(index_and_request):
+            index, request = index_and_request
             if not hasattr(local, "client"):  # one connection per worker thread
                 local.client = DiffusionClient(f"{self.protocol}://{self.address}", self.model, self.timeout_s, self.retry)
                 local.client._schema = schema
                 clients.append(local.client)
             try:
-                return local.client.generate(request)
+                outcome = local.client.generate(request)
             except Exception as exc:  # noqa: BLE001 - reported in the request's slot
-                return exc
+                outcome = exc
+            if on_result is not None:
+                on_result(index, outcome)
+            return outcome
 
         try:
             with ThreadPoolExecutor(max_workers=concurrency) as pool:
-                return list(pool.map(one, requests))
+                return list(pool.map(one, enumerate(requests)))
         finally:
             for client in clients:
+                self.retries += client.retries
                 client.close()
 
     def close(self) -> None:

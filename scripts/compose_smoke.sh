@@ -23,7 +23,7 @@ mkdir -p "$WORK"
 STARTED_DOCKERD=""
 PROJECT="tdsmoke$$"
 BASE_IMAGE=${BASE_IMAGE:-debian:bookworm-slim}
-LOCAL_BASE="local/debian:bookworm"
+LOCAL_BASE="local/debian:bookworm-nginx"  # rebuilt when the package list changes
 T0=$(date +%s)
 
 ./scripts/setup.sh >/dev/null   # the host-side client and pip (idempotent, seconds when done)
@@ -54,7 +54,7 @@ else
 fi
 log "engine $(docker version --format '{{.Server.Version}}'), $("${COMPOSE[@]}" version | head -1)"
 
-DC=("${COMPOSE[@]}" -p "$PROJECT" --profile cpu --profile load)
+DC=("${COMPOSE[@]}" -p "$PROJECT" --profile cpu --profile load --profile replicas)
 cleanup() {
   rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 77 ]; then
@@ -77,7 +77,7 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 && ! timeout 60 docker p
     rootfs="$WORK/rootfs"
     $SUDO rm -rf "$rootfs"
     $SUDO debootstrap --variant=minbase \
-      --include=python3,python3-venv,libpython3.11,libb64-0d,curl,ca-certificates \
+      --include=python3,python3-venv,libpython3.11,libb64-0d,curl,ca-certificates,nginx \
       bookworm "$rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
       || { tail -20 "$WORK/debootstrap.log"; exit 1; }
     $SUDO rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
@@ -180,5 +180,57 @@ LOCUST_DURATION=20s "${DC[@]}" run --rm locust >"$WORK/locust.log" 2>&1 || { tai
 # locust's final table: one line per request kind, then the aggregate
 grep -E "[0-9]+\([0-9.]+%\)" "$WORK/locust.log" | tail -3
 log "locust done in $(( $(date +%s) - t )) s, no failures"
+
+# --- 5. replicas behind nginx; one is killed mid-load, the client's retries lose nothing ----------
+"${DC[@]}" stop triton-cpu >/dev/null 2>&1   # its CPU cores go to the replicas
+export HTTP_PORT=$(free_port) GRPC_PORT=$(free_port)
+t=$(date +%s)
+log "replicas profile: 2 CPU replicas behind nginx (host ports HTTP $HTTP_PORT, gRPC $GRPC_PORT)"
+"${DC[@]}" up -d --scale triton-replica=2 lb >"$WORK/replicas.log" 2>&1 || { cat "$WORK/replicas.log"; exit 1; }
+lb=$("${DC[@]}" ps -q lb)
+for _ in $(seq 120); do
+  [ "$(docker inspect -f '{{.State.Health.Status}}' "$lb")" = healthy ] && break
+  sleep 2
+done
+replicas=$("${DC[@]}" ps -q triton-replica | tr '\n' ' ')
+[ "$(echo $replicas | wc -w)" -eq 2 ] || { log "expected 2 replicas, got: $replicas"; exit 1; }
+log "balancer healthy in $(( $(date +%s) - t )) s; replicas: $replicas"
+"$VPY" - "$GRPC_PORT" $replicas <<'PY'
+import subprocess, sys, threading
+from client import DiffusionClient, GenerationRequest, RetryPolicy
+
+grpc_port, victim = sys.argv[1], sys.argv[2]
+total, kill_after = 24, 6
+finished = []
+enough_done = threading.Event()
+
+
+def on_result(index, outcome):
+    finished.append(index)
+    if len(finished) >= kill_after:
+        enough_done.set()
+
+
+def kill_mid_load():
+    enough_done.wait()
+    subprocess.run(["docker", "kill", victim], check=True, capture_output=True)
+    print(f"[check] killed replica {victim[:12]} after {len(finished)} of {total} requests had finished", flush=True)
+
+
+requests = [GenerationRequest(f"replica smoke {i}", seed=100 + i) for i in range(total)]
+killer = threading.Thread(target=kill_mid_load)
+killer.start()
+with DiffusionClient(f"grpc://127.0.0.1:{grpc_port}", "stable_diffusion_tiny", timeout_s=300,
+                     retry=RetryPolicy(attempts=8, initial_backoff_s=0.5)) as client:
+    results = client.generate_many(requests, concurrency=4, on_result=on_result)
+killer.join()
+failures = [r for r in results if isinstance(r, Exception)]
+state = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}}", victim], capture_output=True, text=True).stdout.strip()
+print(f"[check] {total - len(failures)}/{total} requests succeeded through the balancer, {len(failures)} lost, "
+      f"{client.retries} retried attempts; killed replica now: {state}")
+assert not failures, failures
+assert [r.seed for r in results] == [100 + i for i in range(total)]
+PY
+log "replica failover done in $(( $(date +%s) - t )) s, no request lost"
 
 log "PASSED"
