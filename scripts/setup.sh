@@ -67,6 +67,22 @@ else
   log "requirements up to date"
 fi
 
+# --- promtool (checks deploy/prometheus in the tests): from Debian's prometheus package, unpacked
+#     into the venv rather than installed (no service, no daemon) ------------------------------------
+if [ ! -x "$VENV/bin/promtool" ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  log "fetching promtool from Debian's prometheus package"
+  tmp=$(mktemp -d)
+  if ( cd "$tmp" && { apt-get download prometheus >/dev/null 2>&1 || \
+        { $SUDO apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } ) \
+     && dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"; then
+    cp "$tmp/x/usr/bin/promtool" "$VENV/bin/promtool"
+  else
+    log "WARNING: could not fetch Debian's prometheus package; the promtool checks will fail"
+  fi
+  rm -rf "$tmp"
+fi
+
 # --- embedded default: tiny random-weight Stable Diffusion pipeline -----------------------------
 "$VENV/bin/triton-diffusion" build-tiny
 log "done. Serve the embedded default with:  .venv/bin/triton-diffusion serve"

@@ -51,7 +51,9 @@ class BackendMetrics:
         }
         self.pipeline_calls = {result: calls.Metric(labels={**labels, "result": result}) for result in CALL_RESULTS}
         self.images = images.Metric(labels=labels)
-        self.request_errors = errors.Metric(labels=labels)
+        # by the code the client got: Triton counts these requests in nv_inference_request_success
+        # (the Python backend answered them), so dashboards need this series for an error rate
+        self.request_errors = {code: errors.Metric(labels={**labels, "code": code}) for code in ("INVALID_ARG", "INTERNAL")}
         self.cancelled = cancelled.Metric(labels=labels)
         self.rows_dropped = dropped.Metric(labels=labels)
         self.steps = steps.Metric(labels=labels)
@@ -80,5 +82,5 @@ class BackendMetrics:
             self.images.increment(len(outcome.images))
         elif isinstance(outcome, Cancelled):
             self.cancelled.increment(1)
-        else:  # Rejected or Failed
-            self.request_errors.increment(1)
+        else:
+            self.request_errors["INVALID_ARG" if isinstance(outcome, Rejected) else "INTERNAL"].increment(1)
