@@ -36,13 +36,18 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue_delay_us=args.max_queue_delay_us,
         max_queue_size=args.max_queue_size,
     )
-    repository = args.model_repository
-    if overrides.any():
+    repository, models = args.model_repository, list(args.models)
+    if overrides.any() or args.fronts:
         repository = derived_repository(args.model_repository, args.models, overrides)
-        console.print(f"batching overrides {overrides} -> derived repository {repository}")
+        if overrides.any():
+            console.print(f"batching overrides {overrides} -> derived repository {repository}")
+    if args.fronts:
+        from .front import write_front
+
+        models += [write_front(repository, model) for model in args.models if (repository / model).is_dir()]
     config = ServerConfig(
         model_repository=repository,
-        models=args.models,
+        models=models,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -141,6 +146,9 @@ def main(argv=None) -> int:
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models")
     serve.add_argument("--exit-when-ready", action="store_true", help="stop once ready (a start-up check)")
     serve.add_argument("--no-watchdog", action="store_true", help="do not reload models whose stub process died")
+    serve.add_argument("--fronts", action=argparse.BooleanOptionalAction, default=_env("FRONTS", "0") not in ("0", "false", "no"),
+                       help="also serve <model>_any: takes any subset of the optional inputs and forwards to <model>, "
+                            "so plain clients batch together; max_batch_size small stubs per model (env FRONTS)")
     serve.add_argument("tritonserver_args", nargs=argparse.REMAINDER, help="after --: passed to tritonserver")
     serve.set_defaults(func=_serve)
     gateway = sub.add_parser("gateway", help="OpenAI-compatible images API in front of a running Triton")
