@@ -39,6 +39,21 @@ def every_input(text, seed):
             tensor("IMAGE", np.zeros((1, 0, 0, 3), np.uint8)), tensor("STRENGTH", one(0.8, np.float32))]
 
 
+def test_the_front_config_mirrors_the_model_and_fills_with_its_defaults():
+    from triton_diffusion import model_config
+    from triton_diffusion.front import filler_values, front_config
+
+    core = model_config.shipped(TINY)
+    front = front_config(core)
+    assert front.name == FRONT and front.max_batch_size == core.max_batch_size
+    assert [i.name for i in front.input] == [i.name for i in core.input] and front.output == core.output
+    assert front.instance_group[0].count == 16  # one per request of a full batch of the model
+    parameters = model_config.parameters(front)
+    assert parameters.pop("core_model") == TINY and parameters == model_config.parameters(core)
+    fillers = filler_values(parameters)
+    assert (fillers["NUM_INFERENCE_STEPS"], fillers["GUIDANCE_SCALE"], fillers["SEED"], fillers["HEIGHT"]) == (10, 7.5, -1, 0)
+
+
 @pytest.fixture(scope="module")
 def front_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("front")

@@ -65,6 +65,9 @@ def test_environment_sets_the_flag_defaults(monkeypatch):
     assert seen["models"] == ["a", "b"] and seen["max_queue_delay_us"] == 1234
     assert seen["max_batch_size"] is None and seen["http_port"] == 9000
     assert main(["serve", "--max-queue-delay-us", "5"]) == 0 and seen["max_queue_delay_us"] == 5
+    assert seen["fronts"] is False
+    monkeypatch.setenv("TRITON_DIFFUSION_FRONTS", "1")
+    assert main(["serve"]) == 0 and seen["fronts"] is True
 
 
 def test_triton_serves_the_derived_config(tmp_path):
