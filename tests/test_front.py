@@ -48,6 +48,7 @@ def test_the_front_config_mirrors_the_model_and_fills_with_its_defaults():
     assert front.name == FRONT and front.max_batch_size == core.max_batch_size
     assert [i.name for i in front.input] == [i.name for i in core.input] and front.output == core.output
     assert front.instance_group[0].count == 16  # one per request of a full batch of the model
+    assert front.dynamic_batching.default_queue_policy.max_queue_size == core.dynamic_batching.default_queue_policy.max_queue_size
     parameters = model_config.parameters(front)
     assert parameters.pop("core_model") == TINY and parameters == model_config.parameters(core)
     fillers = filler_values(parameters)

@@ -53,9 +53,12 @@ def front_config(core):
     front.ClearField("instance_group")
     group = front.instance_group.add()
     group.kind, group.count = group.KIND_CPU, max(1, min(core.max_batch_size, MAX_FRONT_INSTANCES))
-    # Batch the front only briefly: its executions wait on the batched model, which does the real batching.
+    # Batch the front only briefly: its executions wait on the batched model, which does the real
+    # batching. Its queue keeps the model's limit, so plain clients still get UNAVAILABLE when full.
     front.ClearField("dynamic_batching")
     front.dynamic_batching.max_queue_delay_microseconds = 1000
+    if core.dynamic_batching.HasField("default_queue_policy"):
+        front.dynamic_batching.default_queue_policy.CopyFrom(core.dynamic_batching.default_queue_policy)
     # The batched model's parameters, so the front validates and fills exactly as it would.
     model_config.set_parameters(front, {**model_config.parameters(core), CORE_MODEL: core.name})
     return front
