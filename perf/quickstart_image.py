@@ -38,14 +38,14 @@ def main() -> int:
                 results = client.generate_many([GenerationRequest(c, seed=SEED) for c in CAPTIONS], concurrency=len(CAPTIONS))
         finally:
             server.stop()
-    figure, axes = plt.subplots(1, len(CAPTIONS), figsize=(2 * len(CAPTIONS), 2.6))
+    figure, axes = plt.subplots(1, len(CAPTIONS), figsize=(2 * len(CAPTIONS), 2.9))
     for axis, caption, result in zip(axes, CAPTIONS, results):
         right = judge(result.array) == parse_caption(caption)
         axis.imshow(result.array)
         axis.set_title(caption.replace(" on ", "\non ") + f"\n(judged {'right' if right else 'WRONG'})", fontsize=9)
         axis.axis("off")
     figure.suptitle(f"tiny_shapes served by Triton (seed {SEED}, 64x64, 20 steps)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.92))  # room for the title above the captions
     figure.savefig(OUT, dpi=100)
     print(f"wrote {OUT}; judged right: {sum(judge(r.array) == parse_caption(c) for c, r in zip(CAPTIONS, results))}/{len(CAPTIONS)}")
     return 0
