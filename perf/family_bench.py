@@ -39,25 +39,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client import DiffusionClient  # noqa: E402
-from perf.gpu_bench import ProcessMemory, card_name, log, served_round, stub_pids  # noqa: E402
+from perf.gpu_bench import ARCH_DEFAULTS, card_name, log, served_round  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
 from triton_diffusion import harness, model_config  # noqa: E402
 
-# Per family: dtype, guidance (what GUIDANCE_SCALE means is the family's: CFG, true CFG or distilled)
-# and served steps (Z-Image-Turbo's own default; 20 elsewhere, as in the other GPU benchmarks).
-FAMILY = {
-    "sd15": ("float16", 7.5, 20),
-    "sdxl": ("float16", 5.0, 20),
-    "sd35-large": ("bfloat16", 3.5, 20),
-    "flux-dev": ("bfloat16", 3.5, 20),
-    "qwen-image": ("bfloat16", 4.0, 20),
-    "z-image-turbo": ("bfloat16", 0.0, 9),
-    "wan2.1-t2v-1.3b": ("bfloat16", 5.0, 20),
-}
-
-
 def family(arch: str) -> tuple[str, float, int]:
-    return FAMILY[arch.removesuffix("-tiny")]
+    """dtype, guidance and served steps of ``arch`` (``gpu_bench.ARCH_DEFAULTS``)."""
+    return ARCH_DEFAULTS[arch.removesuffix("-tiny")]
 
 
 def is_video(arch: str) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client import DiffusionClient  # noqa: E402
-from perf.gpu_bench import card_name, log, served_round  # noqa: E402
+from perf.gpu_bench import base_parameters, card_name, log, served_round  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
 from triton_diffusion import harness, model_config  # noqa: E402
 from triton_diffusion.front import FRONT_SUFFIX, write_front  # noqa: E402
@@ -46,13 +46,7 @@ def main(argv=None) -> int:
     card = card_name()
     biggest = max(args.concurrency)
     core = args.arch.replace("-", "_")
-    parameters = {
-        "pretrained_model": f"random:{args.arch}", "device": args.device,
-        "torch_dtype": "float16" if args.device.startswith("cuda") else "float32",
-        "default_height": str(args.size), "default_width": str(args.size), "default_steps": str(args.steps),
-        "default_guidance_scale": "7.5", "min_side": "64", "max_side": "2048", "max_pixels": None,
-        "max_images_per_call": str(biggest), "max_pixels_per_call": str(biggest * args.size ** 2),
-    }
+    parameters = {**base_parameters(args.arch, args, biggest), "max_pixels": None}
     prompts = vbench_prompts()
     results: dict[str, dict[int, list[dict]]] = {"direct": {}, "front": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,6 +39,7 @@ import threading
 import time
 from datetime import date
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -47,7 +48,18 @@ from client.cli import percentile  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
 from triton_diffusion import harness, model_config  # noqa: E402
 
-DTYPES = {"sd15": "float16", "flux-dev": "bfloat16"}
+# Per architecture: dtype, guidance (what GUIDANCE_SCALE means is the family's: CFG, true CFG or
+# distilled) and the steps family_bench.py serves (Z-Image-Turbo's own default; 20 elsewhere).
+ARCH_DEFAULTS = {
+    "sd15": ("float16", 7.5, 20),
+    "sdxl": ("float16", 5.0, 20),
+    "sd35-large": ("bfloat16", 3.5, 20),
+    "flux-dev": ("bfloat16", 3.5, 20),
+    "qwen-image": ("bfloat16", 4.0, 20),
+    "z-image-turbo": ("bfloat16", 0.0, 9),
+    "wan2.1-t2v-1.3b": ("bfloat16", 5.0, 20),
+}
+_UNLISTED = ("float16", 3.5, 20)
 # --speed compiled: the knobs that measured faster on an H100 (README); both sides get the same.
 SPEED = {
     "eager": {},
@@ -58,7 +70,6 @@ SPEED = {
         "flux-dev": {"compile": "regional"},
     },
 }
-GUIDANCE = {"sd15": 7.5, "flux-dev": 3.5}
 MODES = {
     "none": None,  # no dynamic batching: every request its own execution
     "dynamic": "max_queue_delay_microseconds: {delay_us}",
@@ -79,11 +90,11 @@ def card_name() -> str:
 
 
 def dtype_for(arch: str, args) -> str:
-    return "float32" if not args.device.startswith("cuda") else DTYPES.get(arch.removesuffix("-tiny"), "float16")
+    return "float32" if not args.device.startswith("cuda") else ARCH_DEFAULTS.get(arch.removesuffix("-tiny"), _UNLISTED)[0]
 
 
 def guidance_for(arch: str) -> float:
-    return GUIDANCE.get(arch.removesuffix("-tiny"), 3.5)
+    return ARCH_DEFAULTS.get(arch.removesuffix("-tiny"), _UNLISTED)[1]
 
 
 def largest_call(args) -> int:
@@ -222,8 +233,10 @@ class Offline:
             torch.cuda.empty_cache()
 
 
-def base_parameters(arch: str, args) -> dict[str, str]:
-    biggest = largest_call(args)
+def base_parameters(arch: str, args, images_per_call: Optional[int] = None) -> dict[str, str]:
+    """config.pbtxt parameters serving random weights of ``arch`` at ``args``' device, size and steps,
+    with calls of up to ``images_per_call`` images (default: ``largest_call``)."""
+    biggest = images_per_call or largest_call(args)
     return {
         "pretrained_model": f"random:{arch}", "device": args.device, "torch_dtype": dtype_for(arch, args),
         "default_height": str(args.size), "default_width": str(args.size), "default_steps": str(args.steps),

@@ -11,7 +11,7 @@ instances on GPU 0: does overlapping two executions on one card pay?).
 
     python perf/scale_bench.py --archs sd15,flux-dev --layouts 1,2
     python perf/scale_bench.py --archs flux-dev --layouts 1,1x2 --per-gpu 8
-    python perf/scale_bench.py --archs sd15-tiny --device-kind cpu --layouts 1,2 --per-gpu 2 --steps 2 --size 64  # CPU check
+    python perf/scale_bench.py --archs sd15-tiny --device cpu --layouts 1,2 --per-gpu 2 --steps 2 --size 64  # CPU check
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client import DiffusionClient  # noqa: E402
-from perf.gpu_bench import ProcessMemory, card_name, log, served_round, stub_pids  # noqa: E402
+from client.cli import percentile  # noqa: E402
+from perf.gpu_bench import ProcessMemory, base_parameters, card_name, log, served_round, stub_pids  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
 from triton_diffusion import harness, model_config  # noqa: E402
-
-DTYPE_GUIDANCE = {"sd15": ("float16", 7.5), "flux-dev": ("bfloat16", 3.5)}
 
 
 def parse_layout(text: str) -> tuple[int, int]:
@@ -56,21 +55,16 @@ def instance_calls(server, name: str) -> dict[str, float]:
 
 def serve_layout(arch: str, layout: str, args, workdir: Path):
     gpus, per_gpu = parse_layout(layout)
-    dtype, guidance = DTYPE_GUIDANCE[arch.removesuffix("-tiny")]
     per_instance = args.per_gpu
     name = f"{arch}_{layout}".replace("-", "_")
-    parameters = {
-        "pretrained_model": f"random:{arch}", "device": "auto", "torch_dtype": dtype if args.device_kind == "gpu" else "float32",
-        "default_height": str(args.size), "default_width": str(args.size), "default_steps": str(args.steps),
-        "default_guidance_scale": str(guidance), "min_side": "64", "max_side": "2048", "max_pixels": None,
-        "max_images_per_call": str(per_instance), "max_pixels_per_call": str(per_instance * args.size ** 2),
-    }
+    # device auto: each KIND_GPU instance runs on the GPU Triton assigns it
+    parameters = {**base_parameters(arch, args, per_instance), "device": "auto", "max_pixels": None}
     config = model_config.variant(name, parameters, f"preferred_batch_size: [ {per_instance} ] "
                                   f"max_queue_delay_microseconds: {args.delay_us}", per_instance)
     del config.instance_group[:]
     group = config.instance_group.add()
     group.count = per_gpu
-    if args.device_kind == "gpu":
+    if args.device.startswith("cuda"):
         group.kind = group.KIND_GPU
         group.gpus.extend(range(gpus))
     else:  # CPU check: the same number of instances
@@ -95,10 +89,10 @@ def bench(arch: str, layout: str, args, prompts, workdir: Path) -> dict:
             calls = {k: v - calls_before.get(k, 0.0) for k, v in instance_calls(server, name).items()}
     finally:
         server.stop()
-    latencies = sorted(level["latencies"])
-    p = lambda q: latencies[min(len(latencies) - 1, round(q / 100 * (len(latencies) - 1)))]  # noqa: E731
+    latencies = level["latencies"]
     result = {"arch": arch, "layout": layout, "instances": instances, "concurrency": concurrency,
-              "images_per_s": level["images_per_s"], "p50_s": p(50), "p99_s": p(99), "n": len(latencies),
+              "images_per_s": level["images_per_s"], "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
+              "n": len(latencies),
               "failures": level["failures"], "histogram": level["histogram"], "calls_per_instance": calls,
               "gpu_mem_mib_all_stubs": memory.peak_mib}
     log(f"{name}: {result['images_per_s']:.3f} img/s at c={concurrency}, p50 {result['p50_s']:.2f}s p99 {result['p99_s']:.2f}s, "
@@ -124,7 +118,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default="sd15")
     parser.add_argument("--layouts", default="1,2")
-    parser.add_argument("--device-kind", choices=("gpu", "cpu"), default="gpu")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a check with KIND_CPU instances")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--per-gpu", type=int, default=16, help="requests in flight per instance (and its batch size)")
@@ -137,7 +131,7 @@ def main(argv=None) -> int:
     import torch
 
     card = card_name()
-    gpus = torch.cuda.device_count() if args.device_kind == "gpu" else 0
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     header = (f"card: {gpus} x {card}, torch {torch.__version__}, eager, {args.size}x{args.size}, {args.steps} steps, "
               f"{args.per_gpu} in flight per instance, {date.today().isoformat()}; command: {' '.join(sys.argv)}")
     stem = f"scale_bench_{card.replace(' ', '_')}_{date.today().isoformat()}_{args.archs.replace(',', '+')}{'_' + args.tag if args.tag else ''}"

@@ -39,17 +39,19 @@ def _default(device, dtype):
         torch.set_default_dtype(previous)
 
 
-def _clip_text(hidden: int, layers: int, heads: int, intermediate: int, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip_text(hidden: int, layers: int, heads: int, intermediate: int, tokenizer, projection: int = 0,
+               act: str = "quick_gelu"):
+    """A CLIP text encoder; with ``projection``, the variant with a projection head (pooled output)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=max(49408 if hidden >= 768 else 0, len(tokenizer)),
-            hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=77, hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
+    config = CLIPTextConfig(
+        vocab_size=max(49408 if hidden >= 768 else 0, len(tokenizer)),
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=77, hidden_act=act,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **({"projection_dim": projection} if projection else {}),
     )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def _vae(channels: tuple, latent_channels: int, layers: int, groups: int, flux: bool = False):
@@ -126,20 +128,6 @@ def flux(tiny: bool):
     )
 
 
-def _clip_with_projection(hidden: int, layers: int, heads: int, intermediate: int, projection: int, tokenizer,
-                          act: str = "gelu"):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=max(49408 if hidden >= 768 else 0, len(tokenizer)),
-            hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-            max_position_embeddings=77, hidden_act=act, projection_dim=projection,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-
-
 def _t5(tiny: bool, tokenizer, umt5: bool = False):
     """T5 v1.1 XXL encoder (FLUX, SD3) or UMT5-XXL (Wan): 24 layers, d_model 4096, 64 heads."""
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
@@ -162,7 +150,7 @@ def stable_diffusion_xl(tiny: bool):
     tokenizer, tokenizer_2 = byte_level_tokenizer(77), byte_level_tokenizer(77)
     if tiny:
         text_encoder = _clip_text(32, 2, 4, 64, tokenizer)
-        text_encoder_2 = _clip_with_projection(32, 2, 4, 64, 32, tokenizer_2)
+        text_encoder_2 = _clip_text(32, 2, 4, 64, tokenizer_2, projection=32, act="gelu")
         unet = UNet2DConditionModel(
             sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -173,7 +161,7 @@ def stable_diffusion_xl(tiny: bool):
         vae = _vae((16, 32, 32, 32), 4, 1, 16)
     else:
         text_encoder = _clip_text(768, 12, 12, 3072, tokenizer)
-        text_encoder_2 = _clip_with_projection(1280, 32, 20, 5120, 1280, tokenizer_2)
+        text_encoder_2 = _clip_text(1280, 32, 20, 5120, tokenizer_2, projection=1280, act="gelu")
         unet = UNet2DConditionModel(
             sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -198,8 +186,8 @@ def stable_diffusion_3(tiny: bool):
 
     tokenizer, tokenizer_2, tokenizer_3 = byte_level_tokenizer(77), byte_level_tokenizer(77), byte_level_tokenizer(256)
     if tiny:
-        text_encoder = _clip_with_projection(32, 2, 4, 64, 32, tokenizer)
-        text_encoder_2 = _clip_with_projection(32, 2, 4, 64, 32, tokenizer_2)
+        text_encoder = _clip_text(32, 2, 4, 64, tokenizer, projection=32, act="gelu")
+        text_encoder_2 = _clip_text(32, 2, 4, 64, tokenizer_2, projection=32, act="gelu")
         transformer = SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
             joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
@@ -207,8 +195,8 @@ def stable_diffusion_3(tiny: bool):
         )
         vae = _vae((16, 32, 32, 32), 16, 1, 16, flux=True)
     else:
-        text_encoder = _clip_with_projection(768, 12, 12, 3072, 768, tokenizer, act="quick_gelu")
-        text_encoder_2 = _clip_with_projection(1280, 32, 20, 5120, 1280, tokenizer_2)
+        text_encoder = _clip_text(768, 12, 12, 3072, tokenizer, projection=768)
+        text_encoder_2 = _clip_text(1280, 32, 20, 5120, tokenizer_2, projection=1280, act="gelu")
         transformer = SD3Transformer2DModel(
             sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
             num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,

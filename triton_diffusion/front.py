@@ -25,8 +25,6 @@ import numpy as np
 from .settings import ModelSettings
 
 FRONT_SUFFIX = "_any"
-_NUMPY = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP32": np.float32,
-          "TYPE_FP64": np.float64, "TYPE_UINT8": np.uint8}
 # Values that mean "the model's default" to the batched model's parser (requests.py).
 _MARKERS = {"SEED": -1, "HEIGHT": 0, "WIDTH": 0, "NEGATIVE_PROMPT": b"", "NUM_FRAMES": 0}
 # Inputs with no marker: filled with the model's default_* parameter.
@@ -70,12 +68,14 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         import triton_python_backend_utils as pb_utils
 
+        from client.api import ServedSchema
+
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.core = parameters.pop(CORE_MODEL)
         self.settings = ModelSettings.from_parameters(parameters)
-        self.inputs = {entry["name"]: _NUMPY[entry["data_type"]] for entry in config["input"]}
+        self.inputs = ServedSchema.from_config(config).inputs  # name -> numpy dtype
         self.outputs = [entry["name"] for entry in config["output"]]
         self.fillers = filler_values(parameters)
 
