@@ -23,8 +23,10 @@ from .api import (
     as_request,
     build_inputs,
     build_outputs,
+    decoupled_over_http,
     infer_options,
     parse_result,
+    stream_request,
     timeout_error,
     to_server_error,
 )
@@ -86,12 +88,31 @@ class AsyncDiffusionClient(ClientOptions):
         kwargs = infer_options(request, self.protocol, self.timeout_s)
         schema = await self.schema()
         inputs = build_inputs(self._types, request.tensors(schema))
+        outputs = build_outputs(self._types, schema.output)
         started = time.perf_counter()
         try:
-            result = await self._bounded(self._client.infer(self.model, inputs, outputs=build_outputs(self._types, schema.output), **kwargs))
+            if schema.decoupled:
+                result = await self._stream_once(stream_request(self.model, inputs, outputs, kwargs))
+            else:
+                result = await self._bounded(self._client.infer(self.model, inputs, outputs=outputs, **kwargs))
         except InferenceServerException as exc:
             raise to_server_error(exc) from None
         return parse_result(result, request, time.perf_counter() - started, schema.output)
+
+    async def _stream_once(self, request: dict):
+        """A decoupled model's one response, over a stream opened for this request (cancelling the
+        task cancels the stream, and Triton the request)."""
+        if self.protocol != "grpc":
+            raise decoupled_over_http(self.model)
+
+        async def one_request():
+            yield request
+
+        async for result, error in self._client.stream_infer(one_request(), stream_timeout=self.timeout_s):
+            if error is not None:
+                raise error
+            return result
+        raise to_server_error(RuntimeError("the stream closed without a response"))
 
     async def generate_many(
         self,

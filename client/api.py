@@ -77,6 +77,8 @@ class ServedSchema:
     inputs: Mapping[str, object]
     defaults: Mapping[str, float]
     output: str = "IMAGE"  # IMAGE ([H, W, 3] per prompt) or VIDEO ([F, H, W, 3])
+    # A decoupled model (batching: continuous) answers over a gRPC stream, not a unary call.
+    decoupled: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping) -> "ServedSchema":
@@ -90,7 +92,8 @@ class ServedSchema:
                 except ValueError:
                     continue
         output = "VIDEO" if any(entry.get("name") == "VIDEO" for entry in config.get("output", [])) else "IMAGE"
-        return cls(inputs, defaults, output)
+        decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+        return cls(inputs, defaults, output, decoupled)
 
 
 @dataclass
@@ -119,6 +122,8 @@ class GenerationRequest:
         """
         if self.num_frames and "NUM_FRAMES" not in schema.inputs:
             raise ValueError("num_frames is for video models; this model declares no NUM_FRAMES input")
+        if self.init_image is not None and "IMAGE" not in schema.inputs:
+            raise ValueError("this model serves text-to-image only; it declares no IMAGE input for a source image")
         image = None
         if self.init_image is not None:
             image = np.asarray(self.init_image.convert("RGB") if hasattr(self.init_image, "convert") else self.init_image)
@@ -246,6 +251,18 @@ def infer_options(request: GenerationRequest, protocol: str, timeout_s: Optional
     return kwargs
 
 
+def stream_request(model: str, inputs: list, outputs: list, options: dict) -> dict:
+    """One request of a gRPC stream (decoupled models): ``infer``'s options, less the client deadline
+    (the stream has its own)."""
+    return {"model_name": model, "inputs": inputs, "outputs": outputs,
+            **{key: value for key, value in options.items() if key != "client_timeout"}}
+
+
+def decoupled_over_http(model: str) -> ServerError:
+    return ServerError(f"model {model!r} is decoupled (batching: continuous) and answers over gRPC streams only; "
+                       "use a grpc:// URL")
+
+
 def parse_result(result, request: GenerationRequest, seconds: float, output: str = "IMAGE") -> GenerationResult:
     return GenerationResult(
         array=result.as_numpy(output)[0], seed=int(result.as_numpy("SEED")[0][0]), seconds=seconds, request=request
@@ -341,15 +358,36 @@ class DiffusionClient(ClientOptions):
         kwargs = infer_options(request, self.protocol, self.timeout_s)
         schema = self.schema
         inputs = build_inputs(self._module, request.tensors(schema))
+        outputs = build_outputs(self._module, schema.output)
         started = time.perf_counter()
         try:
-            result = self._client.infer(self.model, inputs, outputs=build_outputs(self._module, schema.output), **kwargs)
+            if schema.decoupled:
+                result = self._stream_once(stream_request(self.model, inputs, outputs, kwargs))
+            else:
+                result = self._client.infer(self.model, inputs, outputs=outputs, **kwargs)
         except InferenceServerException as exc:
             raise to_server_error(exc) from None
         except _HTTP_TIMEOUTS:
             self._reconnect()  # the timed-out connection may still receive the late answer
             raise timeout_error(self.timeout_s) from None
         return parse_result(result, request, time.perf_counter() - started, schema.output)
+
+    def _stream_once(self, request: dict):
+        """A decoupled model's one response, over a stream opened for this request."""
+        import queue
+
+        if self.protocol != "grpc":
+            raise decoupled_over_http(self.model)
+        responses: queue.Queue = queue.Queue()
+        self._client.start_stream(lambda result, error: responses.put((result, error)), stream_timeout=self.timeout_s)
+        try:
+            self._client.async_stream_infer(**request)
+            result, error = responses.get()
+        finally:
+            self._client.stop_stream()
+        if error is not None:
+            raise error
+        return result
 
     def _reconnect(self) -> None:
         try:

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Optional
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from .acceleration import compiled_graphs
 from .batching import CallBudget
+from .continuous import ContinuousBatcher, Job
 from .executor import Cancelled, Executor, Failed, Images, Outcome, Rejected
 from .metrics import BackendMetrics
 from .pipeline import ModelLoadError, PipelineRunner, is_out_of_memory, resolve_device
 from .requests import ParsedRequest, ParseResult, RequestError, parse_request
 from .schema import Schema, SchemaError
 from .settings import ModelSettings, SettingsError
+from .stepwise import ContinuousUnsupported, StepModel, step_model_for
 
 
 def _error_response(message: str, code) -> "pb_utils.InferenceResponse":
@@ -38,8 +41,15 @@ class TritonPythonModel:
             self.settings = ModelSettings.from_model_config(model_config)
             device = resolve_device(self.settings.device, args.get("model_instance_kind", ""),
                                     int(args.get("model_instance_device_id") or 0))
+            decoupled = pb_utils.using_decoupled_model_transaction_policy(model_config)
+            if decoupled != self.settings.continuous:
+                raise SettingsError("batching: continuous and model_transaction_policy { decoupled: true } go together "
+                                    "(a continuous model answers from its running batch, after execute() returned)")
             self.runner = PipelineRunner.load(self.settings, device, self.schema.output)
-        except (SchemaError, SettingsError, ModelLoadError) as exc:
+            self.steps: Optional[StepModel] = None
+            if self.settings.continuous:
+                self.steps = step_model_for(self.runner.text_to_image, self.runner.device, self.settings.max_sequence_length)
+        except (SchemaError, SettingsError, ModelLoadError, ContinuousUnsupported) as exc:
             # Raising fails this model's load with the message; the server and other models stay up.
             raise pb_utils.TritonModelException(f"{self.model_name}: {exc}") from None
         for warning in self.settings.batching_warnings(int(model_config.get("max_batch_size", 0))):
@@ -54,9 +64,19 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"{self.model_name}: warm-up ran {warmup.calls} calls in {warmup.seconds:.1f}s, "
                                      f"{warmup.compiled_graphs} graphs compiled")
         self.graphs_seen, self.padded_rows_seen = compiled_graphs(), 0
+        budget = CallBudget(self.settings.max_images_per_call, self.settings.max_pixels_per_call)
+        self.batcher: Optional[ContinuousBatcher] = None
+        if self.steps is not None:
+            self.batcher = ContinuousBatcher(self.steps, budget, is_out_of_memory,
+                                             self.settings.cancellation_poll_interval_ms / 1000,
+                                             on_step=self.metrics.observe_running_step,
+                                             on_admit=self.metrics.observe_admission,
+                                             on_out_of_memory=self.metrics.row_cap.set)
+            self.metrics.row_cap.set(self.batcher.row_cap)
+            self.batcher.start()
         self.executor = Executor(
             self.runner.run,
-            CallBudget(self.settings.max_images_per_call, self.settings.max_pixels_per_call),
+            budget,
             is_out_of_memory,
             on_call=self.metrics.observe_call,
             on_step=self.metrics.observe_step,
@@ -68,7 +88,9 @@ class TritonPythonModel:
             f"{self.settings.model_location} on {self.runner.device}"
         )
 
-    def execute(self, requests: list) -> list:
+    def execute(self, requests: list) -> Optional[list]:
+        if self.steps is not None:
+            return self._execute_continuous(requests)
         started = time.perf_counter()
         parsed = [self._parse(request) for request in requests]
         self.metrics.observe_stage("validate", time.perf_counter() - started)
@@ -78,6 +100,41 @@ class TritonPythonModel:
         responses = [self._respond(outcome) for outcome in outcomes]
         self.metrics.observe_stage("respond", time.perf_counter() - started)
         return responses
+
+    def _execute_continuous(self, requests: list) -> None:
+        """Hand the requests to the running batch and return once they are in it (decoupled: each
+        is answered through its response sender when its last row is decoded)."""
+        started = time.perf_counter()
+        accepted = []
+        for request in requests:
+            sender = request.get_response_sender()
+            parsed = self._parse(request)
+            if isinstance(parsed, RequestError):
+                self._send_final(sender, Rejected(str(parsed)))
+            else:
+                accepted.append((sender, parsed))
+        self.metrics.observe_stage("validate", time.perf_counter() - started)
+        if not accepted:
+            return None
+        items = [item for _, parsed in accepted for item in parsed.items]
+        try:  # encoding happens here, on Triton's thread, while the running batch keeps stepping
+            rows = iter(self.steps.prepare(items))
+        except Exception as exc:  # noqa: BLE001 - these requests fail; the running batch goes on
+            is_out_of_memory(exc)
+            for sender, _ in accepted:
+                self._send_final(sender, Failed(f"encoding the prompts failed: {type(exc).__name__}: {exc}"))
+            return None
+        jobs = [
+            Job([next(rows) for _ in parsed.items], tuple(item.seed for item in parsed.items), sender.is_cancelled,
+                lambda outcome, sender=sender: self._send_final(sender, outcome))
+            for sender, parsed in accepted
+        ]
+        self.batcher.submit(jobs)
+        self.batcher.wait_for_room()  # backpressure: the next requests wait in Triton's queue, by priority
+        return None
+
+    def _send_final(self, sender, outcome: Outcome) -> None:
+        sender.send(self._respond(outcome), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _count_compilations_and_padding(self) -> None:
         graphs = compiled_graphs()
@@ -95,7 +152,7 @@ class TritonPythonModel:
         result = parse_request({name: t.as_numpy() for name, t in inputs.items() if t is not None}, self.settings)
         if isinstance(result, ParsedRequest):
             for item in result.items:
-                reason = self.runner.unsupported(item)
+                reason = self.runner.unsupported(item) or (self.steps and self.steps.unsupported(item))
                 if reason:
                     return RequestError(reason)
         return result
@@ -117,4 +174,6 @@ class TritonPythonModel:
         return _error_response(outcome.message, pb_utils.TritonError.INTERNAL)
 
     def finalize(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
         self.runner = None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from .continuous import StepReport
 from .executor import CallReport, Images, Outcome, Cancelled, Rejected
 
 STAGES = ("validate", "pipeline", "respond")
 CALL_RESULTS = ("ok", "out_of_memory", "failed")
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 _GROUP_BUCKETS = [1, 2, 3, 4, 8, 16]
+_STEP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
 _SECONDS_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 
@@ -42,8 +44,19 @@ class BackendMetrics:
                 "diffusion_compilations_while_serving_total",
                 "Graphs torch.compile built after the warm-up (a shape no warm-up covered; 0 when warm)", counter),
             pb_utils.MetricFamily("diffusion_padding_rows_total", "Filler rows run to pad calls to a batch bucket", counter),
+            # continuous batching (batching: continuous)
+            pb_utils.MetricFamily("diffusion_continuous_live_rows", "Rows denoised together per step of the running batch",
+                                  histogram),
+            pb_utils.MetricFamily("diffusion_continuous_step_seconds", "Seconds per step of the running batch (all sizes)",
+                                  histogram),
+            pb_utils.MetricFamily("diffusion_continuous_admissions_total",
+                                  "Rows admitted to the running batch: when it was idle, or mid-flight (joining running rows)",
+                                  counter),
+            pb_utils.MetricFamily("diffusion_continuous_row_cap", "Most rows the running batch admits (lowered after out-of-memory)",
+                                  gauge),
         ]
-        batch, groups, stages, calls, images, errors, cancelled, dropped, steps, poll, warmup, compilations, padding = self._families
+        (batch, groups, stages, calls, images, errors, cancelled, dropped, steps, poll, warmup, compilations, padding,
+         live_rows, step_seconds, admissions, row_cap) = self._families
         self.pipeline_batch_size = batch.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.groups_per_execute = groups.Metric(labels=labels, buckets=_GROUP_BUCKETS)
         self.stage_seconds = {
@@ -61,6 +74,18 @@ class BackendMetrics:
         self.warmup_seconds = warmup.Metric(labels=labels)
         self.compilations = compilations.Metric(labels=labels)
         self.padding_rows = padding.Metric(labels=labels)
+        self.live_rows = live_rows.Metric(labels=labels, buckets=_BATCH_BUCKETS)
+        self.step_seconds = step_seconds.Metric(labels=labels, buckets=_STEP_BUCKETS)
+        self.admissions = {when: admissions.Metric(labels={**labels, "when": when}) for when in ("idle", "mid_flight")}
+        self.row_cap = row_cap.Metric(labels=labels)
+
+    def observe_running_step(self, report: StepReport) -> None:
+        self.live_rows.observe(report.live_rows)
+        self.step_seconds.observe(report.seconds)
+        self.steps.increment(1)
+
+    def observe_admission(self, rows: int, mid_flight: bool) -> None:
+        self.admissions["mid_flight" if mid_flight else "idle"].increment(rows)
 
     def observe_call(self, report: CallReport) -> None:
         self.pipeline_batch_size.observe(report.rows)

@@ -70,6 +70,7 @@ SPEED_KNOBS = ("compile", "compile_mode", "compile_dynamic", "compile_vae", "com
                "attention_backend", "vae_slicing", "vae_tiling", "step_cache")
 COMPILE_CHOICES = ("off", "regional", "full")
 COMPILE_DYNAMIC_CHOICES = ("auto", "true", "false")
+BATCHING_CHOICES = ("dynamic", "continuous")
 
 
 class SettingsError(ValueError):
@@ -112,6 +113,9 @@ class ModelSettings:
     max_images_per_call: int = 16
     # how often a running call asks Triton whether its requests were cancelled (0: every step)
     cancellation_poll_interval_ms: int = 100
+    # dynamic: one pipeline call per batch Triton forms; continuous: newcomers join the running batch
+    # at the next denoising step (flow-matching families; the model must be decoupled)
+    batching: str = "dynamic"
     # speed (acceleration.py); all off by default: the CPU tiny model gains nothing from them
     speed_devices: tuple[str, ...] = ("cuda",)  # device types the knobs below apply on (elsewhere: ignored, logged)
     compile: str = "off"  # off | regional (diffusers compile_repeated_blocks) | full (the whole denoiser)
@@ -209,6 +213,12 @@ class ModelSettings:
             problems.append("default_num_frames and max_sequence_length must be 0 or more")
         if self.max_images_per_call < 1 or self.max_pixels_per_call < 1:
             problems.append("max_images_per_call and max_pixels_per_call must be positive")
+        if self.batching not in BATCHING_CHOICES:
+            problems.append(f"batching={self.batching!r} must be one of {', '.join(BATCHING_CHOICES)}")
+        elif self.continuous and (self.batch_buckets or self.step_cache):
+            # a running batch changes size at every admission and mixes steps: neither padding to a
+            # bucket nor a step cache (which assumes one step for the whole batch) applies
+            problems.append("batching=continuous takes neither batch_buckets nor step_cache")
         problems += self._speed_problems()
         if problems:
             raise SettingsError("config.pbtxt parameters are inconsistent: " + "; ".join(problems))
@@ -247,6 +257,10 @@ class ModelSettings:
         if device.split(":")[0] in self.speed_devices:
             return self
         return dataclasses.replace(self, **{name: getattr(ModelSettings, name) for name in SPEED_KNOBS})
+
+    @property
+    def continuous(self) -> bool:
+        return self.batching == "continuous"
 
     @property
     def compiles(self) -> bool:
@@ -317,6 +331,8 @@ PARAMETER_DOCS = {
     "max_pixels_per_call": "Memory budget of one pipeline call: images x height x width.",
     "max_images_per_call": "Most images in one pipeline call.",
     "cancellation_poll_interval_ms": "How often a running call asks Triton whether its requests were cancelled; 0: every step.",
+    "batching": "`dynamic`: one pipeline call per batch Triton forms. `continuous`: a running batch that requests join at "
+                "the next denoising step (FLUX.1, Z-Image; the model must declare `model_transaction_policy { decoupled: true }`).",
     "speed_devices": "Device types the speed knobs apply on (default `cuda`); elsewhere they are ignored and logged.",
     "compile": "`off`, `regional` (diffusers' `compile_repeated_blocks`) or `full` (the whole denoiser).",
     "compile_mode": "torch.compile mode: empty (default), `reduce-overhead` (CUDA graphs), `max-autotune`, ...",

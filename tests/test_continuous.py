@@ -1,0 +1,181 @@
+"""Continuous batching through the real server (``batching: continuous``, decoupled models).
+
+Every image is compared with the same request served alone by the dynamic-batching model of the
+same family (same random weights), i.e. by the diffusers pipeline's own ``__call__``: the step
+loop must reproduce it, whatever joined or left the running batch meanwhile. Tests wait on the
+server's metrics (steps run, rows admitted, requests cancelled), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from client import DiffusionClient, GenerationRequest, RetryPolicy, ServerError
+from client.aio import AsyncDiffusionClient
+from triton_diffusion import harness
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
+
+from .conftest import STEPS, assert_same_image, metric, pending, start_server
+
+# continuous model -> the dynamic-batching model with the same weights
+PAIRS = {"flux_tiny_continuous": "flux_tiny", "z_image_tiny_continuous": "z_image_tiny"}
+LONG_STEPS = 300  # a long request: many steps of the tiny model, so others can join it mid-flight
+ADMITTED = "diffusion_continuous_admissions_total"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models = list(PAIRS) + list(PAIRS.values())
+    server = start_server(tmp_path_factory.mktemp("continuous"), models, name="continuous", require_ready=True)
+    yield server
+    server.stop()
+
+
+def served_alone(server, model: str, requests: list[GenerationRequest]) -> list[np.ndarray]:
+    with DiffusionClient(f"grpc://{server.grpc_url}", PAIRS[model], timeout_s=300) as client:
+        return [client.generate(request).array for request in requests]
+
+
+def admitted(server, model: str, when: str) -> float:
+    text = harness.metrics_text(server)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(ADMITTED) and f'model="{model}"' in line and f'when="{when}"' in line)
+
+
+def wait_for_admitted(server, model: str, rows: float) -> None:
+    harness.wait_until(lambda: admitted(server, model, "idle") + admitted(server, model, "mid_flight") >= rows,
+                       f"{rows} rows admitted to {model}'s running batch")
+
+
+async def timed(client: AsyncDiffusionClient, request: GenerationRequest, finished: list, label: str):
+    result = await client.generate(request)
+    finished.append(label)
+    return result
+
+
+@pytest.mark.parametrize("model", PAIRS)
+def test_a_short_request_joins_a_running_long_one_finishes_first_and_equals_its_solo_image(server, model):
+    long = GenerationRequest("a long walk along a grey beach at dawn", seed=21, steps=LONG_STEPS)
+    short = GenerationRequest("a red circle", seed=22, steps=3, guidance_scale=1.5)
+    mid_flight_before = admitted(server, model, "mid_flight")
+
+    async def scenario():
+        finished: list[str] = []
+        async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", model, timeout_s=300) as client:
+            steps_before = metric(server, STEPS, model)
+            long_task = asyncio.create_task(timed(client, long, finished, "long"))
+            # the long request is denoising: the short one arrives mid-flight
+            await asyncio.to_thread(harness.wait_for_metric, server, STEPS, model, steps_before + 1)
+            short_result = await timed(client, short, finished, "short")
+            return finished, await long_task, short_result
+
+    finished, long_result, short_result = asyncio.run(scenario())
+    assert finished == ["short", "long"], "the short request must not wait for the long one"
+    assert admitted(server, model, "mid_flight") == mid_flight_before + 1
+    long_alone, short_alone = served_alone(server, model, [long, short])
+    assert_same_image(short_result.array, short_alone)
+    assert_same_image(long_result.array, long_alone)
+    assert (short_result.seed, long_result.seed) == (22, 21)
+
+
+@pytest.mark.parametrize("model", PAIRS)
+def test_ten_requests_arriving_at_random_times_each_equal_their_solo_image(server, model):
+    rng = random.Random(7)
+    requests = [GenerationRequest(f"shape {index}: a {rng.choice(['red', 'blue', 'green'])} square " * rng.randint(1, 20),
+                                  seed=100 + index, steps=rng.randint(2, 24), guidance_scale=rng.choice([0.0, 1.0, 3.5]),
+                                  height=rng.choice([48, 64]), width=64)
+                for index in range(10)]
+    delays = [rng.uniform(0, 0.3) for _ in requests]  # arrival times (load shape, not synchronisation)
+    mid_flight_before = admitted(server, model, "mid_flight")
+
+    async def scenario():
+        async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", model, timeout_s=300) as client:
+            async def arrive(delay, request):
+                await asyncio.sleep(delay)
+                return await client.generate(request)
+            return await asyncio.gather(*(arrive(d, r) for d, r in zip(delays, requests)))
+
+    results = asyncio.run(scenario())
+    for result, alone, request in zip(results, served_alone(server, model, requests), requests):
+        assert result.seed == request.seed
+        assert_same_image(result.array, alone)
+    # whether any joined mid-flight depends on timing; that one did is shown by the test above
+    assert admitted(server, model, "mid_flight") >= mid_flight_before
+
+
+def test_a_cancelled_row_leaves_the_running_batch_and_its_neighbours_unchanged(server):
+    model = "flux_tiny_continuous"
+    requests = [GenerationRequest(f"neighbour {index}", seed=300 + index, steps=LONG_STEPS // 2) for index in range(3)]
+    cancelled_before = metric(server, "diffusion_requests_cancelled_total", model)
+    rows_before = admitted(server, model, "idle") + admitted(server, model, "mid_flight")
+
+    async def scenario():
+        async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", model, timeout_s=300) as client:
+            tasks = [asyncio.create_task(client.generate(request)) for request in requests]
+            await asyncio.to_thread(wait_for_admitted, server, model, rows_before + 3)
+            steps = metric(server, STEPS, model)
+            await asyncio.to_thread(harness.wait_for_metric, server, STEPS, model, steps + 1)  # all three denoising
+            tasks[1].cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            return results
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[1], asyncio.CancelledError)
+    harness.wait_for_metric(server, "diffusion_requests_cancelled_total", model, cancelled_before + 1)
+    kept = [requests[0], requests[2]]
+    for result, alone in zip([results[0], results[2]], served_alone(server, model, kept)):
+        assert_same_image(result.array, alone)
+
+
+def test_bad_requests_get_their_own_error_and_batch_mates_are_served(server):
+    model = "flux_tiny_continuous"
+    with DiffusionClient(f"grpc://{server.grpc_url}", model, timeout_s=120, retry=RetryPolicy(attempts=1)) as client:
+        with pytest.raises(ServerError, match="NUM_INFERENCE_STEPS"):
+            client.generate(GenerationRequest("too many steps", steps=100_000))
+        with pytest.raises(ServerError, match="NEGATIVE_PROMPT"):
+            client.generate(GenerationRequest("flux takes none", negative_prompt="blurry"))
+        with pytest.raises(ValueError, match="text-to-image only"):
+            client.generate(GenerationRequest("no source images", init_image=np.zeros((64, 64, 3), np.uint8)))
+        assert client.generate(GenerationRequest("still serving", seed=1, steps=2)).array.shape == (64, 64, 3)
+    with pytest.raises(ServerError, match="gRPC"):
+        with DiffusionClient(f"http://{server.http_url}", model) as client:
+            client.generate(GenerationRequest("over http", steps=2))
+    assert metric(server, "diffusion_request_errors_total", model) >= 2
+
+
+def test_priority_decides_which_waiting_request_joins_first(tmp_path_factory):
+    """A running batch of one row: the high-priority request sent last is admitted before the
+    normal one sent first (they wait in Triton's priority queue, not in the model)."""
+    repository = tmp_path_factory.mktemp("one-row")
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY / "flux_tiny_continuous", repository / "flux_tiny_continuous")
+    config = repository / "flux_tiny_continuous" / "config.pbtxt"
+    config.write_text(config.read_text().replace('key: "max_images_per_call", value: { string_value: "8" }',
+                                                 'key: "max_images_per_call", value: { string_value: "1" }')
+                      .replace("max_batch_size: 8", "max_batch_size: 1"))
+    model = "flux_tiny_continuous"
+    server = start_server(tmp_path_factory.mktemp("priority"), [model], name="priority", repository=repository,
+                          require_ready=True)
+    try:
+        async def scenario():
+            finished: list[str] = []
+            async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", model, timeout_s=300) as client:
+                steps = metric(server, STEPS, model)
+                first = asyncio.create_task(timed(client, GenerationRequest("running", seed=1, steps=LONG_STEPS // 2),
+                                                  finished, "running"))
+                await asyncio.to_thread(harness.wait_for_metric, server, STEPS, model, steps + 1)
+                normal = asyncio.create_task(timed(client, GenerationRequest("normal", seed=2, steps=2), finished, "normal"))
+                await asyncio.to_thread(harness.wait_until, lambda: pending(server, model) >= 1, "the normal request queued")
+                high = asyncio.create_task(timed(client, GenerationRequest("high", seed=3, steps=2, priority=1),
+                                                 finished, "high"))
+                await asyncio.to_thread(harness.wait_until, lambda: pending(server, model) >= 2, "both requests queued")
+                await asyncio.gather(first, normal, high)
+            return finished
+
+        assert asyncio.run(scenario()) == ["running", "high", "normal"]
+    finally:
+        server.stop()

@@ -1,0 +1,139 @@
+"""The continuous batcher's rules, without a server: admission under the budget and in arrival
+order, out-of-memory (rows wait again, the cap drops), failures and cancellations kept to their
+own requests. The step model here counts steps; the real ones are checked in test_continuous.py."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from triton_diffusion.batching import CallBudget
+from triton_diffusion.continuous import ContinuousBatcher, Job
+from triton_diffusion.executor import Cancelled, Failed, Images
+from triton_diffusion.requests import text_to_image
+
+
+class OutOfMemory(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class CountingRow:
+    item: object
+    steps: int
+    step: int = 0
+
+    @property
+    def size(self):
+        return self.item.params.height, self.item.params.width
+
+    @property
+    def finished(self):
+        return self.step >= self.steps
+
+
+class CountingSteps:
+    """Each step adds one to every row; records the rows of every call; fails on demand."""
+
+    def __init__(self, memory_rows: int = 100, failing_prompt: str = ""):
+        self.calls: list[list[str]] = []
+        self.memory_rows = memory_rows
+        self.failing_prompt = failing_prompt
+
+    def step(self, rows):
+        prompts = [row.item.prompt for row in rows]
+        if len(rows) > self.memory_rows:
+            raise OutOfMemory(f"{len(rows)} rows")
+        if self.failing_prompt in prompts:
+            raise ValueError("a broken row")
+        self.calls.append(prompts)
+        for row in rows:
+            row.step += 1
+
+    def decode(self, rows):
+        return [np.full((2, 2, 3), row.step, np.uint8) for row in rows]
+
+
+def job(prompt: str, steps: int, outcomes: dict, size: int = 64, cancelled=lambda: False) -> Job:
+    row = CountingRow(text_to_image(prompt, 0, steps, 1.0, size, size), steps)
+    return Job([row], (0,), cancelled, lambda outcome: outcomes.__setitem__(prompt, outcome))
+
+
+def run_until_answered(batcher: ContinuousBatcher, jobs: list[Job], outcomes: dict) -> None:
+    done = threading.Event()
+    for one in jobs:
+        respond = one.respond
+        one.respond = lambda outcome, respond=respond: (respond(outcome), len(outcomes) == len(jobs) and done.set())
+    batcher.start()
+    batcher.submit(jobs)
+    assert done.wait(30), outcomes
+    batcher.stop()
+
+
+def test_rows_join_in_arrival_order_up_to_the_image_budget():
+    steps, outcomes = CountingSteps(), {}
+    batcher = ContinuousBatcher(steps, CallBudget(max_images=2, max_pixels=10**9), lambda exc: isinstance(exc, OutOfMemory))
+    run_until_answered(batcher, [job("a", 3, outcomes), job("b", 1, outcomes), job("c", 2, outcomes)], outcomes)
+    # a and b start together; c takes b's place at the step after b finished, next to a
+    assert steps.calls == [["a", "b"], ["a", "c"], ["a", "c"]]
+    assert all(isinstance(outcome, Images) for outcome in outcomes.values())
+
+
+def test_rows_of_different_sizes_step_in_separate_calls_under_the_pixel_budget():
+    steps, outcomes = CountingSteps(), {}
+    batcher = ContinuousBatcher(steps, CallBudget(max_images=8, max_pixels=64 * 64 + 32 * 32), lambda exc: False)
+    run_until_answered(batcher, [job("big", 2, outcomes), job("small", 2, outcomes, size=32),
+                                 job("big2", 1, outcomes)], outcomes)
+    assert steps.calls[:2] == [["big"], ["small"]]  # one denoiser call per size; big2 does not fit yet
+    assert ["big2"] in steps.calls[2:]
+
+
+def test_out_of_memory_puts_the_newest_rows_back_and_caps_admission():
+    steps, outcomes, caps = CountingSteps(memory_rows=2), {}, []
+    batcher = ContinuousBatcher(steps, CallBudget(max_images=4, max_pixels=10**9), lambda exc: isinstance(exc, OutOfMemory),
+                                on_out_of_memory=caps.append)
+    run_until_answered(batcher, [job(name, 2, outcomes) for name in "abcd"], outcomes)
+    assert caps == [2]
+    assert all(len(call) <= 2 for call in steps.calls)
+    assert all(isinstance(outcomes[name], Images) and outcomes[name].images[0][0, 0, 0] == 2 for name in "abcd")
+
+
+def test_a_failing_step_fails_only_the_requests_in_that_call():
+    steps, outcomes = CountingSteps(failing_prompt="broken"), {}
+    batcher = ContinuousBatcher(steps, CallBudget(max_images=4, max_pixels=10**9), lambda exc: False)
+    run_until_answered(batcher, [job("broken", 2, outcomes, size=32), job("fine", 2, outcomes)], outcomes)
+    assert isinstance(outcomes["broken"], Failed) and "a broken row" in outcomes["broken"].message
+    assert isinstance(outcomes["fine"], Images)
+
+
+def test_a_cancelled_request_leaves_at_the_next_step():
+    steps, outcomes = CountingSteps(), {}
+    flag = threading.Event()
+    batcher = ContinuousBatcher(steps, CallBudget(max_images=4, max_pixels=10**9), lambda exc: False,
+                                on_step=lambda report: len(steps.calls) == 2 and flag.set())
+    run_until_answered(batcher, [job("stays", 5, outcomes), job("goes", 5, outcomes, cancelled=flag.is_set)], outcomes)
+    assert isinstance(outcomes["goes"], Cancelled)
+    assert sum("goes" in call for call in steps.calls) == 2
+    assert isinstance(outcomes["stays"], Images)
+
+
+def test_a_stopped_batcher_answers_what_it_still_holds():
+    outcomes = {}
+    batcher = ContinuousBatcher(CountingSteps(), CallBudget(4, 10**9), lambda exc: False)
+    batcher.submit([job("never started", 3, outcomes)])  # no loop thread: it stays waiting
+    batcher.stop()
+    assert isinstance(outcomes["never started"], Failed)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_wait_for_room_returns_once_rows_are_admitted(rows):
+    batcher = ContinuousBatcher(CountingSteps(), CallBudget(8, 10**9), lambda exc: False)
+    outcomes = {}
+    batcher.start()
+    batcher.submit([job(f"r{index}", 50, outcomes) for index in range(rows)])
+    batcher.wait_for_room()
+    assert batcher.live_rows + len(outcomes) == rows
+    batcher.stop()

@@ -1,0 +1,253 @@
+"""Step-level continuous batching: one running batch of rows; newcomers join at the next step.
+
+Pure (no ``pb_utils``, no torch): it is given a ``StepModel`` (``stepwise.py``) and jobs, each a
+request's prepared rows with "was it cancelled?" and "answer it" callables. A thread runs the loop:
+
+    admit waiting rows (arrival order) while the memory budget allows
+    -> drop the rows of cancelled requests
+    -> one denoiser call per image size for all live rows (each at its own step)
+    -> decode the rows that took their last step; answer every request whose rows are all done
+
+Backpressure keeps Triton's queue in charge of who comes next: ``wait_for_room`` blocks the
+``execute`` that handed jobs over until they are admitted and a row's room is free again, so
+requests wait in Triton's queue (priorities, queue timeouts, max queue size) rather than here.
+An out-of-memory step puts the newest rows back at the head of the queue (their state kept) and
+lowers the row cap, so admission stops before memory runs out next time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence
+
+import numpy as np
+
+from .batching import CallBudget
+from .executor import CANCELLED, Failed, Images, Outcome
+
+log = logging.getLogger(__name__)
+
+
+class StepRow(Protocol):
+    item: object
+    step: int
+
+    @property
+    def size(self) -> tuple[int, int]: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+
+class Steps(Protocol):
+    def step(self, rows: Sequence[StepRow]) -> None: ...
+
+    def decode(self, rows: Sequence[StepRow]) -> list[np.ndarray]: ...
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's rows, and how to reach its client."""
+
+    rows: list
+    seeds: tuple[int, ...]
+    is_cancelled: Callable[[], bool]
+    respond: Callable[[Outcome], None]
+    images: dict = field(default_factory=dict)  # id(row) -> image
+    answered: bool = False
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One loop iteration: the denoiser calls for all live rows."""
+
+    live_rows: int
+    sizes: int  # denoiser calls (one per image size among the live rows)
+    seconds: float
+
+
+class ContinuousBatcher:
+    """See the module docstring. ``start()`` the loop thread; ``submit`` + ``wait_for_room`` per execute."""
+
+    def __init__(
+        self,
+        model: Steps,
+        budget: CallBudget,
+        is_out_of_memory: Callable[[BaseException], bool],
+        poll_interval_s: float = 0.0,
+        on_step: Callable[[StepReport], None] = lambda report: None,
+        on_admit: Callable[[int, bool], None] = lambda rows, mid_flight: None,
+        on_out_of_memory: Callable[[int], None] = lambda cap: None,
+    ):
+        self.model = model
+        self.budget = budget
+        self.is_out_of_memory = is_out_of_memory
+        self.poll_interval_s = poll_interval_s
+        self.on_step = on_step
+        self.on_admit = on_admit
+        self.on_out_of_memory = on_out_of_memory
+        self.row_cap = budget.max_images  # lowered after an out-of-memory step
+        self._waiting: deque = deque()  # (job, row), arrival order
+        self._live: list = []  # (job, row), admission order
+        self._condition = threading.Condition()
+        self._stopped = False
+        self._thread: Optional[threading.Thread] = None
+        self._last_poll = 0.0
+
+    # -- called from Triton's execute() --------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        with self._condition:
+            if self._stopped:
+                for job in jobs:
+                    self._answer(job, Failed("the model is shutting down"))
+                return
+            self._waiting.extend((job, row) for job in jobs for row in job.rows)
+            self._condition.notify_all()
+
+    def wait_for_room(self) -> None:
+        """Return once every submitted row was admitted (or answered) and one more row would be
+        admitted now: only then may Triton hand over its next requests."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._stopped or (not self._waiting and self._fits(None)))
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopped = True
+            self._condition.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        for job, _ in list(self._waiting) + self._live:
+            self._answer(job, Failed("the model was unloaded before this request finished"))
+
+    @property
+    def live_rows(self) -> int:
+        return len(self._live)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._stopped or self._live or self._waiting)
+                if self._stopped:
+                    return
+                self._admit()
+            self._drop_cancelled()
+            self._step_all()
+            self._finish()
+            with self._condition:
+                self._condition.notify_all()  # room may have opened for a waiting execute()
+
+    def _fits(self, row) -> bool:
+        """Whether ``row`` (None: a row of the smallest kind) fits next to the live rows."""
+        if not self._live:
+            return True  # a row always runs alone, whatever its size (the request was validated)
+        if len(self._live) >= min(self.row_cap, self.budget.max_images):
+            return False
+        pixels = sum(live.item.params.pixels for _, live in self._live)
+        return row is None or pixels + row.item.params.pixels <= self.budget.max_pixels
+
+    def _admit(self) -> None:
+        mid_flight = bool(self._live)
+        admitted = 0
+        while self._waiting and self._fits(self._waiting[0][1]):
+            self._live.append(self._waiting.popleft())
+            admitted += 1
+        if admitted:
+            self.on_admit(admitted, mid_flight)
+
+    def _drop_cancelled(self) -> None:
+        now = time.perf_counter()
+        if now - self._last_poll < self.poll_interval_s:
+            return
+        self._last_poll = now
+        with self._condition:
+            jobs = dict.fromkeys(job for job, _ in self._live + list(self._waiting))
+        gone = {job for job in jobs if job.is_cancelled()}
+        if gone:
+            self._remove(gone, CANCELLED)
+
+    def _remove(self, jobs: set, outcome: Outcome) -> None:
+        with self._condition:
+            self._live = [(job, row) for job, row in self._live if job not in jobs]
+            self._waiting = deque((job, row) for job, row in self._waiting if job not in jobs)
+        for job in jobs:
+            self._answer(job, outcome)
+
+    def _step_all(self) -> None:
+        started = time.perf_counter()
+        groups: dict[tuple[int, int], list] = {}
+        for job, row in self._live:
+            groups.setdefault(row.size, []).append((job, row))
+        for members in groups.values():
+            self._step_group(members)
+        self.on_step(StepReport(len(self._live), len(groups), time.perf_counter() - started))
+
+    def _step_group(self, members: list) -> None:
+        try:
+            self.model.step([row for _, row in members])
+        except Exception as exc:  # one failed call fails only the requests in it
+            if not self.is_out_of_memory(exc):
+                log.exception("denoising step of %d rows failed", len(members))
+                self._remove({job for job, _ in members}, Failed(f"denoising step failed: {type(exc).__name__}: {exc}"))
+            elif len(members) == 1:
+                self._remove({members[0][0]}, Failed(f"out of memory even for a single image alone: {exc}"))
+            else:
+                self._evict_newest(len(members) // 2)
+
+    def _evict_newest(self, count: int) -> None:
+        """Put the ``count`` newest rows back at the head of the queue, state kept; cap admission."""
+        with self._condition:
+            evicted, self._live = self._live[-count:], self._live[:-count]
+            self._waiting.extendleft(reversed(evicted))
+            self.row_cap = max(1, len(self._live))
+        log.warning("out of memory at %d live rows: %d rows wait again, at most %d rows run from now on",
+                    len(self._live) + count, count, self.row_cap)
+        self.on_out_of_memory(self.row_cap)
+
+    def _finish(self) -> None:
+        finished: dict[tuple[int, int], list] = {}
+        for job, row in self._live:
+            if row.finished:
+                finished.setdefault(row.size, []).append((job, row))
+        if not finished:
+            return
+        with self._condition:
+            self._live = [(job, row) for job, row in self._live if not row.finished]
+        for members in finished.values():
+            try:
+                images = self._decode([row for _, row in members])
+            except Exception as exc:  # noqa: BLE001 - fails the requests of these rows only
+                log.exception("decoding %d rows failed", len(members))
+                self._remove({job for job, _ in members}, Failed(f"decoding failed: {type(exc).__name__}: {exc}"))
+                continue
+            for (job, row), image in zip(members, images):
+                job.images[id(row)] = image
+                if len(job.images) == len(job.rows):
+                    self._answer(job, Images(tuple(job.images[id(r)] for r in job.rows), job.seeds))
+
+    def _decode(self, rows: list) -> list:
+        """Decode in one call, or in halves where that runs out of memory."""
+        try:
+            return self.model.decode(rows)
+        except Exception as exc:
+            if len(rows) == 1 or not self.is_out_of_memory(exc):
+                raise
+            middle = len(rows) // 2
+            return self._decode(rows[:middle]) + self._decode(rows[middle:])
+
+    def _answer(self, job: Job, outcome: Outcome) -> None:
+        if job.answered:
+            return
+        job.answered = True
+        try:
+            job.respond(outcome)
+        except Exception:  # noqa: BLE001 - a client gone mid-answer must not stop the loop
+            log.exception("answering a request failed")
