@@ -1,0 +1,212 @@
+"""Latency vs request rate, open loop: dynamic batching against continuous batching, same pipeline.
+
+Closed-loop clients (N users, each waiting for its answer) hide queueing: the load adapts to the
+server. Real traffic does not wait, so this sends requests at Poisson arrival times of a fixed rate
+(seeded, the same arrival times for both modes) and reports, per rate and mode, the completed
+images/s and the p50/p99 latency (arrival to answer). Each mode first gets its saturation
+throughput from closed-loop clients at twice its batch size; the rates are fractions of the
+dynamic mode's saturation throughput, so both modes see the same absolute rates.
+
+Each mode runs in its own tritonserver, one after the other on the same card (two copies of a
+12B model do not fit beside each other's activations): the same random weights (seed 0), the
+same warm-up (one full batch), the same prompts and seeds, the same statistic.
+
+    python perf/open_loop.py --arch flux-dev --size 512 --steps 20 --max-rows 8 --fractions 0.5,0.75,0.9
+    python perf/open_loop.py --arch flux-dev-tiny --device cpu --size 64 --steps 4 --max-rows 4 \\
+        --fractions 0.5 --requests 12     # CPU check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from client import GenerationRequest  # noqa: E402
+from client.aio import AsyncDiffusionClient  # noqa: E402
+from client.cli import percentile  # noqa: E402
+from perf.gpu_bench import base_parameters, card_name, log  # noqa: E402
+from perf.prompts import vbench_prompts  # noqa: E402
+from triton_diffusion import harness, model_config  # noqa: E402
+
+MODES = ("dynamic", "continuous")
+# the shipped tiny entries whose config (inputs, batching block, decoupled policy) each mode derives from
+BASES = {("flux", "dynamic"): "flux_tiny", ("flux", "continuous"): "flux_tiny_continuous",
+         ("z-image", "dynamic"): "z_image_tiny", ("z-image", "continuous"): "z_image_tiny_continuous"}
+
+
+def base_model(arch: str, mode: str) -> str:
+    family = "flux" if arch.startswith("flux") else "z-image" if arch.startswith("z-image") else None
+    if family is None:
+        raise SystemExit(f"--arch {arch}: continuous batching serves flux-* and z-image-* architectures")
+    return BASES[family, mode]
+
+
+def write_mode(arch: str, mode: str, args, repository: Path) -> str:
+    name = f"{arch}_{mode}".replace("-", "_").replace(".", "_")
+    parameters = {**base_parameters(arch, args, args.max_rows), "max_pixels": None, "max_steps": "100",
+                  "cancellation_poll_interval_ms": "100"}
+    batching = f"max_queue_delay_microseconds: {args.delay_us}" if mode == "dynamic" else ""
+    config = model_config.variant(name, parameters, batching, max_batch_size=args.max_rows, base=base_model(arch, mode))
+    model_config.write_model(repository, config, base=base_model(arch, mode))
+    return name
+
+
+def requests_for(prompts: list[str], count: int, offset: int, steps: int) -> list[GenerationRequest]:
+    return [GenerationRequest(prompts[(7 * (offset + i)) % len(prompts)], seed=offset + i, steps=steps) for i in range(count)]
+
+
+async def closed_loop(client: AsyncDiffusionClient, requests: list[GenerationRequest], concurrency: int) -> float:
+    """Images/s with ``concurrency`` users who each send the next request when answered."""
+    started = time.perf_counter()
+    results = await client.generate_many(requests, concurrency=concurrency)
+    failures = [r for r in results if isinstance(r, Exception)]
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed: {failures[0]}")
+    return len(requests) / (time.perf_counter() - started)
+
+
+async def open_loop(client: AsyncDiffusionClient, requests: list[GenerationRequest], rate: float, seed: int) -> dict:
+    """Send ``requests`` at Poisson arrival times of ``rate``/s; latency = answer - arrival time."""
+    rng = random.Random(seed)
+    arrivals, clock = [], 0.0
+    for _ in requests:
+        clock += rng.expovariate(rate)
+        arrivals.append(clock)
+    started = time.perf_counter()
+
+    async def one(arrival: float, request: GenerationRequest):
+        await asyncio.sleep(max(0.0, started + arrival - time.perf_counter()))
+        result = await client.generate(request)
+        return time.perf_counter() - started - arrival, time.perf_counter() - started
+
+    outcomes = await asyncio.gather(*(one(a, r) for a, r in zip(arrivals, requests)), return_exceptions=True)
+    failures = [o for o in outcomes if isinstance(o, Exception)]
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed: {failures[0]}")
+    latencies = sorted(latency for latency, _ in outcomes)
+    last = max(done for _, done in outcomes)
+    return {"rate": rate, "offered_s": arrivals[-1], "images_per_s": len(requests) / last,
+            "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99), "mean_s": sum(latencies) / len(latencies),
+            "n": len(requests)}
+
+
+def admissions(server, name: str) -> dict[str, float]:
+    text = harness.metrics_text(server)
+    counts = {"idle": 0.0, "mid_flight": 0.0}
+    for line in text.splitlines():
+        if line.startswith("diffusion_continuous_admissions_total") and f'model="{name}"' in line:
+            counts["mid_flight" if 'when="mid_flight"' in line else "idle"] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def bench_mode(arch: str, mode: str, args, prompts, workdir: Path, rates: list[float] | None) -> dict:
+    name = write_mode(arch, mode, args, workdir / "repo")
+    started = time.perf_counter()
+    server = harness.serve([name], workdir / "repo", log_path=workdir / f"{name}.log", ready_timeout=900)
+    log(f"{name}: READY in {time.perf_counter() - started:.1f}s")
+    try:
+        async def run() -> dict:
+            async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", name, timeout_s=1800) as client:
+                await closed_loop(client, requests_for(prompts, args.max_rows, 10_000, args.steps), args.max_rows)  # warm-up
+                saturation = await closed_loop(client, requests_for(prompts, 4 * args.max_rows, 20_000, args.steps),
+                                               2 * args.max_rows)
+                log(f"{name}: saturation {saturation:.3f} images/s")
+                points = []
+                for index, rate in enumerate(rates or [fraction * saturation for fraction in args.fractions]):
+                    point = await open_loop(client, requests_for(prompts, args.requests, 1000 * (index + 1), args.steps),
+                                            rate, seed=index)
+                    log(f"{name}: rate {rate:.3f}/s -> {point['images_per_s']:.3f} images/s, "
+                        f"p50 {point['p50_s']:.2f}s p99 {point['p99_s']:.2f}s")
+                    points.append(point)
+                return {"saturation_images_per_s": saturation, "points": points}
+
+        result = asyncio.run(run())
+        result["admissions"] = admissions(server, name)
+        return result
+    finally:
+        server.stop()
+
+
+def table(arch: str, results: dict, args) -> str:
+    dynamic, continuous = results["dynamic"], results["continuous"]
+    lines = [f"{arch} {args.size}x{args.size}, {args.steps} steps, up to {args.max_rows} rows | saturation images/s: "
+             f"dynamic {dynamic['saturation_images_per_s']:.3f}, continuous {continuous['saturation_images_per_s']:.3f} "
+             f"({continuous['saturation_images_per_s'] / dynamic['saturation_images_per_s']:.2f}x)",
+             "rate/s | of dyn. saturation | dynamic img/s | continuous img/s | dynamic p50 / p99 s | continuous p50 / p99 s "
+             "| p50 ratio | p99 ratio"]
+    for d, c in zip(dynamic["points"], continuous["points"]):
+        lines.append(f"{d['rate']:.3f} | {d['rate'] / dynamic['saturation_images_per_s']:.2f} | {d['images_per_s']:.3f} | "
+                     f"{c['images_per_s']:.3f} | {d['p50_s']:.2f} / {d['p99_s']:.2f} | {c['p50_s']:.2f} / {c['p99_s']:.2f} | "
+                     f"{c['p50_s'] / d['p50_s']:.2f} | {c['p99_s'] / d['p99_s']:.2f}")
+    lines.append(f"continuous admissions: {continuous['admissions']} (mid_flight: joined a running batch)")
+    return "\n".join(lines)
+
+
+def plot(arch: str, results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for mode, colour in zip(MODES, ("tab:blue", "tab:orange")):
+        points = results[mode]["points"]
+        rates = [p["rate"] for p in points]
+        axis.plot(rates, [p["p50_s"] for p in points], "o-", color=colour, label=f"{mode} p50")
+        axis.plot(rates, [p["p99_s"] for p in points], "s--", color=colour, label=f"{mode} p99")
+    axis.axvline(results["dynamic"]["saturation_images_per_s"], color="grey", linestyle=":", label="dynamic saturation")
+    axis.set_xlabel("request rate (Poisson arrivals, requests/s)")
+    axis.set_ylabel("latency, arrival to answer (s)")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="flux-dev")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max-rows", type=int, default=8, help="max_batch_size and max_images_per_call of both modes")
+    parser.add_argument("--delay-us", type=int, default=20000, help="dynamic batching's max queue delay")
+    parser.add_argument("--fractions", type=lambda t: [float(x) for x in t.split(",")], default=[0.5, 0.75, 0.9],
+                        help="request rates as fractions of the dynamic mode's saturation throughput")
+    parser.add_argument("--requests", type=int, default=40, help="requests per rate point")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    args.speed, args.max_batch, args.concurrency = "eager", args.max_rows, [args.max_rows]  # what base_parameters reads
+
+    prompts = vbench_prompts()
+    card = card_name() if args.device.startswith("cuda") else "CPU"
+    results = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        results["dynamic"] = bench_mode(args.arch, "dynamic", args, prompts, Path(workdir), None)
+        rates = [point["rate"] for point in results["dynamic"]["points"]]
+        results["continuous"] = bench_mode(args.arch, "continuous", args, prompts, Path(workdir), rates)
+    header = (f"card: {card}, eager, {date.today()}, random weights; command: perf/open_loop.py "
+              + " ".join(sys.argv[1:]))
+    text = header + "\n" + table(args.arch, results, args)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"open_loop_{card.replace(' ', '_')}_{date.today()}_{args.arch}"
+    stem.with_suffix(".txt").write_text(text + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"card": card, "args": vars(args) | {"out": str(args.out)},
+                                                     "results": results}, indent=1, default=str))
+    plot(args.arch, results, stem.with_suffix(".png"), f"{args.arch} {args.size}px {args.steps} steps, {card}, {date.today()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
