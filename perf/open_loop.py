@@ -53,15 +53,17 @@ def base_model(arch: str, mode: str) -> str:
 def write_mode(arch: str, mode: str, args, repository: Path) -> str:
     name = f"{arch}_{mode}".replace("-", "_").replace(".", "_")
     parameters = {**base_parameters(arch, args, args.max_rows), "max_pixels": None, "max_steps": "100",
-                  "cancellation_poll_interval_ms": "100"}
+                  "cancellation_poll_interval_ms": "100", "default_steps": str(args.steps[0])}
     batching = f"max_queue_delay_microseconds: {args.delay_us}" if mode == "dynamic" else ""
     config = model_config.variant(name, parameters, batching, max_batch_size=args.max_rows, base=base_model(arch, mode))
     model_config.write_model(repository, config, base=base_model(arch, mode))
     return name
 
 
-def requests_for(prompts: list[str], count: int, offset: int, steps: int) -> list[GenerationRequest]:
-    return [GenerationRequest(prompts[(7 * (offset + i)) % len(prompts)], seed=offset + i, steps=steps) for i in range(count)]
+def requests_for(prompts: list[str], count: int, offset: int, steps: list[int]) -> list[GenerationRequest]:
+    """``count`` requests (VBench prompts, distinct seeds); steps drawn from ``steps``, seeded by position."""
+    return [GenerationRequest(prompts[(7 * (offset + i)) % len(prompts)], seed=offset + i,
+                              steps=random.Random(offset + i).choice(steps)) for i in range(count)]
 
 
 async def closed_loop(client: AsyncDiffusionClient, requests: list[GenerationRequest], concurrency: int) -> float:
@@ -116,7 +118,7 @@ def bench_mode(arch: str, mode: str, args, prompts, workdir: Path, rates: list[f
     try:
         async def run() -> dict:
             async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", name, timeout_s=1800) as client:
-                await closed_loop(client, requests_for(prompts, args.max_rows, 10_000, args.steps), args.max_rows)  # warm-up
+                await closed_loop(client, requests_for(prompts, args.max_rows, 10_000, args.steps[:1]), args.max_rows)  # warm-up
                 saturation = await closed_loop(client, requests_for(prompts, 4 * args.max_rows, 20_000, args.steps),
                                                2 * args.max_rows)
                 log(f"{name}: saturation {saturation:.3f} images/s")
@@ -138,7 +140,7 @@ def bench_mode(arch: str, mode: str, args, prompts, workdir: Path, rates: list[f
 
 def table(arch: str, results: dict, args) -> str:
     dynamic, continuous = results["dynamic"], results["continuous"]
-    lines = [f"{arch} {args.size}x{args.size}, {args.steps} steps, up to {args.max_rows} rows | saturation images/s: "
+    lines = [f"{arch} {args.size}x{args.size}, {'/'.join(map(str, args.steps))} steps, up to {args.max_rows} rows | saturation images/s: "
              f"dynamic {dynamic['saturation_images_per_s']:.3f}, continuous {continuous['saturation_images_per_s']:.3f} "
              f"({continuous['saturation_images_per_s'] / dynamic['saturation_images_per_s']:.2f}x)",
              "rate/s | of dyn. saturation | dynamic img/s | continuous img/s | dynamic p50 / p99 s | continuous p50 / p99 s "
@@ -151,7 +153,7 @@ def table(arch: str, results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def plot(arch: str, results: dict, path: Path, title: str) -> None:
+def plot(results: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +180,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="flux-dev")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=lambda t: [int(x) for x in t.split(",")], default=[20],
+                        help="steps per request; several (10,20,30,40): each request draws one (a mixed workload)")
+    parser.add_argument("--plot-from", type=Path, help="only redraw the plot of a results JSON (next to it)")
     parser.add_argument("--max-rows", type=int, default=8, help="max_batch_size and max_images_per_call of both modes")
     parser.add_argument("--delay-us", type=int, default=20000, help="dynamic batching's max queue delay")
     parser.add_argument("--fractions", type=lambda t: [float(x) for x in t.split(",")], default=[0.5, 0.75, 0.9],
@@ -186,7 +190,12 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=40, help="requests per rate point")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
-    args.speed, args.max_batch, args.concurrency = "eager", args.max_rows, [args.max_rows]  # what base_parameters reads
+    if args.plot_from:
+        saved = json.loads(args.plot_from.read_text())
+        plot(saved["results"], args.plot_from.with_suffix(".png"), saved["title"])
+        return 0
+    # what base_parameters reads; the model's default steps: the first of --steps
+    args.speed, args.max_batch, args.concurrency = "eager", args.max_rows, [args.max_rows]
 
     prompts = vbench_prompts()
     card = card_name() if args.device.startswith("cuda") else "CPU"
@@ -200,11 +209,16 @@ def main(argv=None) -> int:
     text = header + "\n" + table(args.arch, results, args)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"open_loop_{card.replace(' ', '_')}_{date.today()}_{args.arch}"
+    mix = "" if len(args.steps) == 1 else "_mixed-steps"
+    stem = args.out / f"open_loop_{card.replace(' ', '_')}_{date.today()}_{args.arch}{mix}"
+    title = f"{args.arch} {args.size}px, {'/'.join(map(str, args.steps))} steps, {card}, {date.today()}"
     stem.with_suffix(".txt").write_text(text + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({"card": card, "args": vars(args) | {"out": str(args.out)},
+    stem.with_suffix(".json").write_text(json.dumps({"card": card, "title": title, "args": vars(args) | {"out": str(args.out)},
                                                      "results": results}, indent=1, default=str))
-    plot(args.arch, results, stem.with_suffix(".png"), f"{args.arch} {args.size}px {args.steps} steps, {card}, {date.today()}")
+    try:
+        plot(results, stem.with_suffix(".png"), title)
+    except ImportError:  # the GPU host has no matplotlib: redraw here with --plot-from
+        log("no matplotlib: plot with --plot-from " + str(stem.with_suffix(".json")))
     return 0
 
 
