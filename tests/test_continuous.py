@@ -23,7 +23,8 @@ from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
 from .conftest import STEPS, assert_same_image, metric, pending, start_server
 
 # continuous model -> the dynamic-batching model with the same weights
-PAIRS = {"flux_tiny_continuous": "flux_tiny", "z_image_tiny_continuous": "z_image_tiny"}
+PAIRS = {"flux_tiny_continuous": "flux_tiny", "z_image_tiny_continuous": "z_image_tiny",
+         "sd3_tiny_continuous": "sd3_tiny", "qwen_image_tiny_continuous": "qwen_image_tiny"}
 LONG_STEPS = 300  # a long request: many steps of the tiny model, so others can join it mid-flight
 ADMITTED = "diffusion_continuous_admissions_total"
 

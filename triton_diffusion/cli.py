@@ -44,7 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.fronts:
         from .front import write_front
 
-        models += [write_front(repository, model) for model in args.models if (repository / model).is_dir()]
+        fronts = [write_front(repository, model) for model in args.models if (repository / model).is_dir()]
+        models += [front for front in fronts if front]  # decoupled (continuous) models get none
     config = ServerConfig(
         model_repository=repository,
         models=models,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Mapping
+from typing import Optional, Mapping
 
 import numpy as np
 
@@ -130,13 +130,16 @@ from triton_diffusion.front import TritonPythonModel  # noqa: F401
 '''
 
 
-def write_front(repository, core_name: str) -> str:
-    """Add ``<core_name>_any`` next to ``core_name`` in ``repository``; returns its name."""
+def write_front(repository, core_name: str) -> Optional[str]:
+    """Add ``<core_name>_any`` next to ``core_name`` in ``repository``; returns its name (None for a
+    decoupled model: its answers come through a stream, which this unary front does not forward)."""
     from pathlib import Path
 
     from . import model_config
 
     core = model_config.load(Path(repository) / core_name / "config.pbtxt")
+    if core.model_transaction_policy.decoupled:
+        return None
     front = front_config(core)
     folder = Path(repository) / front.name
     (folder / "1").mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,10 @@ import torch
 from .requests import TEXT_TO_IMAGE, GenerationItem
 
 
+class ContinuousUnsupported(ValueError):
+    """The pipeline has no step model (continuous batching needs one per family)."""
+
+
 @dataclass(eq=False)
 class RowState:
     """One image being denoised: where it is, and everything its next step needs."""
@@ -77,7 +81,7 @@ class StepModel:
         call = inspect.signature(pipe.__call__).parameters
         default = call["max_sequence_length"].default if "max_sequence_length" in call else 0
         self.max_sequence_length = max_sequence_length or default
-        self._schedules: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._schedules: dict[tuple[int, Optional[float]], tuple[Any, Any]] = {}
 
     # -- stages ----------------------------------------------------------------------------------
     def prepare(self, items: Sequence[GenerationItem]) -> list[RowState]:
@@ -104,19 +108,24 @@ class StepModel:
         generator = torch.Generator("cpu").manual_seed(item.seed)
         return self.pipe.prepare_latents(1, *shape_args, dtype, self.device, [generator])
 
-    def _schedule(self, steps: int, image_seq_len: int, sigmas, module) -> tuple[Any, Any]:
-        """(timesteps, sigmas) of the pipeline's scheduler for this many steps at this image size;
-        made on a copy, so the pipeline's own scheduler is untouched (rows share nothing)."""
-        key = (steps, image_seq_len)
+    def _schedule(self, steps: int, sigmas, mu: Optional[float], module) -> tuple[Any, Any]:
+        """(timesteps, sigmas) of the pipeline's scheduler for this many steps and shift ``mu``
+        (``module.retrieve_timesteps``, the pipeline's own), made on a copy so that the pipeline's
+        scheduler is untouched and rows share nothing."""
+        key = (steps, mu)
         if key not in self._schedules:
-            config = self.pipe.scheduler.config
-            mu = module.calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
-                                        config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                        config.get("max_shift", 1.15))
             scheduler = copy.deepcopy(self.pipe.scheduler)
-            timesteps, _ = module.retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+            extra = {} if mu is None else {"mu": mu}
+            timesteps, _ = module.retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, **extra)
             self._schedules[key] = (timesteps, scheduler.sigmas.to(self.device))
         return self._schedules[key]
+
+    def _shift(self, image_seq_len: int, module, max_shift: float = 1.15) -> float:
+        """``calculate_shift`` with the scheduler's config, as the pipelines call it."""
+        config = self.pipe.scheduler.config
+        return module.calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                                      config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                      config.get("max_shift", max_shift))
 
     @staticmethod
     def _current_timesteps(rows: Sequence[RowState]):
@@ -157,7 +166,8 @@ class FluxSteps(StepModel):
             sigmas = np.linspace(1.0, 1 / params.num_inference_steps, params.num_inference_steps)
             if getattr(pipe.scheduler.config, "use_flow_sigmas", False):
                 sigmas = None
-            timesteps, all_sigmas = self._schedule(params.num_inference_steps, latents.shape[1], sigmas, pipeline_flux)
+            mu = self._shift(latents.shape[1], pipeline_flux)
+            timesteps, all_sigmas = self._schedule(params.num_inference_steps, sigmas, mu, pipeline_flux)
             condition = {"embeds": embeds[index:index + 1], "pooled": pooled[index:index + 1], "text_ids": text_ids,
                          "image_ids": image_ids}
             rows.append(RowState(item, latents, condition, timesteps, all_sigmas))
@@ -216,7 +226,8 @@ class ZImageSteps(StepModel):
             latents = self._noise(item, (pipe.transformer.in_channels, params.height, params.width), torch.float32)
             image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
             sigmas = pipeline_z_image.get_default_z_image_sigmas(params.num_inference_steps)
-            timesteps, all_sigmas = self._schedule(params.num_inference_steps, image_seq_len, sigmas, pipeline_z_image)
+            mu = self._shift(image_seq_len, pipeline_z_image)
+            timesteps, all_sigmas = self._schedule(params.num_inference_steps, sigmas, mu, pipeline_z_image)
             condition = {"embeds": embeds[index], "negative_embeds": negative_embeds[index] if guided[index] else None}
             rows.append(RowState(item, latents, condition, timesteps, all_sigmas))
         return rows
@@ -250,11 +261,165 @@ class ZImageSteps(StepModel):
         return to_uint8(pipe.image_processor.postprocess(image, output_type="pt"))
 
 
-STEP_MODELS: tuple[type[StepModel], ...] = (FluxSteps, ZImageSteps)
+class StableDiffusion3Steps(StepModel):
+    """``StableDiffusion3Pipeline.__call__``: classifier-free guidance per row (GUIDANCE_SCALE > 1),
+    in the model's dtype; no skip-layer guidance (the pipeline's default)."""
+
+    pipeline_prefix = "StableDiffusion3"
+
+    def prepare(self, items):
+        from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3 as module
+
+        pipe = self.pipe
+        guided = [item.params.guidance_scale > 1 for item in items]
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=[item.prompt for item in items], prompt_2=None, prompt_3=None,
+            negative_prompt=[item.negative_prompt or "" for item in items] if any(guided) else None,
+            do_classifier_free_guidance=any(guided), device=self.device, max_sequence_length=self.max_sequence_length)
+        rows = []
+        for index, item in enumerate(items):
+            params = item.params
+            latents = self._noise(item, (pipe.transformer.config.in_channels, params.height, params.width), embeds.dtype)
+            mu = None
+            if pipe.scheduler.config.get("use_dynamic_shifting", None):
+                patch = pipe.transformer.config.patch_size
+                mu = self._shift((latents.shape[2] // patch) * (latents.shape[3] // patch), module, max_shift=1.16)
+            timesteps, sigmas = self._schedule(params.num_inference_steps, None, mu, module)
+            condition = {"embeds": embeds[index:index + 1], "pooled": pooled[index:index + 1]}
+            if guided[index]:
+                condition.update(negative_embeds=negative_embeds[index:index + 1],
+                                 negative_pooled=negative_pooled[index:index + 1])
+            rows.append(RowState(item, latents, condition, timesteps, sigmas))
+        return rows
+
+    def step(self, rows):
+        guided = [index for index, row in enumerate(rows) if row.guidance_scale > 1]
+        latents = torch.cat([row.latents for row in rows])
+        timestep = self._current_timesteps(rows)
+        # The unconditional twins of the guided rows first, then every row (the pipeline's order).
+        def both(key: str, negative_key: str):
+            return torch.cat([rows[index].condition[negative_key] for index in guided] + [row.condition[key] for row in rows])
+
+        output = self.pipe.transformer(
+            hidden_states=torch.cat([latents[guided], latents]),
+            timestep=torch.cat([timestep[guided], timestep]),
+            encoder_hidden_states=both("embeds", "negative_embeds"),
+            pooled_projections=both("pooled", "negative_pooled"),
+            joint_attention_kwargs=None,
+            return_dict=False,
+        )[0]
+        unconditional, conditional = output[:len(guided)], output[len(guided):]
+        velocity = []
+        for index, row in enumerate(rows):
+            prediction = conditional[index:index + 1]
+            if row.guidance_scale > 1:
+                uncond = unconditional[guided.index(index)][None]
+                prediction = uncond + row.guidance_scale * (prediction - uncond)
+            velocity.append(prediction)
+        self._advance(rows, self._euler(rows, latents, torch.cat(velocity)))
+
+    def decode(self, rows):
+        pipe = self.pipe
+        latents = torch.cat([row.latents for row in rows])
+        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        return to_uint8(pipe.image_processor.postprocess(image, output_type="pt"))
 
 
-class ContinuousUnsupported(ValueError):
-    """The pipeline has no step model (continuous batching needs one per family)."""
+class QwenImageSteps(StepModel):
+    """``QwenImagePipeline.__call__``: true CFG per row (GUIDANCE_SCALE > 1, with the family's
+    negative prompt when a request sends none) and its norm rescale; captions of different
+    lengths padded to the longest in the call, with the attention mask the pipeline builds."""
+
+    pipeline_prefix = "QwenImage"
+
+    def __init__(self, pipe, device: str, max_sequence_length: int = 0):
+        super().__init__(pipe, device, max_sequence_length)
+        from .families import family_of
+
+        if pipe.transformer.config.guidance_embeds:
+            raise ContinuousUnsupported("guidance-distilled Qwen-Image checkpoints (guidance_embeds) have no step model")
+        self.cfg_negative_prompt = family_of(pipe).cfg_negative_prompt or " "
+
+    def _captions(self, prompts: list[str]) -> list:
+        """One unpadded [1, tokens, D] caption per prompt."""
+        embeds, mask = self.pipe.encode_prompt(prompt=prompts, device=self.device,
+                                               max_sequence_length=self.max_sequence_length)
+        lengths = [embeds.shape[1]] * len(prompts) if mask is None else mask.sum(dim=1).tolist()
+        return [embeds[index:index + 1, :length] for index, length in enumerate(lengths)]
+
+    def prepare(self, items):
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage as module
+
+        pipe = self.pipe
+        guided = [index for index, item in enumerate(items) if item.params.guidance_scale > 1]
+        captions = self._captions([item.prompt for item in items])
+        negatives = self._captions([items[index].negative_prompt or self.cfg_negative_prompt for index in guided]) if guided else []
+        channels = pipe.transformer.config.in_channels // 4
+        rows = []
+        for index, item in enumerate(items):
+            params = item.params
+            latents = self._noise(item, (channels, params.height, params.width), captions[index].dtype)
+            sigmas = np.linspace(1.0, 1 / params.num_inference_steps, params.num_inference_steps)
+            timesteps, all_sigmas = self._schedule(params.num_inference_steps, sigmas,
+                                                   self._shift(latents.shape[1], module), module)
+            condition = {"caption": captions[index],
+                         "negative_caption": negatives[guided.index(index)] if index in guided else None}
+            rows.append(RowState(item, latents, condition, timesteps, all_sigmas))
+        return rows
+
+    @staticmethod
+    def _padded(captions: list):
+        """Captions padded to the longest, and their mask (None when none is padded, as the pipeline)."""
+        longest = max(caption.shape[1] for caption in captions)
+        embeds = torch.cat([torch.nn.functional.pad(caption, (0, 0, 0, longest - caption.shape[1])) for caption in captions])
+        mask = torch.stack([torch.arange(longest, device=embeds.device) < caption.shape[1] for caption in captions]).long()
+        return embeds, None if bool(mask.all()) else mask
+
+    def step(self, rows):
+        pipe = self.pipe
+        guided = [index for index, row in enumerate(rows) if row.guidance_scale > 1]
+        latents = torch.cat([row.latents for row in rows])
+        timestep = self._current_timesteps(rows).to(latents.dtype)
+        height, width = rows[0].size
+        scale = pipe.vae_scale_factor * 2
+        captions = [row.condition["caption"] for row in rows] + [rows[index].condition["negative_caption"] for index in guided]
+        embeds, mask = self._padded(captions)
+        count = len(rows) + len(guided)
+        output = pipe.transformer(
+            hidden_states=torch.cat([latents, latents[guided]]),
+            timestep=torch.cat([timestep, timestep[guided]]) / 1000,
+            guidance=None,
+            encoder_hidden_states_mask=mask,
+            encoder_hidden_states=embeds,
+            img_shapes=[[(1, height // scale, width // scale)]] * count,
+            attention_kwargs={},
+            return_dict=False,
+        )[0]
+        velocity = []
+        for index, row in enumerate(rows):
+            prediction = output[index:index + 1]
+            if row.guidance_scale > 1:
+                negative = output[len(rows) + guided.index(index)][None]
+                combined = negative + row.guidance_scale * (prediction - negative)
+                prediction = combined * (torch.norm(prediction, dim=-1, keepdim=True)
+                                         / torch.norm(combined, dim=-1, keepdim=True))
+            velocity.append(prediction)
+        self._advance(rows, self._euler(rows, latents, torch.cat(velocity)))
+
+    def decode(self, rows):
+        pipe = self.pipe
+        height, width = rows[0].size
+        latents = pipe._unpack_latents(torch.cat([row.latents for row in rows]), height, width, pipe.vae_scale_factor)
+        latents = latents.to(pipe.vae.dtype)
+        config = pipe.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        image = pipe.vae.decode(latents / inverse_std + mean, return_dict=False)[0][:, :, 0]
+        return to_uint8(pipe.image_processor.postprocess(image, output_type="pt"))
+
+
+STEP_MODELS: tuple[type[StepModel], ...] = (FluxSteps, ZImageSteps, StableDiffusion3Steps, QwenImageSteps)
 
 
 def step_model_for(pipe, device: str, max_sequence_length: int = 0) -> StepModel:
