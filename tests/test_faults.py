@@ -138,6 +138,7 @@ def test_broken_configs_fail_to_load_with_a_message_naming_the_problem_and_other
         "missing_weights": ({"pretrained_model": str(tmp_path / "nowhere")}, "does not exist"),
         "unknown_parameter": ({"max_step": "5"}, "'max_step' is not a known parameter (did you mean 'max_steps'?)"),
         "pixels_never_bind": ({"max_pixels": str(768 * 768)}, "max_pixels=589824 can never reject a request"),
+        "continuous_not_decoupled": ({"batching": "continuous"}, "model_transaction_policy { decoupled: true } go together"),
     }
     for name, (parameters, _) in broken.items():
         model_config.write_model(repository, model_config.variant(name, parameters))
@@ -145,6 +146,10 @@ def test_broken_configs_fail_to_load_with_a_message_naming_the_problem_and_other
     unknown_input.input.add(name="COLOUR", data_type=model_config.model_config_pb2.TYPE_STRING, dims=[1], optional=True)
     model_config.write_model(repository, unknown_input)
     broken["unknown_input"] = ({}, "declares input 'COLOUR', which this backend does not understand")
+    no_step_model = model_config.variant("continuous_unet", {"batching": "continuous"})  # SD-1.5: not flow matching
+    no_step_model.model_transaction_policy.decoupled = True
+    model_config.write_model(repository, no_step_model)
+    broken["continuous_unet"] = ({}, "continuous batching has no step model for StableDiffusionPipeline")
 
     # Triton 2.51 can wait out its whole exit timeout when stopping beside models that failed to load.
     with start_server(tmp_path, [TINY, *broken], repository=repository, extra_args=("--exit-timeout-secs=5",)) as server:

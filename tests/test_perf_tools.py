@@ -82,3 +82,23 @@ def test_the_readme_perf_analyzer_recipe_runs_as_written(server):
                                    "perf_analyzer's requests counted")
         assert harness.metric(server, "nv_inference_request_failure", TINY) == failures_before
         assert delta.executions < delta.inferences, f"no request shared an execution: {delta.histogram}"
+
+
+def test_the_open_loop_benchmark_compares_both_batching_modes_on_the_same_arrivals(tmp_path):
+    """perf/open_loop.py on the tiny FLUX (its own servers): both modes measured at the same rates,
+    a table, a JSON and a plot written."""
+    import json
+
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "perf" / "open_loop.py"), "--arch", "flux-dev-tiny", "--device", "cpu", "--size", "64",
+         "--steps", "2,4", "--max-rows", "2", "--fractions", "0.5", "--requests", "6", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    saved = json.loads(next(tmp_path.glob("open_loop_CPU_*_flux-dev-tiny_mixed-steps.json")).read_text())
+    dynamic, continuous = saved["results"]["dynamic"], saved["results"]["continuous"]
+    assert [p["rate"] for p in dynamic["points"]] == [p["rate"] for p in continuous["points"]]
+    assert all(p["n"] == 6 and p["p99_s"] >= p["p50_s"] > 0 for p in dynamic["points"] + continuous["points"])
+    assert sum(continuous["admissions"].values()) >= 6
+    assert "p50 ratio" in completed.stdout
+    assert next(tmp_path.glob("open_loop_*.png")).stat().st_size > 0
