@@ -39,15 +39,15 @@ from triton_diffusion import harness, model_config  # noqa: E402
 
 MODES = ("dynamic", "continuous")
 # the shipped tiny entries whose config (inputs, batching block, decoupled policy) each mode derives from
-BASES = {("flux", "dynamic"): "flux_tiny", ("flux", "continuous"): "flux_tiny_continuous",
-         ("z-image", "dynamic"): "z_image_tiny", ("z-image", "continuous"): "z_image_tiny_continuous"}
+# (architecture prefix -> the tiny entry of its family)
+TINY_ENTRIES = {"flux": "flux_tiny", "z-image": "z_image_tiny", "sd35": "sd3_tiny", "qwen-image": "qwen_image_tiny"}
 
 
 def base_model(arch: str, mode: str) -> str:
-    family = "flux" if arch.startswith("flux") else "z-image" if arch.startswith("z-image") else None
-    if family is None:
-        raise SystemExit(f"--arch {arch}: continuous batching serves flux-* and z-image-* architectures")
-    return BASES[family, mode]
+    for prefix, entry in TINY_ENTRIES.items():
+        if arch.startswith(prefix):
+            return entry if mode == "dynamic" else f"{entry}_continuous"
+    raise SystemExit(f"--arch {arch}: continuous batching serves {', '.join(f'{p}*' for p in TINY_ENTRIES)}")
 
 
 def write_mode(arch: str, mode: str, args, repository: Path) -> str:
@@ -101,6 +101,16 @@ async def open_loop(client: AsyncDiffusionClient, requests: list[GenerationReque
             "n": len(requests)}
 
 
+def running_batch(server, name: str) -> dict[str, float]:
+    """Continuous mode: mean rows per step and mean seconds per step of the running batch, over the
+    whole run (0 for the dynamic mode, which has no running batch)."""
+    steps = harness.metric(server, "diffusion_continuous_step_seconds_count", name)
+    if not steps:
+        return {"steps": 0, "mean_rows": 0.0, "mean_step_s": 0.0}
+    return {"steps": steps, "mean_rows": harness.metric(server, "diffusion_continuous_live_rows_sum", name) / steps,
+            "mean_step_s": harness.metric(server, "diffusion_continuous_step_seconds_sum", name) / steps}
+
+
 def admissions(server, name: str) -> dict[str, float]:
     text = harness.metrics_text(server)
     counts = {"idle": 0.0, "mid_flight": 0.0}
@@ -133,6 +143,7 @@ def bench_mode(arch: str, mode: str, args, prompts, workdir: Path, rates: list[f
 
         result = asyncio.run(run())
         result["admissions"] = admissions(server, name)
+        result["running_batch"] = running_batch(server, name)
         return result
     finally:
         server.stop()
@@ -150,6 +161,9 @@ def table(arch: str, results: dict, args) -> str:
                      f"{c['images_per_s']:.3f} | {d['p50_s']:.2f} / {d['p99_s']:.2f} | {c['p50_s']:.2f} / {c['p99_s']:.2f} | "
                      f"{c['p50_s'] / d['p50_s']:.2f} | {c['p99_s'] / d['p99_s']:.2f}")
     lines.append(f"continuous admissions: {continuous['admissions']} (mid_flight: joined a running batch)")
+    batch = continuous["running_batch"]
+    lines.append(f"continuous running batch: {batch['steps']:.0f} steps, {batch['mean_rows']:.2f} rows and "
+                 f"{1000 * batch['mean_step_s']:.1f} ms per step on average (compare the offline step scaling)")
     return "\n".join(lines)
 
 

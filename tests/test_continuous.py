@@ -111,7 +111,9 @@ def test_ten_requests_arriving_at_random_times_each_equal_their_solo_image(serve
 
 def test_a_cancelled_row_leaves_the_running_batch_and_its_neighbours_unchanged(server):
     model = "flux_tiny_continuous"
-    requests = [GenerationRequest(f"neighbour {index}", seed=300 + index, steps=LONG_STEPS // 2) for index in range(3)]
+    # the middle one, cancelled, is the longest: it is still running whenever the cancel lands
+    requests = [GenerationRequest(f"neighbour {index}", seed=300 + index, steps=steps)
+                for index, steps in enumerate([LONG_STEPS // 2, 400, LONG_STEPS // 2])]
     cancelled_before = metric(server, "diffusion_requests_cancelled_total", model)
     rows_before = admitted(server, model, "idle") + admitted(server, model, "mid_flight")
 

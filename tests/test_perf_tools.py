@@ -100,5 +100,6 @@ def test_the_open_loop_benchmark_compares_both_batching_modes_on_the_same_arriva
     assert [p["rate"] for p in dynamic["points"]] == [p["rate"] for p in continuous["points"]]
     assert all(p["n"] == 6 and p["p99_s"] >= p["p50_s"] > 0 for p in dynamic["points"] + continuous["points"])
     assert sum(continuous["admissions"].values()) >= 6
+    assert continuous["running_batch"]["mean_rows"] >= 1 and dynamic["running_batch"]["steps"] == 0
     assert "p50 ratio" in completed.stdout
     assert next(tmp_path.glob("open_loop_*.png")).stat().st_size > 0
