@@ -137,3 +137,14 @@ def test_wait_for_room_returns_once_rows_are_admitted(rows):
     batcher.wait_for_room()
     assert batcher.live_rows + len(outcomes) == rows
     batcher.stop()
+
+
+def test_a_bug_in_the_loop_fails_the_requests_it_holds_and_the_loop_goes_on():
+    class BrokenDecode(CountingSteps):
+        def decode(self, rows):
+            return None  # not a list: the loop itself trips over it
+
+    steps, outcomes = BrokenDecode(), {}
+    batcher = ContinuousBatcher(steps, CallBudget(4, 10**9), lambda exc: False)
+    run_until_answered(batcher, [job("first", 1, outcomes)], outcomes)
+    assert isinstance(outcomes["first"], Failed) and "continuous batcher error" in outcomes["first"].message

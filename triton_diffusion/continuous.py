@@ -93,6 +93,7 @@ class ContinuousBatcher:
         self.row_cap = budget.max_images  # lowered after an out-of-memory step
         self._waiting: deque = deque()  # (job, row), arrival order
         self._live: list = []  # (job, row), admission order
+        self._unanswered: set = set()  # every submitted job until it is answered
         self._condition = threading.Condition()
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
@@ -110,6 +111,7 @@ class ContinuousBatcher:
                     self._answer(job, Failed("the model is shutting down"))
                 return
             self._waiting.extend((job, row) for job in jobs for row in job.rows)
+            self._unanswered.update(jobs)
             self._condition.notify_all()
 
     def wait_for_room(self) -> None:
@@ -124,7 +126,7 @@ class ContinuousBatcher:
             self._condition.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=60)
-        for job, _ in list(self._waiting) + self._live:
+        for job in list(self._unanswered):
             self._answer(job, Failed("the model was unloaded before this request finished"))
 
     @property
@@ -139,9 +141,15 @@ class ContinuousBatcher:
                 if self._stopped:
                     return
                 self._admit()
-            self._drop_cancelled()
-            self._step_all()
-            self._finish()
+            try:
+                self._drop_cancelled()
+                self._step_all()
+                self._finish()
+            except Exception as exc:  # noqa: BLE001 - a bug here must not leave requests (or execute) hanging
+                log.exception("the continuous batcher failed; failing the requests it holds")
+                with self._condition:
+                    held = set(self._unanswered)
+                self._remove(held, Failed(f"continuous batcher error: {type(exc).__name__}: {exc}"))
             with self._condition:
                 self._condition.notify_all()  # room may have opened for a waiting execute()
 
@@ -247,6 +255,8 @@ class ContinuousBatcher:
         if job.answered:
             return
         job.answered = True
+        with self._condition:
+            self._unanswered.discard(job)
         try:
             job.respond(outcome)
         except Exception:  # noqa: BLE001 - a client gone mid-answer must not stop the loop

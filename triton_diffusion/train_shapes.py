@@ -78,7 +78,9 @@ def batches(rng: random.Random, size: int, scenes=TRAINING_SCENES):
         yield torch.from_numpy(images).permute(0, 3, 1, 2), [scene.caption for scene in chosen]
 
 
-def train(out: Path, seed: int, vae_steps: int, unet_steps: int, batch: int, log=print) -> dict:
+def train(out: Path, seed: int, vae_steps: int, unet_steps: int, batch: int, log=print, ema_decay: float = 0.0) -> dict:
+    import copy
+
     import torch
     import torch.nn.functional as F
     from diffusers import StableDiffusionPipeline
@@ -113,6 +115,9 @@ def train(out: Path, seed: int, vae_steps: int, unet_steps: int, batch: int, log
 
     # 2. Text encoder and UNet together; 10% empty captions teach the unconditional branch (CFG).
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    # An exponential moving average of the weights (saved instead of the last ones when ema_decay > 0)
+    averaged = (copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False))
+    averaged_parameters = list(averaged[0].parameters()) + list(averaged[1].parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=unet_steps, pct_start=0.05)
     for step in range(unet_steps):
@@ -132,14 +137,21 @@ def train(out: Path, seed: int, vae_steps: int, unet_steps: int, batch: int, log
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+        if ema_decay:
+            with torch.no_grad():
+                decay = min(ema_decay, (1 + step) / (10 + step))
+                for average, current in zip(averaged_parameters, parameters):
+                    average.lerp_(current, 1 - decay)
         if step % 200 == 0 or step == unet_steps - 1:
             log(f"unet {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
+    if ema_decay:
+        unet, text_encoder = averaged
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out)
-    recipe = {"seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch,
+    recipe = {"seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch, "ema_decay": ema_decay,
               "train_seconds": round(time.perf_counter() - started), "torch_threads": torch.get_num_threads(),
               "data": "triton_diffusion/shapes.py: one shape of 6 colours x 3 kinds on another colour, 64x64; "
                       "the HELD_OUT combinations are never rendered for training"}
@@ -154,8 +166,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="save an exponential moving average of the weights")
     args = parser.parse_args(argv)
-    print(train(args.out, args.seed, args.vae_steps, args.unet_steps, args.batch, log=lambda m: print(m, flush=True)))
+    print(train(args.out, args.seed, args.vae_steps, args.unet_steps, args.batch, log=lambda m: print(m, flush=True),
+                ema_decay=args.ema_decay))
     return 0
 
 
