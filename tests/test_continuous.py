@@ -24,8 +24,13 @@ from .conftest import STEPS, assert_same_image, metric, pending, start_server
 
 # continuous model -> the dynamic-batching model with the same weights
 PAIRS = {"flux_tiny_continuous": "flux_tiny", "z_image_tiny_continuous": "z_image_tiny",
-         "sd3_tiny_continuous": "sd3_tiny", "qwen_image_tiny_continuous": "qwen_image_tiny"}
+         "sd3_tiny_continuous": "sd3_tiny", "qwen_image_tiny_continuous": "qwen_image_tiny",
+         "stable_diffusion_tiny_continuous": "stable_diffusion_tiny"}
 LONG_STEPS = 300  # a long request: many steps of the tiny model, so others can join it mid-flight
+# the tiny SD test model allows 50 steps (at its 128x128 default, as long as 300 of the others)
+# and sides from 64
+LONG = {"stable_diffusion_tiny_continuous": 50}
+SIDES = {"stable_diffusion_tiny_continuous": [64, 128]}
 ADMITTED = "diffusion_continuous_admissions_total"
 
 
@@ -61,7 +66,7 @@ async def timed(client: AsyncDiffusionClient, request: GenerationRequest, finish
 
 @pytest.mark.parametrize("model", PAIRS)
 def test_a_short_request_joins_a_running_long_one_finishes_first_and_equals_its_solo_image(server, model):
-    long = GenerationRequest("a long walk along a grey beach at dawn", seed=21, steps=LONG_STEPS)
+    long = GenerationRequest("a long walk along a grey beach at dawn", seed=21, steps=LONG.get(model, LONG_STEPS))
     short = GenerationRequest("a red circle", seed=22, steps=3, guidance_scale=1.5)
     mid_flight_before = admitted(server, model, "mid_flight")
 
@@ -89,7 +94,7 @@ def test_ten_requests_arriving_at_random_times_each_equal_their_solo_image(serve
     rng = random.Random(7)
     requests = [GenerationRequest(f"shape {index}: a {rng.choice(['red', 'blue', 'green'])} square " * rng.randint(1, 20),
                                   seed=100 + index, steps=rng.randint(2, 24), guidance_scale=rng.choice([0.0, 1.0, 3.5]),
-                                  height=rng.choice([48, 64]), width=64)
+                                  height=rng.choice(SIDES.get(model, [48, 64])), width=64)
                 for index in range(10)]
     delays = [rng.uniform(0, 0.3) for _ in requests]  # arrival times (load shape, not synchronisation)
     mid_flight_before = admitted(server, model, "mid_flight")

@@ -146,10 +146,10 @@ def test_broken_configs_fail_to_load_with_a_message_naming_the_problem_and_other
     unknown_input.input.add(name="COLOUR", data_type=model_config.model_config_pb2.TYPE_STRING, dims=[1], optional=True)
     model_config.write_model(repository, unknown_input)
     broken["unknown_input"] = ({}, "declares input 'COLOUR', which this backend does not understand")
-    no_step_model = model_config.variant("continuous_unet", {"batching": "continuous"})  # SD-1.5: not flow matching
+    no_step_model = model_config.variant("continuous_sdxl", {"batching": "continuous"}, base="sdxl_tiny")
     no_step_model.model_transaction_policy.decoupled = True
-    model_config.write_model(repository, no_step_model)
-    broken["continuous_unet"] = ({}, "continuous batching has no step model for StableDiffusionPipeline")
+    model_config.write_model(repository, no_step_model, base="sdxl_tiny")
+    broken["continuous_sdxl"] = ({}, "continuous batching has no step model for StableDiffusionXLPipeline")
 
     # Triton 2.51 can wait out its whole exit timeout when stopping beside models that failed to load.
     with start_server(tmp_path, [TINY, *broken], repository=repository, extra_args=("--exit-timeout-secs=5",)) as server:

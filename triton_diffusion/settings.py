@@ -114,7 +114,7 @@ class ModelSettings:
     # how often a running call asks Triton whether its requests were cancelled (0: every step)
     cancellation_poll_interval_ms: int = 100
     # dynamic: one pipeline call per batch Triton forms; continuous: newcomers join the running batch
-    # at the next denoising step (flow-matching families; the model must be decoupled)
+    # at the next denoising step (families with a step model, stepwise.py; the model must be decoupled)
     batching: str = "dynamic"
     # speed (acceleration.py); all off by default: the CPU tiny model gains nothing from them
     speed_devices: tuple[str, ...] = ("cuda",)  # device types the knobs below apply on (elsewhere: ignored, logged)
@@ -332,7 +332,8 @@ PARAMETER_DOCS = {
     "max_images_per_call": "Most images in one pipeline call.",
     "cancellation_poll_interval_ms": "How often a running call asks Triton whether its requests were cancelled; 0: every step.",
     "batching": "`dynamic`: one pipeline call per batch Triton forms. `continuous`: a running batch that requests join at "
-                "the next denoising step (FLUX.1, Z-Image; the model must declare `model_transaction_policy { decoupled: true }`).",
+                "the next denoising step (FLUX.1, SD3.5, Qwen-Image, Z-Image, SD 1.5/2.x; the model must declare "
+                "`model_transaction_policy { decoupled: true }`).",
     "speed_devices": "Device types the speed knobs apply on (default `cuda`); elsewhere they are ignored and logged.",
     "compile": "`off`, `regional` (diffusers' `compile_repeated_blocks`) or `full` (the whole denoiser).",
     "compile_mode": "torch.compile mode: empty (default), `reduce-overhead` (CUDA graphs), `max-autotune`, ...",

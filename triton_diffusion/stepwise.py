@@ -8,8 +8,10 @@ same encoder calls, the noise from the row's own generator, the same schedule, t
 arithmetic. So a row's image equals the one ``pipe(...)`` makes for it alone, within floating
 point tolerance (``tests/test_continuous.py`` checks it against the dynamic-batching model).
 
-Flow-matching families only: their Euler step keeps no state beyond the row's sigmas, so rows at
-different steps of different schedules can share one denoiser call (per-row timesteps).
+Rows at different steps of different schedules share one denoiser call (per-row timesteps). The
+flow-matching families (FLUX.1, SD3.5, Qwen-Image, Z-Image) step all rows at once: their Euler step
+keeps no state beyond the row's sigmas. Stable Diffusion's schedulers may keep history, so each of
+its rows carries its own scheduler instance and steps with it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from .requests import TEXT_TO_IMAGE, GenerationItem
 
@@ -37,8 +40,10 @@ class RowState:
     latents: Any  # torch.Tensor, batch dim 1, in the family's latent layout
     condition: dict[str, Any]  # per-family text conditioning (batch dim 1)
     timesteps: Any  # torch.Tensor [steps]
-    sigmas: Any  # torch.Tensor [steps + 1]
+    sigmas: Any  # torch.Tensor [steps + 1] (None where the row has its own scheduler)
     step: int = 0
+    scheduler: Any = None  # the row's own scheduler instance, for schedulers with per-row history
+    generator: Any = None  # the row's generator, where the scheduler draws noise at each step
 
     @property
     def size(self) -> tuple[int, int]:
@@ -419,7 +424,80 @@ class QwenImageSteps(StepModel):
         return to_uint8(pipe.image_processor.postprocess(image, output_type="pt"))
 
 
-STEP_MODELS: tuple[type[StepModel], ...] = (FluxSteps, ZImageSteps, StableDiffusion3Steps, QwenImageSteps)
+class StableDiffusionSteps(StepModel):
+    """``StableDiffusionPipeline.__call__`` (SD-1.5, SD 2.x, SD-Turbo). Its schedulers (PNDM, DDIM,
+    DPM-Solver, Euler ancestral...) may keep history between steps and draw noise, so every row gets
+    its own copy of the pipeline's scheduler and its own generator: the UNet call is batched, each
+    row's scheduler step is the pipeline's own ``scheduler.step`` on that row alone."""
+
+    pipeline_prefix = "StableDiffusionPipeline"
+
+    def __init__(self, pipe, device: str, max_sequence_length: int = 0):
+        super().__init__(pipe, device, max_sequence_length)
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            raise ContinuousUnsupported("UNets with a guidance embedding (LCM) have no step model")
+        accepted = set(inspect.signature(pipe.scheduler.step).parameters)
+        self.step_takes = {"eta": "eta" in accepted, "generator": "generator" in accepted}
+
+    def prepare(self, items):
+        pipe = self.pipe
+        guided = [item.params.guidance_scale > 1 for item in items]
+        embeds, negative_embeds = pipe.encode_prompt(
+            [item.prompt for item in items], self.device, 1, any(guided),
+            [item.negative_prompt or "" for item in items] if any(guided) else None)
+        rows = []
+        for index, item in enumerate(items):
+            params = item.params
+            scheduler = copy.deepcopy(pipe.scheduler)
+            scheduler.set_timesteps(params.num_inference_steps, device=self.device)
+            generator = torch.Generator("cpu").manual_seed(item.seed)
+            shape = (1, pipe.unet.config.in_channels, params.height // pipe.vae_scale_factor,
+                     params.width // pipe.vae_scale_factor)
+            latents = randn_tensor(shape, generator=[generator], device=self.device, dtype=embeds.dtype)
+            latents = latents * scheduler.init_noise_sigma
+            condition = {"embeds": embeds[index:index + 1],
+                         "negative_embeds": negative_embeds[index:index + 1] if guided[index] else None}
+            rows.append(RowState(item, latents, condition, scheduler.timesteps, None, scheduler=scheduler,
+                                 generator=generator))
+        return rows
+
+    def step(self, rows):
+        guided = [index for index, row in enumerate(rows) if row.guidance_scale > 1]
+        timesteps = [row.timesteps[row.step] for row in rows]
+        scaled = [row.scheduler.scale_model_input(row.latents, t) for row, t in zip(rows, timesteps)]
+        # The unconditional twins of the guided rows first, then every row (the pipeline's order).
+        noise = self.pipe.unet(
+            torch.cat([scaled[index] for index in guided] + scaled),
+            torch.stack([timesteps[index] for index in guided] + timesteps),
+            encoder_hidden_states=torch.cat([rows[index].condition["negative_embeds"] for index in guided]
+                                            + [row.condition["embeds"] for row in rows]),
+            timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False,
+        )[0]
+        unconditional, conditional = noise[:len(guided)], noise[len(guided):]
+        for index, (row, t) in enumerate(zip(rows, timesteps)):
+            prediction = conditional[index:index + 1]
+            if row.guidance_scale > 1:
+                uncond = unconditional[guided.index(index)][None]
+                prediction = uncond + row.guidance_scale * (prediction - uncond)
+            extra = {}
+            if self.step_takes["eta"]:
+                extra["eta"] = 0.0
+            if self.step_takes["generator"]:
+                extra["generator"] = [row.generator]
+            row.latents = row.scheduler.step(prediction, t, row.latents, **extra, return_dict=False)[0]
+            row.step += 1
+
+    def decode(self, rows):
+        pipe = self.pipe
+        latents = torch.cat([row.latents for row in rows])
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        image, flagged = pipe.run_safety_checker(image, self.device, latents.dtype)
+        denormalize = [True] * image.shape[0] if flagged is None else [not nsfw for nsfw in flagged]
+        return to_uint8(pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize))
+
+
+STEP_MODELS: tuple[type[StepModel], ...] = (FluxSteps, ZImageSteps, StableDiffusion3Steps, QwenImageSteps,
+                                            StableDiffusionSteps)
 
 
 def step_model_for(pipe, device: str, max_sequence_length: int = 0) -> StepModel:
