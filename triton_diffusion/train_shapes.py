@@ -164,9 +164,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("models/tiny-shapes"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--unet-steps", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--ema-decay", type=float, default=0.0, help="save an exponential moving average of the weights")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="save an exponential moving average of the weights (0: the last weights)")
     args = parser.parse_args(argv)
     print(train(args.out, args.seed, args.vae_steps, args.unet_steps, args.batch, log=lambda m: print(m, flush=True),
                 ema_decay=args.ema_decay))
