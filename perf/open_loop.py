@@ -112,12 +112,8 @@ def running_batch(server, name: str) -> dict[str, float]:
 
 
 def admissions(server, name: str) -> dict[str, float]:
-    text = harness.metrics_text(server)
-    counts = {"idle": 0.0, "mid_flight": 0.0}
-    for line in text.splitlines():
-        if line.startswith("diffusion_continuous_admissions_total") and f'model="{name}"' in line:
-            counts["mid_flight" if 'when="mid_flight"' in line else "idle"] += float(line.rsplit(" ", 1)[1])
-    return counts
+    return {when: harness.metric(server, "diffusion_continuous_admissions_total", name, when=when)
+            for when in ("idle", "mid_flight")}
 
 
 def bench_mode(arch: str, mode: str, args, prompts, workdir: Path, rates: list[float] | None) -> dict:

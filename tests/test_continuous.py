@@ -48,9 +48,7 @@ def served_alone(server, model: str, requests: list[GenerationRequest]) -> list[
 
 
 def admitted(server, model: str, when: str) -> float:
-    text = harness.metrics_text(server)
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(ADMITTED) and f'model="{model}"' in line and f'when="{when}"' in line)
+    return harness.metric(server, ADMITTED, model, when=when)
 
 
 def wait_for_admitted(server, model: str, rows: float) -> None:

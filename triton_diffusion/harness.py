@@ -127,12 +127,14 @@ def metrics_text(server: TritonServer) -> str:
         return response.read().decode()
 
 
-def metric(server: TritonServer, name: str, model: str) -> float:
-    """Sum of a Prometheus series (custom ``diffusion_*`` ones included) over the model's labels."""
+def metric(server: TritonServer, name: str, model: str, **labels: str) -> float:
+    """Sum of a Prometheus series (custom ``diffusion_*`` ones included) over the model's labels;
+    ``labels`` (e.g. ``when="mid_flight"``) keep only the series that carry those values too."""
+    wanted = [f'{key}="{value}"' for key, value in {"model": model, **labels}.items()]
     total = 0.0
     for line in metrics_text(server).splitlines():
         match = re.match(rf"{re.escape(name)}{{([^}}]*)}} (\S+)", line)
-        if match and f'model="{model}"' in match.group(1):
+        if match and all(label in match.group(1) for label in wanted):
             total += float(match.group(2))
     return total
 

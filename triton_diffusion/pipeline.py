@@ -37,6 +37,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return out_of_memory
 
 
+def to_uint8(images) -> np.ndarray:
+    """[B, (F,) C, H, W] in [0, 1] -> uint8 [B, (F,) H, W, 3]: rounded where the images are (the
+    GPU), then one copy; the same rounding as on the CPU in float32."""
+    import torch
+
+    channels_last = (0, 1, 3, 4, 2) if images.dim() == 5 else (0, 2, 3, 1)
+    return images.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(*channels_last).cpu().numpy()
+
+
 class ModelLoadError(RuntimeError):
     """The pipeline could not be loaded; the message says what to fix."""
 
@@ -292,10 +301,6 @@ class PipelineRunner:
         outputs: list[Optional[np.ndarray]] = [None] * requested
         if wanted:
             positions = torch.tensor([position for _, position in wanted], device=images.device)
-            # To uint8 where the images are (the GPU), then one copy: the same rounding as on the CPU in float32.
-            channels_last = (0, 1, 3, 4, 2) if images.dim() == 5 else (0, 2, 3, 1)
-            pixels = images[positions].float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(*channels_last)
-            pixels = pixels.cpu().numpy()
-            for (row, _), image in zip(wanted, pixels):
+            for (row, _), image in zip(wanted, to_uint8(images[positions])):
                 outputs[row] = image
         return outputs

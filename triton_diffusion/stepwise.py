@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .pipeline import to_uint8
 from .requests import TEXT_TO_IMAGE, GenerationItem
 
 
@@ -60,13 +61,6 @@ class RowState:
     @property
     def guidance_scale(self) -> float:
         return self.item.params.guidance_scale
-
-
-def to_uint8(images) -> list[np.ndarray]:
-    """[B, C, H, W] in [0, 1] -> uint8 HxWx3 arrays, rounded where the images are (the same rounding
-    as ``PipelineRunner.run``)."""
-
-    return list(images.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
 
 
 class StepModel:
@@ -131,6 +125,13 @@ class StepModel:
         return module.calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                       config.get("max_shift", max_shift))
+
+    def _decode_shifted(self, latents) -> list[np.ndarray]:
+        """The common end of a flow-matching ``__call__``: undo the VAE's scaling and shift, decode,
+        postprocess to [0, 1], then uint8."""
+        vae = self.pipe.vae
+        image = vae.decode((latents / vae.config.scaling_factor) + vae.config.shift_factor, return_dict=False)[0]
+        return list(to_uint8(self.pipe.image_processor.postprocess(image, output_type="pt")))
 
     @staticmethod
     def _current_timesteps(rows: Sequence[RowState]):
@@ -202,10 +203,8 @@ class FluxSteps(StepModel):
     def decode(self, rows):
         pipe = self.pipe
         height, width = rows[0].size
-        latents = pipe._unpack_latents(torch.cat([row.latents for row in rows]), height, width, pipe.vae_scale_factor)
-        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents, return_dict=False)[0]
-        return to_uint8(pipe.image_processor.postprocess(image, output_type="pt"))
+        return self._decode_shifted(
+            pipe._unpack_latents(torch.cat([row.latents for row in rows]), height, width, pipe.vae_scale_factor))
 
 
 class ZImageSteps(StepModel):
@@ -259,11 +258,7 @@ class ZImageSteps(StepModel):
         self._advance(rows, self._euler(rows, latents, velocity.to(torch.float32)))
 
     def decode(self, rows):
-        pipe = self.pipe
-        latents = torch.cat([row.latents for row in rows]).to(pipe.vae.dtype)
-        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents, return_dict=False)[0]
-        return to_uint8(pipe.image_processor.postprocess(image, output_type="pt"))
+        return self._decode_shifted(torch.cat([row.latents for row in rows]).to(self.pipe.vae.dtype))
 
 
 class StableDiffusion3Steps(StepModel):
@@ -324,11 +319,7 @@ class StableDiffusion3Steps(StepModel):
         self._advance(rows, self._euler(rows, latents, torch.cat(velocity)))
 
     def decode(self, rows):
-        pipe = self.pipe
-        latents = torch.cat([row.latents for row in rows])
-        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents, return_dict=False)[0]
-        return to_uint8(pipe.image_processor.postprocess(image, output_type="pt"))
+        return self._decode_shifted(torch.cat([row.latents for row in rows]))
 
 
 class QwenImageSteps(StepModel):
@@ -421,7 +412,7 @@ class QwenImageSteps(StepModel):
         mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         image = pipe.vae.decode(latents / inverse_std + mean, return_dict=False)[0][:, :, 0]
-        return to_uint8(pipe.image_processor.postprocess(image, output_type="pt"))
+        return list(to_uint8(pipe.image_processor.postprocess(image, output_type="pt")))
 
 
 class StableDiffusionSteps(StepModel):
@@ -493,7 +484,7 @@ class StableDiffusionSteps(StepModel):
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         image, flagged = pipe.run_safety_checker(image, self.device, latents.dtype)
         denormalize = [True] * image.shape[0] if flagged is None else [not nsfw for nsfw in flagged]
-        return to_uint8(pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize))
+        return list(to_uint8(pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)))
 
 
 STEP_MODELS: tuple[type[StepModel], ...] = (FluxSteps, ZImageSteps, StableDiffusion3Steps, QwenImageSteps,
