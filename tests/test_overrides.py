@@ -73,9 +73,13 @@ def test_environment_sets_the_flag_defaults(monkeypatch):
 def test_triton_serves_the_derived_config(tmp_path):
     overrides = BatchingOverrides(max_batch_size=4, preferred_batch_sizes=(2, 4), max_queue_delay_us=7000, max_queue_size=5)
     repository = derived_repository(DEFAULT_MODEL_REPOSITORY, [TINY], overrides)
-    with start_server(tmp_path, [TINY], repository=repository, require_ready=True) as server:
+    server = start_server(tmp_path, [TINY], repository=repository, require_ready=True)
+    started = server.process
+    with server:  # entering a started server keeps its process (no second tritonserver) and stops it after
+        assert server.process is started
         with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{TINY}/config") as response:
             served = json.load(response)
+    assert started.poll() is not None
     batching = served["dynamic_batching"]
     assert served["max_batch_size"] == 4
     assert [int(size) for size in batching["preferred_batch_size"]] == [2, 4]

@@ -232,6 +232,8 @@ class TritonServer:
         return cmd
 
     def start(self) -> "TritonServer":
+        if self.running:
+            raise RuntimeError(f"tritonserver (pid {self.process.pid}) is already running; stop it first")
         install_python_stub(triton_home())
         env = server_environment()
         env.update(self.config.env)
@@ -316,8 +318,14 @@ class TritonServer:
             self._log_file.close()
         return self.process.returncode
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def __enter__(self) -> "TritonServer":
-        return self.start()
+        # ``with harness.serve(...) as server`` enters a server already started: it must not start a
+        # second process (which would leave the first one running after the block)
+        return self if self.running else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
