@@ -17,7 +17,7 @@ import pytest
 
 from client import DiffusionClient, GenerationRequest, RetryPolicy, ServerError
 from client.aio import AsyncDiffusionClient
-from triton_diffusion import harness
+from triton_diffusion import harness, model_config
 from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
 
 from .conftest import STEPS, assert_same_image, metric, pending, start_server
@@ -185,3 +185,38 @@ def test_priority_decides_which_waiting_request_joins_first(tmp_path_factory):
         assert asyncio.run(scenario()) == ["running", "high", "normal"]
     finally:
         server.stop()
+
+
+def test_a_compiled_running_batch_is_warmed_before_ready_and_compiles_nothing_while_serving(server, tmp_path_factory):
+    """torch.compile (its ``eager`` backend: dynamo's tracing, guards and graph counting at CPU test
+    speed) of the FLUX denoiser and VAE in continuous mode: the warm-up runs the step loop itself at
+    1, 2 and 4 rows before READY, so rows joining and leaving (any count, mixed guidance) reuse
+    its graphs, and the images still equal the plain pipeline's."""
+    model = "flux_tiny_continuous_compiled"
+    repository = tmp_path_factory.mktemp("compiled-continuous")
+    parameters = {"compile": "regional", "compile_vae": "true", "compile_backend": "eager", "speed_devices": "cpu",
+                  "max_images_per_call": "4"}
+    model_config.write_model(repository, model_config.variant(model, parameters, max_batch_size=4,
+                                                              base="flux_tiny_continuous"),
+                             base="flux_tiny_continuous")
+    compiled = start_server(tmp_path_factory.mktemp("compiled"), [model], name="compiled-continuous",
+                            repository=repository, require_ready=True)
+    try:
+        assert metric(compiled, "diffusion_warmup_seconds", model) > 0
+        long = GenerationRequest("a lighthouse in fog", seed=31, steps=LONG_STEPS // 2)
+        joiners = [GenerationRequest(f"joiner {index}", seed=32 + index, steps=2 + 3 * index, guidance_scale=scale)
+                   for index, scale in enumerate([1.0, 3.5, 5.0])]
+
+        async def scenario():
+            async with AsyncDiffusionClient(f"grpc://{compiled.grpc_url}", model, timeout_s=300) as client:
+                long_task = asyncio.create_task(client.generate(long))
+                await asyncio.to_thread(harness.wait_for_metric, compiled, STEPS, model, 1)
+                return await asyncio.gather(long_task, *(client.generate(request) for request in joiners))
+
+        results = asyncio.run(scenario())
+        assert admitted(compiled, model, "mid_flight") >= 1
+        assert metric(compiled, "diffusion_compilations_while_serving_total", model) == 0
+        for result, alone in zip(results, served_alone(server, "flux_tiny_continuous", [long, *joiners])):
+            assert_same_image(result.array, alone)
+    finally:
+        compiled.stop()

@@ -54,6 +54,9 @@ def test_missing_model_and_bad_values_are_reported_with_the_key():
         ({"allowed_sizes": "512x512", "warmup_sizes": "256x256"}, "warmup_sizes must be among allowed_sizes"),
         ({"warmup_sizes": "4096x4096"}, "warmup_sizes 4096x4096 breaks"),
         ({"vae_slicing": "true", "compile_vae": "true"}, "vae_slicing decodes one image at a time"),
+        ({"batching": "continuous", "batch_buckets": "16"}, "batching=continuous takes neither batch_buckets"),
+        ({"batching": "continuous", "compile": "full", "compile_dynamic": "false"},
+         "compile_dynamic=false would compile a graph per row count"),
     ],
 )
 def test_contradictory_limits_fail(parameters, message):

@@ -58,7 +58,8 @@ class TritonPythonModel:
                                       self.runner.device)
         if self.runner.speed:
             pb_utils.Logger.log_info(f"{self.model_name}: speed settings: {'; '.join(self.runner.speed)}")
-        warmup = self.runner.warm_up()  # before READY: serving must not compile
+        # before READY: serving must not compile (a continuous model warms its step loop, not __call__)
+        warmup = self.steps.warm_up(*self.settings.warmup_plan()) if self.steps else self.runner.warm_up()
         self.metrics.warmup_seconds.set(warmup.seconds)
         if warmup.calls:
             pb_utils.Logger.log_info(f"{self.model_name}: warm-up ran {warmup.calls} calls in {warmup.seconds:.1f}s, "
@@ -69,7 +70,7 @@ class TritonPythonModel:
         if self.steps is not None:
             self.batcher = ContinuousBatcher(self.steps, budget, is_out_of_memory,
                                              self.settings.cancellation_poll_interval_ms / 1000,
-                                             on_step=self.metrics.observe_running_step,
+                                             on_step=self._observe_running_step,
                                              on_admit=self.metrics.observe_admission,
                                              on_out_of_memory=self.metrics.row_cap.set)
             self.metrics.row_cap.set(self.batcher.row_cap)
@@ -132,6 +133,10 @@ class TritonPythonModel:
         self.batcher.submit(jobs)
         self.batcher.wait_for_room()  # backpressure: the next requests wait in Triton's queue, by priority
         return None
+
+    def _observe_running_step(self, report) -> None:
+        self.metrics.observe_running_step(report)
+        self._count_compilations_and_padding()
 
     def _send_final(self, sender, outcome: Outcome) -> None:
         sender.send(self._respond(outcome), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -219,6 +219,10 @@ class ModelSettings:
             # a running batch changes size at every admission and mixes steps: neither padding to a
             # bucket nor a step cache (which assumes one step for the whole batch) applies
             problems.append("batching=continuous takes neither batch_buckets nor step_cache")
+        elif self.continuous and self.compiles and self.compile_dynamic == "false":
+            # every row count (and guided/unguided mix) of the running batch would be a new static graph
+            problems.append("batching=continuous runs any number of rows per step, so compile_dynamic=false would "
+                            "compile a graph per row count while serving; use compile_dynamic auto or true")
         problems += self._speed_problems()
         if problems:
             raise SettingsError("config.pbtxt parameters are inconsistent: " + "; ".join(problems))
@@ -271,10 +275,14 @@ class ModelSettings:
 
         Defaults: the buckets, or with no buckets 1, 2 and the largest call when compiling (with
         ``compile_dynamic=auto`` the second size makes the batch dimension dynamic, so every larger
-        batch reuses that graph); the default size and every allowed size; the default guidance.
+        batch reuses that graph), or every row count in continuous mode (its running batch visits
+        them all); the default size and every allowed size; the default guidance.
         """
         batch_sizes = self.warmup_batch_sizes or self.batch_buckets
-        if not batch_sizes and self.compiles:
+        if not batch_sizes and self.compiles and self.continuous:
+            # a running batch passes through every row count; each one's first step pays for its kernels' set-up
+            batch_sizes = tuple(range(1, self.max_images_per_call + 1))
+        elif not batch_sizes and self.compiles:
             batch_sizes = tuple(sorted({1, min(2, self.max_images_per_call), self.max_images_per_call}))
         sizes = self.warmup_sizes or tuple(dict.fromkeys(((self.default_height, self.default_width),) + self.allowed_sizes))
         return tuple(batch_sizes), sizes, self.warmup_guidance_scales or (self.default_guidance_scale,)
@@ -347,7 +355,7 @@ PARAMETER_DOCS = {
     "vae_tiling": "Decode in tiles (memory at large sizes).",
     "step_cache": "A diffusers step cache, e.g. `\"FirstBlockCache threshold=0.05\"`; changes images, and batched may differ from alone.",
     "batch_buckets": "Pad each call up to the nearest of these batch sizes (static or CUDA-graph shapes); empty: no padding.",
-    "warmup_batch_sizes": "Batch sizes run before READY; default: `batch_buckets`, or 1, 2 and `max_images_per_call` when compiling.",
+    "warmup_batch_sizes": "Batch sizes run before READY; default: `batch_buckets`, or 1, 2 and `max_images_per_call` when compiling (continuous: every row count up to `max_images_per_call`).",
     "warmup_sizes": "Sizes run before READY; default: the default size and `allowed_sizes`.",
     "warmup_guidance_scales": "Guidance scales run before READY; default: the default guidance.",
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -25,8 +26,9 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline import to_uint8
-from .requests import TEXT_TO_IMAGE, GenerationItem
+from .acceleration import compiled_graphs
+from .pipeline import WarmupReport, to_uint8
+from .requests import TEXT_TO_IMAGE, CallParams, GenerationItem
 
 
 class ContinuousUnsupported(ValueError):
@@ -94,6 +96,24 @@ class StepModel:
     def decode(self, rows: Sequence[RowState]) -> list[np.ndarray]:
         """Finished rows of one size -> uint8 HxWx3 images."""
         raise NotImplementedError
+
+    def warm_up(self, batch_sizes: Sequence[int], sizes: Sequence[tuple[int, int]],
+                guidance_scales: Sequence[float]) -> WarmupReport:
+        """Run the running batch's own stages (prepare, two steps, decode) for every row count x size x
+        guidance before READY, so that a compiled denoiser and VAE have their graphs (with
+        ``compile_dynamic=auto`` the second row count makes the batch dimension dynamic) and serving
+        compiles nothing. The settings' ``warmup_plan()`` gives the three lists."""
+        started, graphs_before, calls = time.perf_counter(), compiled_graphs(), 0
+        for height, width in sizes:
+            for guidance_scale in guidance_scales:
+                params = CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale)
+                for count in batch_sizes:
+                    rows = self.prepare([GenerationItem("warm-up", seed, params) for seed in range(count)])
+                    while not rows[0].finished:
+                        self.step(rows)
+                    self.decode(rows)
+                    calls += 1
+        return WarmupReport(calls, time.perf_counter() - started, compiled_graphs() - graphs_before)
 
     def unsupported(self, item: GenerationItem) -> Optional[str]:
         if item.task != TEXT_TO_IMAGE:
