@@ -8,8 +8,10 @@ throughput from closed-loop clients at twice its batch size; the rates are fract
 dynamic mode's saturation throughput, so both modes see the same absolute rates.
 
 Each mode runs in its own tritonserver, one after the other on the same card (two copies of a
-12B model do not fit beside each other's activations): the same random weights (seed 0), the
-same warm-up (one full batch), the same prompts and seeds, the same statistic.
+12B model do not fit beside each other's activations), or with ``--together`` both models in one
+server (their load and compilation overlap; each is measured while the other idles): the same
+random weights (seed 0), the same warm-up (one full batch), the same prompts and seeds, the same
+statistic.
 
     python perf/open_loop.py --arch flux-dev --size 512 --steps 20 --max-rows 8 --fractions 0.5,0.75,0.9
     python perf/open_loop.py --arch flux-dev-tiny --device cpu --size 64 --steps 4 --max-rows 4 \\
@@ -33,14 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client import GenerationRequest  # noqa: E402
 from client.aio import AsyncDiffusionClient  # noqa: E402
 from client.cli import percentile  # noqa: E402
-from perf.gpu_bench import base_parameters, card_name, log  # noqa: E402
+from perf.gpu_bench import SPEED, base_parameters, card_name, log, speed_parameters  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
 from triton_diffusion import harness, model_config  # noqa: E402
 
 MODES = ("dynamic", "continuous")
 # the shipped tiny entries whose config (inputs, batching block, decoupled policy) each mode derives from
 # (architecture prefix -> the tiny entry of its family)
-TINY_ENTRIES = {"flux": "flux_tiny", "z-image": "z_image_tiny", "sd35": "sd3_tiny", "qwen-image": "qwen_image_tiny"}
+TINY_ENTRIES = {"flux": "flux_tiny", "z-image": "z_image_tiny", "sd35": "sd3_tiny", "qwen-image": "qwen_image_tiny",
+                "sd15": "stable_diffusion_tiny"}
 
 
 def base_model(arch: str, mode: str) -> str:
@@ -53,7 +56,11 @@ def base_model(arch: str, mode: str) -> str:
 def write_mode(arch: str, mode: str, args, repository: Path) -> str:
     name = f"{arch}_{mode}".replace("-", "_").replace(".", "_")
     parameters = {**base_parameters(arch, args, args.max_rows), "max_pixels": None, "max_steps": "100",
-                  "cancellation_poll_interval_ms": "100", "default_steps": str(args.steps[0])}
+                  "cancellation_poll_interval_ms": "100", "default_steps": str(args.steps[0]),
+                  **speed_parameters(arch, args)}
+    if args.speed != "eager":
+        # both modes warm every batch size / row count they can run, so neither pays a first call while measured
+        parameters["warmup_batch_sizes"] = ",".join(map(str, range(1, args.max_rows + 1)))
     batching = f"max_queue_delay_microseconds: {args.delay_us}" if mode == "dynamic" else ""
     config = model_config.variant(name, parameters, batching, max_batch_size=args.max_rows, base=base_model(arch, mode))
     model_config.write_model(repository, config, base=base_model(arch, mode))
@@ -97,6 +104,7 @@ async def open_loop(client: AsyncDiffusionClient, requests: list[GenerationReque
     latencies = sorted(latency for latency, _ in outcomes)
     last = max(done for _, done in outcomes)
     return {"rate": rate, "offered_s": arrivals[-1], "images_per_s": len(requests) / last,
+            "arrivals_s": arrivals, "latencies_s": [latency for latency, _ in outcomes],
             "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99), "mean_s": sum(latencies) / len(latencies),
             "n": len(requests)}
 
@@ -111,38 +119,73 @@ def running_batch(server, name: str) -> dict[str, float]:
             "mean_step_s": harness.metric(server, "diffusion_continuous_step_seconds_sum", name) / steps}
 
 
+def running_batch_between(before: dict, after: dict) -> dict[str, float]:
+    """``running_batch`` over the steps between two readings (one rate point)."""
+    steps = after["steps"] - before["steps"]
+    if not steps:
+        return {"steps": 0, "mean_rows": 0.0, "mean_step_s": 0.0}
+    return {"steps": steps,
+            "mean_rows": (after["mean_rows"] * after["steps"] - before["mean_rows"] * before["steps"]) / steps,
+            "mean_step_s": (after["mean_step_s"] * after["steps"] - before["mean_step_s"] * before["steps"]) / steps}
+
+
 def admissions(server, name: str) -> dict[str, float]:
     return {when: harness.metric(server, "diffusion_continuous_admissions_total", name, when=when)
             for when in ("idle", "mid_flight")}
 
 
-def bench_mode(arch: str, mode: str, args, prompts, workdir: Path, rates: list[float] | None) -> dict:
-    name = write_mode(arch, mode, args, workdir / "repo")
+def start_server(names: list[str], workdir: Path):
     started = time.perf_counter()
-    server = harness.serve([name], workdir / "repo", log_path=workdir / f"{name}.log", ready_timeout=900)
-    log(f"{name}: READY in {time.perf_counter() - started:.1f}s")
-    try:
-        async def run() -> dict:
-            async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", name, timeout_s=1800) as client:
-                await closed_loop(client, requests_for(prompts, args.max_rows, 10_000, args.steps[:1]), args.max_rows)  # warm-up
-                saturation = await closed_loop(client, requests_for(prompts, 4 * args.max_rows, 20_000, args.steps),
-                                               2 * args.max_rows)
-                log(f"{name}: saturation {saturation:.3f} images/s")
-                points = []
-                for index, rate in enumerate(rates or [fraction * saturation for fraction in args.fractions]):
-                    point = await open_loop(client, requests_for(prompts, args.requests, 1000 * (index + 1), args.steps),
-                                            rate, seed=index)
-                    log(f"{name}: rate {rate:.3f}/s -> {point['images_per_s']:.3f} images/s, "
-                        f"p50 {point['p50_s']:.2f}s p99 {point['p99_s']:.2f}s")
-                    points.append(point)
-                return {"saturation_images_per_s": saturation, "points": points}
+    server = harness.serve(names, workdir / "repo", log_path=workdir / f"{'+'.join(names)}.log", ready_timeout=900)
+    log(f"{', '.join(names)}: READY in {time.perf_counter() - started:.1f}s")
+    return server
 
-        result = asyncio.run(run())
-        result["admissions"] = admissions(server, name)
-        result["running_batch"] = running_batch(server, name)
-        return result
-    finally:
-        server.stop()
+
+def bench_mode(server, name: str, args, prompts, rates: list[float] | None) -> dict:
+    """Saturation, then the open-loop points (``rates``, or ``--fractions`` of this mode's saturation)."""
+    async def run() -> dict:
+        async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", name, timeout_s=1800) as client:
+            await closed_loop(client, requests_for(prompts, args.max_rows, 10_000, args.steps[:1]), args.max_rows)  # warm-up
+            saturation = await closed_loop(client, requests_for(prompts, 4 * args.max_rows, 20_000, args.steps),
+                                           2 * args.max_rows)
+            log(f"{name}: saturation {saturation:.3f} images/s")
+            points = []
+            for index, rate in enumerate(rates or [fraction * saturation for fraction in args.fractions]):
+                before = running_batch(server, name)
+                point = await open_loop(client, requests_for(prompts, args.requests, 1000 * (index + 1), args.steps),
+                                        rate, seed=index)
+                point["running_batch"] = running_batch_between(before, running_batch(server, name))
+                slowest = sorted(zip(point["latencies_s"], point["arrivals_s"]), reverse=True)[:3]
+                log(f"{name}: rate {rate:.3f}/s -> {point['images_per_s']:.3f} images/s, "
+                    f"p50 {point['p50_s']:.2f}s p99 {point['p99_s']:.2f}s; slowest (latency @ arrival): "
+                    + ", ".join(f"{latency:.2f}s @ {arrival:.1f}s" for latency, arrival in slowest))
+                points.append(point)
+            return {"saturation_images_per_s": saturation, "points": points}
+
+    result = asyncio.run(run())
+    result["admissions"] = admissions(server, name)
+    result["running_batch"] = running_batch(server, name)
+    result["compilations_while_serving"] = harness.metric(server, "diffusion_compilations_while_serving_total", name)
+    result["warmup_s"] = harness.metric(server, "diffusion_warmup_seconds", name)
+    return result
+
+
+def bench_both(arch: str, args, prompts, workdir: Path) -> dict:
+    """Dynamic first (its saturation sets the rates), then continuous at the same rates."""
+    names = {mode: write_mode(arch, mode, args, workdir / "repo") for mode in MODES}
+    results = {}
+    if args.together:
+        with start_server(list(names.values()), workdir) as server:
+            results["dynamic"] = bench_mode(server, names["dynamic"], args, prompts, None)
+            rates = [point["rate"] for point in results["dynamic"]["points"]]
+            results["continuous"] = bench_mode(server, names["continuous"], args, prompts, rates)
+        return results
+    with start_server([names["dynamic"]], workdir) as server:
+        results["dynamic"] = bench_mode(server, names["dynamic"], args, prompts, None)
+    rates = [point["rate"] for point in results["dynamic"]["points"]]
+    with start_server([names["continuous"]], workdir) as server:
+        results["continuous"] = bench_mode(server, names["continuous"], args, prompts, rates)
+    return results
 
 
 def table(arch: str, results: dict, args) -> str:
@@ -156,7 +199,14 @@ def table(arch: str, results: dict, args) -> str:
         lines.append(f"{d['rate']:.3f} | {d['rate'] / dynamic['saturation_images_per_s']:.2f} | {d['images_per_s']:.3f} | "
                      f"{c['images_per_s']:.3f} | {d['p50_s']:.2f} / {d['p99_s']:.2f} | {c['p50_s']:.2f} / {c['p99_s']:.2f} | "
                      f"{c['p50_s'] / d['p50_s']:.2f} | {c['p99_s'] / d['p99_s']:.2f}")
+    for c in continuous["points"]:
+        batch = c["running_batch"]
+        lines.append(f"continuous at {c['rate']:.3f}/s: {batch['mean_rows']:.2f} rows and {1000 * batch['mean_step_s']:.1f} ms "
+                     "per step on average")
     lines.append(f"continuous admissions: {continuous['admissions']} (mid_flight: joined a running batch)")
+    lines.append(f"warm-up before READY s: dynamic {dynamic['warmup_s']:.1f}, continuous {continuous['warmup_s']:.1f}; "
+                 f"graphs compiled while serving: dynamic {dynamic['compilations_while_serving']:.0f}, "
+                 f"continuous {continuous['compilations_while_serving']:.0f}")
     batch = continuous["running_batch"]
     lines.append(f"continuous running batch: {batch['steps']:.0f} steps, {batch['mean_rows']:.2f} rows and "
                  f"{1000 * batch['mean_step_s']:.1f} ms per step on average (compare the offline step scaling)")
@@ -194,6 +244,11 @@ def main(argv=None) -> int:
                         help="steps per request; several (10,20,30,40): each request draws one (a mixed workload)")
     parser.add_argument("--plot-from", type=Path, help="only redraw the plot of a results JSON (next to it)")
     parser.add_argument("--max-rows", type=int, default=8, help="max_batch_size and max_images_per_call of both modes")
+    parser.add_argument("--speed", choices=sorted(SPEED), default="eager",
+                        help="compiled: the knobs of the shipped GPU configs (perf/gpu_bench.py), both modes warmed before READY")
+    parser.add_argument("--together", action="store_true",
+                        help="load both modes' models in one server (their compilations overlap); each is measured "
+                             "while the other idles. Only where two copies fit the card beside the activations")
     parser.add_argument("--delay-us", type=int, default=20000, help="dynamic batching's max queue delay")
     parser.add_argument("--fractions", type=lambda t: [float(x) for x in t.split(",")], default=[0.5, 0.75, 0.9],
                         help="request rates as fractions of the dynamic mode's saturation throughput")
@@ -204,24 +259,23 @@ def main(argv=None) -> int:
         saved = json.loads(args.plot_from.read_text())
         plot(saved["results"], args.plot_from.with_suffix(".png"), saved["title"])
         return 0
-    # what base_parameters reads; the model's default steps: the first of --steps
-    args.speed, args.max_batch, args.concurrency = "eager", args.max_rows, [args.max_rows]
+    # what base_parameters and speed_parameters read (warm-up: 1, 2 and --max-rows rows)
+    args.max_batch, args.concurrency, args.batch_sizes = args.max_rows, [args.max_rows], []
+    args.compile_mode, args.step_cache, args.warm_up, args.poll_interval_ms = None, None, False, 100
 
     prompts = vbench_prompts()
     card = card_name() if args.device.startswith("cuda") else "CPU"
-    results = {}
     with tempfile.TemporaryDirectory() as workdir:
-        results["dynamic"] = bench_mode(args.arch, "dynamic", args, prompts, Path(workdir), None)
-        rates = [point["rate"] for point in results["dynamic"]["points"]]
-        results["continuous"] = bench_mode(args.arch, "continuous", args, prompts, Path(workdir), rates)
-    header = (f"card: {card}, eager, {date.today()}, random weights; command: perf/open_loop.py "
+        results = bench_both(args.arch, args, prompts, Path(workdir))
+    header = (f"card: {card}, {args.speed}, {date.today()}, random weights; command: perf/open_loop.py "
               + " ".join(sys.argv[1:]))
     text = header + "\n" + table(args.arch, results, args)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     mix = "" if len(args.steps) == 1 else "_mixed-steps"
-    stem = args.out / f"open_loop_{card.replace(' ', '_')}_{date.today()}_{args.arch}{mix}"
-    title = f"{args.arch} {args.size}px, {'/'.join(map(str, args.steps))} steps, {card}, {date.today()}"
+    speed = "" if args.speed == "eager" else f"_{args.speed}"
+    stem = args.out / f"open_loop_{card.replace(' ', '_')}_{date.today()}_{args.arch}{speed}{mix}"
+    title = f"{args.arch} {args.size}px, {'/'.join(map(str, args.steps))} steps, {args.speed}, {card}, {date.today()}"
     stem.with_suffix(".txt").write_text(text + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"card": card, "title": title, "args": vars(args) | {"out": str(args.out)},
                                                      "results": results}, indent=1, default=str))

@@ -85,13 +85,13 @@ def test_the_readme_perf_analyzer_recipe_runs_as_written(server):
 
 
 def test_the_open_loop_benchmark_compares_both_batching_modes_on_the_same_arrivals(tmp_path):
-    """perf/open_loop.py on the tiny FLUX (its own servers): both modes measured at the same rates,
-    a table, a JSON and a plot written."""
+    """perf/open_loop.py on the tiny FLUX (both models in one server, ``--together``): both modes
+    measured at the same rates, a table, a JSON and a plot written."""
     import json
 
     completed = subprocess.run(
         [sys.executable, str(ROOT / "perf" / "open_loop.py"), "--arch", "flux-dev-tiny", "--device", "cpu", "--size", "64",
-         "--steps", "2,4", "--max-rows", "2", "--fractions", "0.5", "--requests", "6", "--out", str(tmp_path)],
+         "--steps", "2,4", "--max-rows", "2", "--fractions", "0.5", "--requests", "6", "--together", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
@@ -101,5 +101,6 @@ def test_the_open_loop_benchmark_compares_both_batching_modes_on_the_same_arriva
     assert all(p["n"] == 6 and p["p99_s"] >= p["p50_s"] > 0 for p in dynamic["points"] + continuous["points"])
     assert sum(continuous["admissions"].values()) >= 6
     assert continuous["running_batch"]["mean_rows"] >= 1 and dynamic["running_batch"]["steps"] == 0
+    assert continuous["points"][0]["running_batch"]["steps"] > 0 and len(continuous["points"][0]["latencies_s"]) == 6
     assert "p50 ratio" in completed.stdout
     assert next(tmp_path.glob("open_loop_*.png")).stat().st_size > 0
