@@ -141,3 +141,26 @@ def test_flux_with_attention_backend_regional_compile_and_a_step_cache_that_neve
     for count in (2, 1):
         for ours, reference in zip(run(fast, items[:count]), run(plain, items[:count])):
             assert_same_image(ours, reference, FLUX_ROUNDING_SHARE)
+
+
+def test_the_continuous_warm_up_covers_every_row_count_and_an_unguided_row_alone():
+    """The step loop's own warm-up (continuous mode): guided rows at every row count, plus one
+    unguided row (a UNet batch of 1, which guided rows never form); serving then compiles nothing,
+    whatever mix of guided and unguided rows joins."""
+    from triton_diffusion.stepwise import step_model_for
+
+    settings = ModelSettings(pretrained_model=str(ensure_tiny_model()), **COMPILED, batching="continuous",
+                             max_images_per_call=3, default_height=SIZE, default_width=SIZE, default_guidance_scale=7.5)
+    assert settings.warmup_plan()[0] == (1, 2, 3)
+    runner = PipelineRunner.load(settings)
+    steps = step_model_for(runner.text_to_image, runner.device)
+    report = steps.warm_up(*settings.warmup_plan())
+    assert report.calls == 4 and report.compiled_graphs > 0
+    graphs = compiled_graphs()
+    for guidance_scales in ([0.0], [7.5, 0.0], [0.0, 0.0, 7.5]):
+        rows = steps.prepare([text_to_image("a red barn", 300 + row, 2, scale, SIZE, SIZE)
+                              for row, scale in enumerate(guidance_scales)])
+        while not rows[0].finished:
+            steps.step(rows)
+        steps.decode(rows)
+    assert compiled_graphs() == graphs
