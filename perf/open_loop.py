@@ -56,11 +56,7 @@ def base_model(arch: str, mode: str) -> str:
 def write_mode(arch: str, mode: str, args, repository: Path) -> str:
     name = f"{arch}_{mode}".replace("-", "_").replace(".", "_")
     parameters = {**base_parameters(arch, args, args.max_rows), "max_pixels": None, "max_steps": "100",
-                  "cancellation_poll_interval_ms": "100", "default_steps": str(args.steps[0]),
-                  **speed_parameters(arch, args)}
-    if args.speed != "eager":
-        # both modes warm every batch size / row count they can run, so neither pays a first call while measured
-        parameters["warmup_batch_sizes"] = ",".join(map(str, range(1, args.max_rows + 1)))
+                  "default_steps": str(args.steps[0]), **speed_parameters(arch, args)}
     batching = f"max_queue_delay_microseconds: {args.delay_us}" if mode == "dynamic" else ""
     config = model_config.variant(name, parameters, batching, max_batch_size=args.max_rows, base=base_model(arch, mode))
     model_config.write_model(repository, config, base=base_model(arch, mode))
@@ -109,24 +105,22 @@ async def open_loop(client: AsyncDiffusionClient, requests: list[GenerationReque
             "n": len(requests)}
 
 
-def running_batch(server, name: str) -> dict[str, float]:
-    """Continuous mode: mean rows per step and mean seconds per step of the running batch, over the
-    whole run (0 for the dynamic mode, which has no running batch)."""
-    steps = harness.metric(server, "diffusion_continuous_step_seconds_count", name)
-    if not steps:
-        return {"steps": 0, "mean_rows": 0.0, "mean_step_s": 0.0}
-    return {"steps": steps, "mean_rows": harness.metric(server, "diffusion_continuous_live_rows_sum", name) / steps,
-            "mean_step_s": harness.metric(server, "diffusion_continuous_step_seconds_sum", name) / steps}
+RUNNING_BATCH_SERIES = ("diffusion_continuous_step_seconds_count", "diffusion_continuous_live_rows_sum",
+                        "diffusion_continuous_step_seconds_sum")
 
 
-def running_batch_between(before: dict, after: dict) -> dict[str, float]:
-    """``running_batch`` over the steps between two readings (one rate point)."""
-    steps = after["steps"] - before["steps"]
+def running_batch_totals(server, name: str) -> tuple[float, ...]:
+    """Steps run, rows summed over them, seconds summed over them (0s for the dynamic mode)."""
+    return tuple(harness.metric(server, series, name) for series in RUNNING_BATCH_SERIES)
+
+
+def running_batch(totals: tuple[float, ...], since: tuple[float, ...] = (0.0, 0.0, 0.0)) -> dict[str, float]:
+    """Continuous mode: mean rows per step and mean seconds per step of the running batch over the
+    steps between two ``running_batch_totals`` readings (the whole run by default)."""
+    steps, rows, seconds = (now - before for now, before in zip(totals, since))
     if not steps:
         return {"steps": 0, "mean_rows": 0.0, "mean_step_s": 0.0}
-    return {"steps": steps,
-            "mean_rows": (after["mean_rows"] * after["steps"] - before["mean_rows"] * before["steps"]) / steps,
-            "mean_step_s": (after["mean_step_s"] * after["steps"] - before["mean_step_s"] * before["steps"]) / steps}
+    return {"steps": steps, "mean_rows": rows / steps, "mean_step_s": seconds / steps}
 
 
 def admissions(server, name: str) -> dict[str, float]:
@@ -151,10 +145,10 @@ def bench_mode(server, name: str, args, prompts, rates: list[float] | None) -> d
             log(f"{name}: saturation {saturation:.3f} images/s")
             points = []
             for index, rate in enumerate(rates or [fraction * saturation for fraction in args.fractions]):
-                before = running_batch(server, name)
+                before = running_batch_totals(server, name)
                 point = await open_loop(client, requests_for(prompts, args.requests, 1000 * (index + 1), args.steps),
                                         rate, seed=index)
-                point["running_batch"] = running_batch_between(before, running_batch(server, name))
+                point["running_batch"] = running_batch(running_batch_totals(server, name), since=before)
                 slowest = sorted(zip(point["latencies_s"], point["arrivals_s"]), reverse=True)[:3]
                 log(f"{name}: rate {rate:.3f}/s -> {point['images_per_s']:.3f} images/s, "
                     f"p50 {point['p50_s']:.2f}s p99 {point['p99_s']:.2f}s; slowest (latency @ arrival): "
@@ -164,7 +158,7 @@ def bench_mode(server, name: str, args, prompts, rates: list[float] | None) -> d
 
     result = asyncio.run(run())
     result["admissions"] = admissions(server, name)
-    result["running_batch"] = running_batch(server, name)
+    result["running_batch"] = running_batch(running_batch_totals(server, name))
     result["compilations_while_serving"] = harness.metric(server, "diffusion_compilations_while_serving_total", name)
     result["warmup_s"] = harness.metric(server, "diffusion_warmup_seconds", name)
     return result
@@ -173,18 +167,13 @@ def bench_mode(server, name: str, args, prompts, rates: list[float] | None) -> d
 def bench_both(arch: str, args, prompts, workdir: Path) -> dict:
     """Dynamic first (its saturation sets the rates), then continuous at the same rates."""
     names = {mode: write_mode(arch, mode, args, workdir / "repo") for mode in MODES}
-    results = {}
-    if args.together:
-        with start_server(list(names.values()), workdir) as server:
-            results["dynamic"] = bench_mode(server, names["dynamic"], args, prompts, None)
-            rates = [point["rate"] for point in results["dynamic"]["points"]]
-            results["continuous"] = bench_mode(server, names["continuous"], args, prompts, rates)
-        return results
-    with start_server([names["dynamic"]], workdir) as server:
-        results["dynamic"] = bench_mode(server, names["dynamic"], args, prompts, None)
-    rates = [point["rate"] for point in results["dynamic"]["points"]]
-    with start_server([names["continuous"]], workdir) as server:
-        results["continuous"] = bench_mode(server, names["continuous"], args, prompts, rates)
+    servers = [list(MODES)] if args.together else [[mode] for mode in MODES]
+    results, rates = {}, None
+    for modes in servers:
+        with start_server([names[mode] for mode in modes], workdir) as server:
+            for mode in modes:
+                results[mode] = bench_mode(server, names[mode], args, prompts, rates)
+                rates = [point["rate"] for point in results[mode]["points"]]
     return results
 
 
@@ -259,8 +248,9 @@ def main(argv=None) -> int:
         saved = json.loads(args.plot_from.read_text())
         plot(saved["results"], args.plot_from.with_suffix(".png"), saved["title"])
         return 0
-    # what base_parameters and speed_parameters read (warm-up: 1, 2 and --max-rows rows)
-    args.max_batch, args.concurrency, args.batch_sizes = args.max_rows, [args.max_rows], []
+    # what base_parameters and speed_parameters read; compiled, both modes warm every row count 1..--max-rows,
+    # so neither pays a first call while measured
+    args.max_batch, args.concurrency, args.batch_sizes = args.max_rows, [args.max_rows], list(range(1, args.max_rows + 1))
     args.compile_mode, args.step_cache, args.warm_up, args.poll_interval_ms = None, None, False, 100
 
     prompts = vbench_prompts()

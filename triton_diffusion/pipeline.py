@@ -131,11 +131,20 @@ def check_output(pipe, settings: ModelSettings, declared_output: str) -> None:
 
 @dataclass(frozen=True)
 class WarmupReport:
-    """What ``PipelineRunner.warm_up`` ran before the model reported READY."""
+    """What a warm-up (``PipelineRunner.warm_up``, ``StepModel.warm_up``) ran before READY."""
 
     calls: int
     seconds: float
     compiled_graphs: int  # graphs torch.compile built during the warm-up
+
+
+def run_warm_up(plan: Sequence[tuple[CallParams, int]], run: Callable[[list[GenerationItem]], object]) -> WarmupReport:
+    """``run`` once per (params, rows) of ``plan``, on that many "warm-up" rows; timed, and the
+    graphs torch.compile built meanwhile counted."""
+    started, graphs_before = time.perf_counter(), compiled_graphs()
+    for params, rows in plan:
+        run([GenerationItem("warm-up", row, params) for row in range(rows)])
+    return WarmupReport(len(plan), time.perf_counter() - started, compiled_graphs() - graphs_before)
 
 
 class PipelineRunner:
@@ -207,17 +216,12 @@ class PipelineRunner:
         """Run every (batch size, size, guidance) of ``settings.warmup_plan()`` once, two steps each,
         so that the shapes serving will use are compiled (and allocated) before READY."""
         batch_sizes, sizes, guidance_scales = self.settings.warmup_plan()
-        started, graphs_before, calls = time.perf_counter(), compiled_graphs(), 0
-        for height, width in sizes:
-            for guidance_scale in guidance_scales:
-                params = CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale,
-                                    num_frames=self.settings.default_num_frames)
-                for batch in batch_sizes:
-                    items = [GenerationItem("warm-up", row, params) for row in range(batch)]
-                    self.run(params, items)
-                    calls += 1
+        plan = [(CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale, num_frames=self.settings.default_num_frames),
+                 batch)
+                for height, width in sizes for guidance_scale in guidance_scales for batch in batch_sizes]
+        report = run_warm_up(plan, lambda items: self.run(items[0].params, items))
         self.padded_rows = 0
-        return WarmupReport(calls, time.perf_counter() - started, compiled_graphs() - graphs_before)
+        return report
 
     def unsupported(self, item: GenerationItem) -> Optional[str]:
         """Why this pipeline cannot serve ``item``, or None."""

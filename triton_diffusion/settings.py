@@ -279,11 +279,11 @@ class ModelSettings:
         them all); the default size and every allowed size; the default guidance.
         """
         batch_sizes = self.warmup_batch_sizes or self.batch_buckets
-        if not batch_sizes and self.compiles and self.continuous:
-            # a running batch passes through every row count; each one's first step pays for its kernels' set-up
-            batch_sizes = tuple(range(1, self.max_images_per_call + 1))
-        elif not batch_sizes and self.compiles:
-            batch_sizes = tuple(sorted({1, min(2, self.max_images_per_call), self.max_images_per_call}))
+        if not batch_sizes and self.compiles:
+            if self.continuous:  # a running batch passes through every row count
+                batch_sizes = tuple(range(1, self.max_images_per_call + 1))
+            else:
+                batch_sizes = tuple(sorted({1, min(2, self.max_images_per_call), self.max_images_per_call}))
         sizes = self.warmup_sizes or tuple(dict.fromkeys(((self.default_height, self.default_width),) + self.allowed_sizes))
         return tuple(batch_sizes), sizes, self.warmup_guidance_scales or (self.default_guidance_scale,)
 

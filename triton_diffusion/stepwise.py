@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -26,8 +25,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .acceleration import compiled_graphs
-from .pipeline import WarmupReport, to_uint8
+from .pipeline import WarmupReport, run_warm_up, to_uint8
 from .requests import TEXT_TO_IMAGE, CallParams, GenerationItem
 
 
@@ -103,21 +101,21 @@ class StepModel:
         guidance before READY, so that a compiled denoiser and VAE have their graphs (with
         ``compile_dynamic=auto`` the second row count makes the batch dimension dynamic) and serving
         compiles nothing. The settings' ``warmup_plan()`` gives the three lists."""
-        started, graphs_before, calls = time.perf_counter(), compiled_graphs(), 0
+        plan = []
         for height, width in sizes:
-            plan = [(guidance_scale, count) for guidance_scale in guidance_scales for count in batch_sizes]
+            scales_and_rows = [(guidance_scale, rows) for guidance_scale in guidance_scales for rows in batch_sizes]
             if batch_sizes and 0.0 not in guidance_scales:
                 # A guided row is two denoiser rows, so guided warm-up calls never run a denoiser batch
                 # of 1; an unguided request alone does (other mixes are covered by the dynamic graph).
-                plan.append((0.0, 1))
-            for guidance_scale, count in plan:
-                params = CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale)
-                rows = self.prepare([GenerationItem("warm-up", seed, params) for seed in range(count)])
-                while not rows[0].finished:
-                    self.step(rows)
-                self.decode(rows)
-                calls += 1
-        return WarmupReport(calls, time.perf_counter() - started, compiled_graphs() - graphs_before)
+                scales_and_rows.append((0.0, 1))
+            plan += [(CallParams(TEXT_TO_IMAGE, height, width, 2, scale), rows) for scale, rows in scales_and_rows]
+        return run_warm_up(plan, self._run_to_end)
+
+    def _run_to_end(self, items: list[GenerationItem]) -> None:
+        rows = self.prepare(items)
+        while not rows[0].finished:
+            self.step(rows)
+        self.decode(rows)
 
     def unsupported(self, item: GenerationItem) -> Optional[str]:
         if item.task != TEXT_TO_IMAGE:
