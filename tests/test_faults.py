@@ -1,5 +1,6 @@
 """Faults: the Python-backend stub killed mid-request; a model whose weights are missing."""
 
+import os
 import threading
 
 import psutil
@@ -8,7 +9,7 @@ import tritonclient.http as httpclient
 
 from client import DiffusionClient, ServerError
 from triton_diffusion import harness, model_config
-from triton_diffusion.launcher import StubWatchdog
+from triton_diffusion.launcher import SHM_ROOT, StubWatchdog
 
 from .conftest import STEPS, TINY, metric, start_server, wait_until_denoising
 
@@ -42,28 +43,34 @@ def kill_stub_during_a_long_request(server):
 
 
 def test_killed_stub_fails_its_request_and_triton_alone_does_not_recover(fault_server):
-    result, _ = kill_stub_during_a_long_request(fault_server)
+    result, stub = kill_stub_during_a_long_request(fault_server)
     assert isinstance(result, ServerError) and "is not healthy" in str(result)
-    # Triton 2.51's own behaviour: the model still reports READY, yet every request fails.
+    # Triton 2.51's own behaviour: the model still reports READY, yet every request fails, and the
+    # version the dead stub held requests of can never unload.
     assert httpclient.InferenceServerClient(fault_server.http_url).is_model_ready(TINY)
     with pytest.raises(ServerError, match="is not healthy"):
         DiffusionClient(f"grpc://{fault_server.grpc_url}", TINY).generate("after", seed=2, height=64, width=64)
-    fault_server.reload_model(TINY)  # what the watchdog does
+    assert not fault_server.unload_within(TINY, timeout=10)
+    assert fault_server.model_states()[TINY]["state"] == "UNLOADING"
+    assert psutil.Process(stub).status() == psutil.STATUS_ZOMBIE
+    region = SHM_ROOT / next(n for n in os.listdir(SHM_ROOT) if n.startswith(fault_server.shm_prefix))
+    fault_server.restart(stuck=[TINY])  # what the watchdog does then
+    assert not psutil.pid_exists(stub) and not region.exists()
     back = DiffusionClient(f"grpc://{fault_server.grpc_url}", TINY).generate("back", seed=3, height=64, width=64)
     assert back.array.shape == (64, 64, 3) and back.seed == 3
 
 
-def test_watchdog_reloads_the_model_after_its_stub_dies(fault_server):
+def test_watchdog_restarts_the_server_when_a_stub_dies_holding_a_request(fault_server):
     watchdog = StubWatchdog(fault_server, [TINY], interval=0.5).start()
     try:
         result, old_stub = kill_stub_during_a_long_request(fault_server)
         assert isinstance(result, ServerError)
-        harness.wait_until(lambda: watchdog.reloads, "the watchdog to reload the model", timeout=240)
-        harness.wait_until(lambda: fault_server.model_states()[TINY]["state"] == "READY", "the model to be READY", timeout=240)
+        harness.wait_until(lambda: watchdog.restarts, "the watchdog to restart the server", timeout=240)
+        assert fault_server.model_states()[TINY]["state"] == "READY"
         back = DiffusionClient(f"grpc://{fault_server.grpc_url}", TINY).generate("back", seed=4, height=64, width=64)
         assert back.array.shape == (64, 64, 3)
-        assert watchdog.reloads == [TINY]
-        assert old_stub not in watchdog.stubs()[TINY]
+        assert watchdog.restarts == [TINY] and watchdog.reloads == []
+        assert not psutil.pid_exists(old_stub)  # reaped with the old tritonserver: no zombie
     finally:
         watchdog.stop()
 
@@ -121,6 +128,7 @@ def test_a_config_loaded_through_the_api_is_a_reload_not_a_crash_and_survives_a_
 
         (stub,) = watchdog.stubs()[TINY]
         psutil.Process(stub).kill()
+        # killed idle, the stub held no request: the model unloads, and a reload is enough
         harness.wait_until(lambda: watchdog.reloads, "the watchdog to heal the crash", timeout=240)
         harness.wait_until(lambda: fault_server.model_states()[TINY]["state"] == "READY", "the model to be READY", timeout=240)
         served = fault_server.served_config(TINY)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-from .launcher import DEFAULT_MODEL_REPOSITORY, DEFAULT_MODELS, ServerConfig, ServerError, StubWatchdog, TritonServer
+from . import security
+from .launcher import (DEFAULT_MODEL_REPOSITORY, DEFAULT_MODELS, ServerConfig, ServerError, StubWatchdog, TritonServer,
+                       reap_orphans)
 from .overrides import BatchingOverrides, derived_repository, parse_sizes
 
 ENV_PREFIX = "TRITON_DIFFUSION_"
@@ -21,11 +24,21 @@ def _env(name: str, default=None):
     return default if value is None or value == "" else value
 
 
+def _admin_key(args: argparse.Namespace) -> "str | None":
+    """From ``TRITON_DIFFUSION_ADMIN_KEY`` or ``--admin-key-file`` (never a flag value: ps shows those)."""
+    return security.load_key(os.environ.get(ENV_PREFIX + "ADMIN_KEY"), args.admin_key_file, "admin key")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # log lines whole, for grep and tests
+    try:
+        admin_key = _admin_key(args)
+        security.check_exposure(args.address, admin_key, "Triton", f"{ENV_PREFIX}ADMIN_KEY or --admin-key-file")
+    except security.SecurityError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
     if "stable_diffusion_tiny" in args.models:
         from .tiny import ensure_tiny_model
 
@@ -37,42 +50,55 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue_size=args.max_queue_size,
     )
     repository, models = args.model_repository, list(args.models)
+    derived = None
     if overrides.any() or args.fronts:
-        repository = derived_repository(args.model_repository, args.models, overrides)
+        repository = derived = derived_repository(args.model_repository, args.models, overrides)
         if overrides.any():
             console.print(f"batching overrides {overrides} -> derived repository {repository}")
-    if args.fronts:
-        from .front import write_front
+    try:
+        if args.fronts:
+            from .front import write_front
 
-        fronts = [write_front(repository, model) for model in args.models if (repository / model).is_dir()]
-        models += [front for front in fronts if front]  # decoupled (continuous) models get none
-    config = ServerConfig(
-        model_repository=repository,
-        models=models,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_verbose=args.log_verbose,
-        extra_args=args.tritonserver_args,
-    )
-    server = TritonServer(config)
+            fronts = [write_front(repository, model) for model in args.models if (repository / model).is_dir()]
+            models += [front for front in fronts if front]  # decoupled (continuous) models get none
+        config = ServerConfig(
+            model_repository=repository,
+            models=models,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            log_verbose=args.log_verbose,
+            extra_args=args.tritonserver_args,
+            address=args.address,
+            admin_key=admin_key,
+            max_inflight_mb=args.max_inflight_mb,
+        )
+        return _run(TritonServer(config), args, console)
+    finally:
+        if derived is not None:  # the derived repository lives as long as the server
+            shutil.rmtree(derived, ignore_errors=True)
+
+
+def _run(server: TritonServer, args: argparse.Namespace, console) -> int:
+    """Start, report, supervise (watchdog, restarts, orphans when PID 1), stop cleanly."""
+    from rich.table import Table
+
+    config = server.config
     stop_requested = []
     watchdogs: list[StubWatchdog] = []
 
     def forward(signum, _frame):
         stop_requested.append(signum)
         for watchdog in watchdogs:  # stubs exiting on shutdown are not crashes
-            watchdog.stop()
+            watchdog._stop.set()
         console.print(f"[bold]received {signal.Signals(signum).name}: stopping tritonserver[/]")
-        if server.process and server.process.poll() is None:
-            server.process.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    server.start()
     try:
+        server.start()
         states = server.wait_ready(args.ready_timeout)
-    except ServerError as exc:
+    except (ServerError, security.SecurityError) as exc:
         console.print(f"[red]error:[/] {exc}")
         server.stop()
         return 1
@@ -84,20 +110,39 @@ def _serve(args: argparse.Namespace) -> int:
         colour = "green" if entry.get("state") == "READY" else "red"
         table.add_row(name, f"[{colour}]{entry.get('state')}[/]", entry.get("reason", ""))
     console.print(table)
-    console.print(
-        f"listening: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  (Ctrl-C stops)"
-    )
+    urls = server.public_urls()
+    console.print(f"listening: HTTP {urls['HTTP']}  gRPC {urls['gRPC']}  metrics {urls['metrics']}  (Ctrl-C stops)",
+                  markup=False)
+    if config.exposed:
+        console.print(f"beyond loopback through the guard ({server.guard_limits().describe()}); tritonserver itself "
+                      f"on 127.0.0.1:{server.http_url.rsplit(':', 1)[1]}", markup=False)
+    console.print("admin APIs (model repository, shared memory, trace, logging): "
+                  + ("need the admin key (header 'admin-key')" if config.admin_key else "open, loopback only"))
     if args.exit_when_ready:
         server.stop()
         return 0 if all(states.get(m, {}).get("state") == "READY" for m in config.models) else 1
     if not args.no_watchdog:
         ready = [m for m in config.models if states.get(m, {}).get("state") == "READY"]
         watchdogs.append(StubWatchdog(server, ready, log=lambda message: console.print(message, markup=False)).start())
-    while server.process.poll() is None:
+    code = 0
+    init = os.getpid() == 1
+    while not stop_requested:
+        if not server.restarting:
+            if server.process.poll() is not None:
+                console.print(f"[red]tritonserver exited with code {server.process.returncode}[/]")
+                code = server.process.returncode or 1
+                break
+            if server.guard is not None and server.guard.poll() is not None:
+                console.print(f"[red]the guard exited with code {server.guard.returncode}: stopping[/]")
+                code = 1
+                break
+        if init:
+            reap_orphans([p.pid for p in (server.process, server.guard) if p is not None])
         time.sleep(0.5)
     for watchdog in watchdogs:
         watchdog.stop()
-    return 0 if stop_requested else server.process.returncode
+    server.stop()
+    return code
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
@@ -112,10 +157,25 @@ def _build_tiny(args: argparse.Namespace) -> int:
 def _gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .gateway import create_app
+    from .gateway import GatewaySettings, create_app
 
-    app = create_app(args.triton, args.model, args.timeout_s)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
+    try:
+        keys = security.load_keys(os.environ.get(ENV_PREFIX + "GATEWAY_API_KEYS"), args.api_key_file, "gateway API key")
+        settings = GatewaySettings(
+            triton_url=args.triton, default_model=args.model, timeout_s=args.timeout_s, api_keys=keys, models=models,
+            max_body_bytes=args.max_body_mb * 1024 * 1024, max_images_in_flight=args.max_images_in_flight,
+            docs=args.docs, host=args.host).check()
+    except security.SecurityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings=settings)
+    print(f"gateway on {args.host}:{args.port} -> {args.triton}; API key: "
+          f"{'required' if keys else 'none (loopback only)'}; models: {', '.join(models) or 'any Triton serves'}",
+          file=sys.stderr)
+    # Bounded connections (past it uvicorn answers 503) and request headers (h11's default 16 KiB).
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                limit_concurrency=2 * args.max_images_in_flight + 64, timeout_keep_alive=30)
     return 0
 
 
@@ -133,6 +193,17 @@ def main(argv=None) -> int:
     serve.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 8001)))
     serve.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 8002)))
     serve.add_argument("--log-verbose", type=int, default=int(_env("LOG_VERBOSE", 0)))
+    access = serve.add_argument_group("access", "closed by default: loopback only; beyond it, the admin key and the guard")
+    access.add_argument("--address", default=_env("ADDRESS", security.LOOPBACK),
+                        help="where the HTTP, gRPC and metrics ports listen (env ADDRESS; default %(default)s). Beyond "
+                             "loopback the guard listens there, bounds each request and forwards it to tritonserver on "
+                             "127.0.0.1; it needs the admin key")
+    access.add_argument("--admin-key-file", type=Path, default=_env("ADMIN_KEY_FILE"),
+                        help=f"file holding the key Triton's model-repository, shared-memory, trace and logging APIs "
+                             f"then require (HTTP header 'admin-key', gRPC metadata '{security.GRPC_ADMIN_METADATA}'); "
+                             f"or env {ENV_PREFIX}ADMIN_KEY (env ADMIN_KEY_FILE)")
+    access.add_argument("--max-inflight-mb", type=int, default=int(_env("MAX_INFLIGHT_MB", 1024)),
+                        help="the guard: request MiB in flight to Triton before it refuses more (env MAX_INFLIGHT_MB)")
     knobs = serve.add_argument_group(
         "batching overrides", f"change config.pbtxt's batching at start-up (env {ENV_PREFIX}<NAME> sets the default)"
     )
@@ -155,9 +226,21 @@ def main(argv=None) -> int:
     gateway = sub.add_parser("gateway", help="OpenAI-compatible images API in front of a running Triton")
     gateway.add_argument("--triton", default=_env("GATEWAY_TRITON", "grpc://localhost:8001"), help="Triton's gRPC address")
     gateway.add_argument("--model", default=_env("GATEWAY_MODEL", DEFAULT_MODELS[0]), help="model used when a request names none")
-    gateway.add_argument("--host", default=_env("GATEWAY_HOST", "0.0.0.0"))
+    gateway.add_argument("--models", default=_env("GATEWAY_MODELS"),
+                         help="comma-separated models the gateway serves (env GATEWAY_MODELS); default: any model Triton serves")
+    gateway.add_argument("--host", default=_env("GATEWAY_HOST", security.LOOPBACK),
+                         help="listen address (env GATEWAY_HOST; default %(default)s); beyond loopback an API key is required")
     gateway.add_argument("--port", type=int, default=int(_env("GATEWAY_PORT", 9000)))
+    gateway.add_argument("--api-key-file", type=Path, default=_env("GATEWAY_API_KEY_FILE"),
+                         help=f"file of accepted API keys, one per line (env GATEWAY_API_KEY_FILE; or env "
+                              f"{ENV_PREFIX}GATEWAY_API_KEYS, comma-separated); callers send 'Authorization: Bearer <key>'")
     gateway.add_argument("--timeout-s", type=float, default=None, help="per-image deadline (cancels the Triton request)")
+    gateway.add_argument("--max-body-mb", type=int, default=int(_env("GATEWAY_MAX_BODY_MB", 25)),
+                         help="largest request body (env GATEWAY_MAX_BODY_MB; default %(default)s)")
+    gateway.add_argument("--max-images-in-flight", type=int, default=int(_env("GATEWAY_MAX_IMAGES_IN_FLIGHT", 64)),
+                         help="images being made for all callers together; past it 429 (default %(default)s)")
+    gateway.add_argument("--docs", action="store_true", default=_env("GATEWAY_DOCS", "0") not in ("0", "false", "no"),
+                         help="serve /docs, /redoc and /openapi.json (env GATEWAY_DOCS)")
     gateway.set_defaults(func=_gateway)
     build = sub.add_parser("build-tiny", help="build the tiny random-weight models into the cache")
     build.add_argument("--force", action="store_true")
