@@ -18,6 +18,7 @@ from .api import (
     GenerationRequest,
     GenerationResult,
     ServedSchema,
+    STREAM_HEADERS,
     ServerError,
     as_json,
     as_request,
@@ -26,6 +27,7 @@ from .api import (
     decoupled_over_http,
     infer_options,
     parse_result,
+    stream_error,
     stream_request,
     timeout_error,
     to_server_error,
@@ -108,11 +110,17 @@ class AsyncDiffusionClient(ClientOptions):
         async def one_request():
             yield request
 
-        async for result, error in self._client.stream_infer(one_request(), stream_timeout=self.timeout_s):
-            if error is not None:
-                raise error
-            return result
-        raise to_server_error(RuntimeError("the stream closed without a response"))
+        import grpc
+
+        try:
+            async for result, error in self._client.stream_infer(one_request(), stream_timeout=self.timeout_s,
+                                                                 headers=STREAM_HEADERS):
+                if error is not None:
+                    raise stream_error(error)
+                return result
+        except grpc.aio.AioRpcError as exc:  # the stream ended with the error's status (STREAM_HEADERS)
+            raise ServerError(exc.details() or str(exc.code()), str(exc.code())) from None
+        raise ServerError("the stream closed without a response", "UNAVAILABLE")
 
     async def generate_many(
         self,

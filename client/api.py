@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -79,21 +80,24 @@ class ServedSchema:
     output: str = "IMAGE"  # IMAGE ([H, W, 3] per prompt) or VIDEO ([F, H, W, 3])
     # A decoupled model (batching: continuous) answers over a gRPC stream, not a unary call.
     decoupled: bool = False
+    parameters: Mapping[str, str] = field(default_factory=dict)  # every config parameter, as written
 
     @classmethod
     def from_config(cls, config: Mapping) -> "ServedSchema":
         config = config.get("config", config)  # gRPC's as_json wraps it
         inputs = {entry["name"]: _NUMPY_TYPES[entry.get("data_type", "TYPE_STRING")] for entry in config.get("input", [])}
+        parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
         defaults = {}
-        for key, value in config.get("parameters", {}).items():
+        for key, value in parameters.items():
             if key.startswith("default_"):
                 try:
-                    defaults[key] = float(value.get("string_value", ""))
+                    number = float(value)
                 except ValueError:
                     continue
+                defaults[key] = int(number) if number.is_integer() else number
         output = "VIDEO" if any(entry.get("name") == "VIDEO" for entry in config.get("output", [])) else "IMAGE"
         decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
-        return cls(inputs, defaults, output, decoupled)
+        return cls(inputs, defaults, output, decoupled, parameters)
 
 
 @dataclass
@@ -141,10 +145,32 @@ class GenerationRequest:
         tensors = {}
         for name, dtype in schema.inputs.items():
             if name == "IMAGE":
+                if image is not None and (image.ndim != 3 or image.shape[2] != 3):
+                    raise ValueError(f"init_image must be an RGB image (height x width x 3), got shape {list(image.shape)}")
                 tensors[name] = (image if image is not None else np.zeros((0, 0, 3))).astype(np.uint8, copy=False)[None]
             elif values.get(name) is not None:
-                tensors[name] = np.array([[values[name]]], dtype=dtype)
+                tensors[name] = np.array([[fitted(name, values[name], dtype)]], dtype=dtype)
         return tensors
+
+
+def fitted(name: str, value, dtype):
+    """``value`` checked against the input's declared type: numpy would silently wrap 2**32 + 10
+    into an INT32's 10, and 1e300 into an FP32's inf."""
+    if dtype in (np.int32, np.int64):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise ValueError(f"{name}={value} is out of range: the model takes a {np.dtype(dtype).name} "
+                             f"({info.min}..{info.max})")
+    elif dtype in (np.float32, np.float64):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value) or abs(value) > np.finfo(dtype).max:
+            raise ValueError(f"{name}={value} is not a finite {np.dtype(dtype).name}")
+    elif dtype is object and not isinstance(value, (bytes, str)):
+        raise ValueError(f"{name} must be text, got {type(value).__name__}")
+    return value
 
 
 def _or(value, default):
@@ -256,6 +282,35 @@ def stream_request(model: str, inputs: list, outputs: list, options: dict) -> di
     (the stream has its own)."""
     return {"model_name": model, "inputs": inputs, "outputs": outputs,
             **{key: value for key, value in options.items() if key != "client_timeout"}}
+
+
+# Triton's gRPC stream (ModelStreamInfer) carries an error as a bare message, without its status
+# code, unless the client asks for this mode: the stream then ends with the error's gRPC status
+# (queue full: UNAVAILABLE, bad input: INVALID_ARGUMENT), as a unary call would (Triton >= 2.49).
+STREAM_HEADERS = {"triton_grpc_error": "true"}
+# Except for errors raised while Triton *enqueues* the request (its core's fixed messages: queue
+# full, model not ready, bad shapes): Triton 2.51 writes those as a bare message in any mode. Their
+# codes, from Triton core's source; anything else refused at enqueue is a malformed request.
+_ENQUEUE_ERRORS = (
+    ("Exceeds maximum queue size", "StatusCode.UNAVAILABLE"),
+    ("Request timeout expired", "StatusCode.UNAVAILABLE"),
+    ("Server is stopping", "StatusCode.UNAVAILABLE"),
+    ("Server not ready", "StatusCode.UNAVAILABLE"),
+    ("Server exiting", "StatusCode.UNAVAILABLE"),
+    ("is not at ready state", "StatusCode.UNAVAILABLE"),
+    ("has no available versions", "StatusCode.UNAVAILABLE"),
+    ("unknown model", "StatusCode.NOT_FOUND"),
+)
+
+
+def stream_error(exc: Exception) -> ServerError:
+    """A stream's error with its status code, recovered from the message where Triton sent none."""
+    error = to_server_error(exc)
+    if error.status is None:
+        message = str(error).lower()
+        error.status = next((status for text, status in _ENQUEUE_ERRORS if text.lower() in message),
+                            "StatusCode.INVALID_ARGUMENT")
+    return error
 
 
 def decoupled_over_http(model: str) -> ServerError:
@@ -379,14 +434,15 @@ class DiffusionClient(ClientOptions):
         if self.protocol != "grpc":
             raise decoupled_over_http(self.model)
         responses: queue.Queue = queue.Queue()
-        self._client.start_stream(lambda result, error: responses.put((result, error)), stream_timeout=self.timeout_s)
+        self._client.start_stream(lambda result, error: responses.put((result, error)), stream_timeout=self.timeout_s,
+                                  headers=STREAM_HEADERS)
         try:
             self._client.async_stream_infer(**request)
             result, error = responses.get()
         finally:
             self._client.stop_stream()
         if error is not None:
-            raise error
+            raise stream_error(error)
         return result
 
     def _reconnect(self) -> None:
