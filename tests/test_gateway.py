@@ -82,7 +82,7 @@ def test_url_format_and_the_models_list(gateway):
     [
         ({"size": "64 by 64"}, openai.BadRequestError, "size must look like '1024x1024'"),
         ({"size": "4096x4096"}, openai.BadRequestError, "HEIGHT=4096 is outside the allowed range"),  # the model's own limit, from Triton
-        ({"n": 11}, openai.BadRequestError, "n must be between 1 and 10"),
+        ({"n": 11}, openai.BadRequestError, "n: Input should be less than or equal to 10"),
         ({"model": "no_such_model"}, openai.NotFoundError, "no_such_model"),
         ({"extra_body": {"steps": 1000}}, openai.BadRequestError, "NUM_INFERENCE_STEPS"),
     ],
