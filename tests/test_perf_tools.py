@@ -71,16 +71,19 @@ def test_the_readme_perf_analyzer_recipe_runs_as_written(server):
     from triton_diffusion import harness
 
     commands = readme_perf_analyzer_commands()
-    assert len(commands) == 2
+    assert len(commands) == 3
     for command in commands:
-        before = harness.Stats.read(server, TINY)
-        failures_before = harness.metric(server, "nv_inference_request_failure", TINY)
+        model = command.split()[2]
+        if server.model_states().get(model, {}).get("state") != "READY":
+            server.load_model(model)  # the session server starts with the tiny model only
+        before = harness.Stats.read(server, model)
+        failures_before = harness.metric(server, "nv_inference_request_failure", model)
         program, *arguments = command.replace("localhost:8001", server.grpc_url).split()
         completed = subprocess.run([perf_analyzer_binary(), *arguments], capture_output=True, text=True, cwd=ROOT)
         assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
-        delta = harness.wait_until(lambda: (d := harness.Stats.read(server, TINY) - before).inferences >= 24 and d,
+        delta = harness.wait_until(lambda: (d := harness.Stats.read(server, model) - before).inferences >= 24 and d,
                                    "perf_analyzer's requests counted")
-        assert harness.metric(server, "nv_inference_request_failure", TINY) == failures_before
+        assert harness.metric(server, "nv_inference_request_failure", model) == failures_before
         assert delta.executions < delta.inferences, f"no request shared an execution: {delta.histogram}"
 
 
