@@ -82,8 +82,18 @@ async def _generate(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failures: list[tuple[int, ServerError]] = []
     progress = tqdm(total=len(requests), unit="img", disable=args.quiet)
+    steps: dict[int, tuple[int, int]] = {}  # continuous models report denoising progress per request
+
+    def stepped(index, counts):
+        steps[index] = (int(counts[:, 0].sum()), int(counts[:, 1].sum()))
+        done, total = (sum(values) for values in zip(*steps.values()))
+        progress.set_postfix_str(f"steps {done}/{total} of the requests in flight", refresh=True)
+
+    for index, request in enumerate(requests):
+        request.on_progress = lambda counts, index=index: stepped(index, counts)
 
     def on_result(index, outcome):
+        steps.pop(index, None)
         if isinstance(outcome, ServerError):
             failures.append((index, outcome))
             progress.write(f"request {index} ({requests[index].prompt[:40]!r}) failed: {outcome}")
@@ -124,7 +134,11 @@ def _health(args) -> int:
         model_ready = client.is_model_ready(args.model)
         print(f"server {args.url}: live={live} ready={ready}; model {args.model}: ready={model_ready}")
         if not model_ready:
-            index = client.get_model_repository_index(**as_json(protocol))
+            try:
+                index = client.get_model_repository_index(**as_json(protocol))
+            except InferenceServerException:  # an admin API: restricted where the server has an admin key
+                print("  (its state and reason are in the repository index, which needs the admin key here)")
+                return 1
             entries = index.get("models", []) if isinstance(index, dict) else index
             for entry in entries:
                 if entry.get("name") == args.model:

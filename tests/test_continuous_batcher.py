@@ -148,3 +148,51 @@ def test_a_bug_in_the_loop_fails_the_requests_it_holds_and_the_loop_goes_on():
     batcher = ContinuousBatcher(steps, CallBudget(4, 10**9), lambda exc: False)
     run_until_answered(batcher, [job("first", 1, outcomes)], outcomes)
     assert isinstance(outcomes["first"], Failed) and "continuous batcher error" in outcomes["first"].message
+
+
+def test_progress_ticks_until_the_answer_and_never_after_it():
+    """A slow step model (each step waits for the test): the ticker reports each row's steps while
+    the job runs; the final answer is the job's last message."""
+    gate, messages, lock = threading.Semaphore(0), [], threading.Lock()
+
+    class GatedSteps(CountingSteps):
+        def step(self, rows):
+            gate.acquire()  # one step per release
+            super().step(rows)
+
+    row = CountingRow(text_to_image("p", 0, 3, 1.0, 64, 64), 3)
+    answered = threading.Event()
+
+    def respond(outcome):
+        with lock:
+            messages.append(("final", outcome))
+        answered.set()
+
+    def progress(counts):
+        with lock:
+            messages.append(("progress", counts))
+
+    one = Job([row], (0,), lambda: False, respond, progress=progress)
+    batcher = ContinuousBatcher(GatedSteps(), CallBudget(4, 10**9), lambda exc: False, progress_interval_s=0.01)
+    batcher.start()
+    batcher.submit([one])
+    for done in range(1, 4):
+        before = len(messages)
+        harness_wait(lambda: len(messages) > before + 1)  # ticks while the step waits
+        gate.release()
+        harness_wait(lambda: ("progress", [(done, 3)]) in messages or answered.is_set())
+    assert answered.wait(30)
+    final_at = next(i for i, (kind, _) in enumerate(messages) if kind == "final")
+    settled = len(messages)
+    batcher.stop()
+    assert final_at == settled - 1 == len(messages) - 1, messages[-3:]  # nothing after the answer
+    counts = [value for kind, value in messages if kind == "progress"]
+    assert counts[0] == [(0, 3)] and [(2, 3)] in counts
+    assert counts == sorted(counts)  # steps only go up
+    assert isinstance(messages[-1][1], Images)
+
+
+def harness_wait(check, timeout: float = 30.0) -> None:
+    from triton_diffusion.harness import wait_until
+
+    wait_until(check, "the batcher", timeout=timeout, interval=0.002)

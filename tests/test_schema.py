@@ -31,6 +31,11 @@ def test_a_video_model_declares_video_out_and_frames_in(model):
     assert schema.output == "VIDEO" and "NUM_FRAMES" in schema and "IMAGE" not in schema
 
 
+def test_continuous_models_declare_progress_and_dynamic_ones_do_not():
+    assert Schema.from_model_config(shipped_dict("stable_diffusion_tiny_continuous")).progress
+    assert not Schema.from_model_config(shipped_dict("stable_diffusion_tiny")).progress
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -42,6 +47,8 @@ def test_a_video_model_declares_video_out_and_frames_in(model):
         (lambda c: c["output"].pop(0), "exactly one of the outputs IMAGE and VIDEO .*neither"),
         (lambda c: c["output"].append({"name": "VIDEO", "data_type": "TYPE_UINT8"}), "exactly one of the outputs"),
         (lambda c: c["output"][0].update(data_type="TYPE_FP32"), "output IMAGE must have data_type TYPE_UINT8"),
+        (lambda c: c["output"].append({"name": "LATENTS", "data_type": "TYPE_FP32"}), r"output\(s\) \['LATENTS'\]"),
+        (lambda c: c["output"].append({"name": "PROGRESS", "data_type": "TYPE_FP32"}), "PROGRESS must have data_type TYPE_INT32"),
     ],
 )
 def test_a_schema_the_backend_cannot_serve_fails_with_the_reason(change, message):

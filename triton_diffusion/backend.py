@@ -26,6 +26,15 @@ from .settings import ModelSettings, SettingsError
 from .stepwise import ContinuousUnsupported, StepModel, step_model_for
 
 
+def wants_progress(request) -> bool:
+    """Whether a request asks for progress responses (request parameter ``progress``: true)."""
+    try:
+        value = json.loads(request.parameters() or "{}").get("progress", False)
+    except (ValueError, AttributeError):
+        return False
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
 def _error_response(message: str, code) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
@@ -72,7 +81,8 @@ class TritonPythonModel:
                                              self.settings.cancellation_poll_interval_ms / 1000,
                                              on_step=self._observe_running_step,
                                              on_admit=self.metrics.observe_admission,
-                                             on_out_of_memory=self.metrics.row_cap.set)
+                                             on_out_of_memory=self.metrics.row_cap.set,
+                                             progress_interval_s=self.settings.progress_interval_ms / 1000)
             self.metrics.row_cap.set(self.batcher.row_cap)
             self.batcher.start()
         self.executor = Executor(
@@ -106,7 +116,7 @@ class TritonPythonModel:
         """Hand the requests to the running batch and return once they are in it (decoupled: each
         is answered through its response sender when its last row is decoded)."""
         started = time.perf_counter()
-        accepted = []
+        accepted, progress = [], []
         for request in requests:
             sender = request.get_response_sender()
             parsed = self._parse(request)
@@ -114,6 +124,7 @@ class TritonPythonModel:
                 self._send_final(sender, Rejected(str(parsed)))
             else:
                 accepted.append((sender, parsed))
+                progress.append(self.schema.progress and wants_progress(request))
         self.metrics.observe_stage("validate", time.perf_counter() - started)
         if not accepted:
             return None
@@ -127,9 +138,13 @@ class TritonPythonModel:
             return None
         jobs = [
             Job([next(rows) for _ in parsed.items], tuple(item.seed for item in parsed.items), sender.is_cancelled,
-                lambda outcome, sender=sender: self._send_final(sender, outcome))
-            for sender, parsed in accepted
+                lambda outcome, sender=sender: self._send_final(sender, outcome),
+                progress=(lambda counts, sender=sender: self._send_progress(sender, counts)) if wants else None)
+            for (sender, parsed), wants in zip(accepted, progress)
         ]
+        for job in jobs:  # the first sign of life: the request is in this stub now (0 steps done)
+            if job.progress is not None:
+                self.batcher.send_progress(job)
         self.batcher.submit(jobs)
         self.batcher.wait_for_room()  # backpressure: the next requests wait in Triton's queue, by priority
         return None
@@ -140,6 +155,9 @@ class TritonPythonModel:
 
     def _send_final(self, sender, outcome: Outcome) -> None:
         sender.send(self._respond(outcome), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _send_progress(self, sender, counts: list) -> None:
+        sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("PROGRESS", np.array(counts, dtype=np.int32))]))
 
     def _count_compilations_and_padding(self) -> None:
         graphs = compiled_graphs()

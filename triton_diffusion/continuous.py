@@ -13,6 +13,11 @@ Backpressure keeps Triton's queue in charge of who comes next: ``wait_for_room``
 requests wait in Triton's queue (priorities, queue timeouts, max queue size) rather than here.
 An out-of-memory step puts the newest rows back at the head of the queue (their state kept) and
 lowers the row cap, so admission stops before memory runs out next time.
+
+Progress: a job may carry a ``progress`` callable; every ``progress_interval_s`` a ticker thread
+calls it with each row's (steps done, steps in all) until the job is answered, so a client sees
+signs of life even through a long step or decode (and a stalled server by their absence). The
+final answer is always the job's last message.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ class StepRow(Protocol):
     step: int
 
     @property
+    def steps(self) -> int: ...
+
+    @property
     def size(self) -> tuple[int, int]: ...
 
     @property
@@ -59,6 +67,10 @@ class Job:
     respond: Callable[[Outcome], None]
     images: dict = field(default_factory=dict)  # id(row) -> image
     answered: bool = False
+    progress: Optional[Callable[[list], None]] = None  # [(steps done, steps in all)] per row
+
+    def counts(self) -> list[tuple[int, int]]:
+        return [(min(row.step, row.steps), row.steps) for row in self.rows]
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class ContinuousBatcher:
         on_step: Callable[[StepReport], None] = lambda report: None,
         on_admit: Callable[[int, bool], None] = lambda rows, mid_flight: None,
         on_out_of_memory: Callable[[int], None] = lambda cap: None,
+        progress_interval_s: float = 1.0,
     ):
         self.model = model
         self.budget = budget
@@ -90,19 +103,25 @@ class ContinuousBatcher:
         self.on_step = on_step
         self.on_admit = on_admit
         self.on_out_of_memory = on_out_of_memory
+        self.progress_interval_s = progress_interval_s
         self.row_cap = budget.max_images  # lowered after an out-of-memory step
         self._waiting: deque = deque()  # (job, row), arrival order
         self._live: list = []  # (job, row), admission order
         self._unanswered: set = set()  # every submitted job until it is answered
         self._condition = threading.Condition()
+        # Held while a message goes to a client: a progress message never follows the final answer.
+        self._send_lock = threading.Lock()
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
+        self._ticker: Optional[threading.Thread] = None
         self._last_poll = 0.0
 
     # -- called from Triton's execute() --------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
         self._thread.start()
+        self._ticker = threading.Thread(target=self._tick_progress, name="continuous-progress", daemon=True)
+        self._ticker.start()
 
     def submit(self, jobs: Sequence[Job]) -> None:
         with self._condition:
@@ -126,12 +145,34 @@ class ContinuousBatcher:
             self._condition.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        if self._ticker is not None:
+            self._ticker.join(timeout=10)
         for job in list(self._unanswered):
             self._answer(job, Failed("the model was unloaded before this request finished"))
 
     @property
     def live_rows(self) -> int:
         return len(self._live)
+
+    # -- progress -------------------------------------------------------------------------------------
+    def _tick_progress(self) -> None:
+        while True:
+            with self._condition:
+                if self._condition.wait_for(lambda: self._stopped, timeout=self.progress_interval_s):
+                    return
+                jobs = [job for job in self._unanswered if job.progress is not None]
+            for job in jobs:
+                self.send_progress(job)
+
+    def send_progress(self, job: Job) -> None:
+        """One progress message to ``job``'s client, unless it was answered."""
+        with self._send_lock:
+            if job.answered:
+                return
+            try:
+                job.progress(job.counts())
+            except Exception:  # noqa: BLE001 - a client gone mid-stream must not stop the ticker
+                log.exception("sending progress failed")
 
     # -- the loop -----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -252,12 +293,13 @@ class ContinuousBatcher:
             return self._decode(rows[:middle]) + self._decode(rows[middle:])
 
     def _answer(self, job: Job, outcome: Outcome) -> None:
-        if job.answered:
-            return
-        job.answered = True
+        with self._send_lock:  # the flag and the send under one lock: no progress after the answer
+            if job.answered:
+                return
+            job.answered = True
+            try:
+                job.respond(outcome)
+            except Exception:  # noqa: BLE001 - a client gone mid-answer must not stop the loop
+                log.exception("answering a request failed")
         with self._condition:
             self._unanswered.discard(job)
-        try:
-            job.respond(outcome)
-        except Exception:  # noqa: BLE001 - a client gone mid-answer must not stop the loop
-            log.exception("answering a request failed")

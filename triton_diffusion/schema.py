@@ -29,6 +29,10 @@ REQUIRED_INPUTS = ("PROMPT",)
 # Every model returns SEED, and either IMAGE ([B, H, W, 3]) or VIDEO ([B, F, H, W, 3]).
 MEDIA_OUTPUTS = {"IMAGE": "TYPE_UINT8", "VIDEO": "TYPE_UINT8"}
 SEED_OUTPUT = ("SEED", "TYPE_INT64")
+# Continuous models may also declare PROGRESS: [steps done, steps in all] per row, sent in the
+# responses before the last to requests that ask for them (request parameter "progress").
+PROGRESS_OUTPUT = ("PROGRESS", "TYPE_INT32")
+KNOWN_OUTPUTS = {*MEDIA_OUTPUTS, SEED_OUTPUT[0], PROGRESS_OUTPUT[0]}
 _TYPES_OF_KIND = {
     TEXT: {"TYPE_STRING"},
     INTEGER: {"TYPE_INT32", "TYPE_INT64"},
@@ -52,6 +56,7 @@ class Schema:
 
     inputs: Mapping[str, InputSpec]
     output: str = "IMAGE"  # IMAGE or VIDEO: what the model returns besides SEED
+    progress: bool = False  # declares the PROGRESS output
 
     @classmethod
     def from_model_config(cls, config: Mapping[str, Any]) -> "Schema":
@@ -74,6 +79,13 @@ class Schema:
             if inputs[name].optional:
                 raise SchemaError(f"config.pbtxt input {name} is required by the backend; remove 'optional: true'")
         declared_outputs = {entry.get("name"): entry.get("data_type") for entry in config.get("output", [])}
+        unknown = sorted(set(declared_outputs) - KNOWN_OUTPUTS)
+        if unknown:
+            raise SchemaError(f"config.pbtxt declares output(s) {unknown}, which this backend never sends; "
+                              f"known outputs: {', '.join(sorted(KNOWN_OUTPUTS))}")
+        name, data_type = PROGRESS_OUTPUT
+        if name in declared_outputs and declared_outputs[name] != data_type:
+            raise SchemaError(f"config.pbtxt output {name} must have data_type {data_type}")
         name, data_type = SEED_OUTPUT
         if declared_outputs.get(name) != data_type:
             raise SchemaError(f"config.pbtxt must declare output {name} with data_type {data_type}")
@@ -83,7 +95,7 @@ class Schema:
                               f"got {media or 'neither'}")
         if declared_outputs[media[0]] != MEDIA_OUTPUTS[media[0]]:
             raise SchemaError(f"config.pbtxt output {media[0]} must have data_type {MEDIA_OUTPUTS[media[0]]}")
-        return cls(inputs, media[0])
+        return cls(inputs, media[0], PROGRESS_OUTPUT[0] in declared_outputs)
 
     def __contains__(self, name: str) -> bool:
         return name in self.inputs

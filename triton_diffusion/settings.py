@@ -113,6 +113,7 @@ class ModelSettings:
     max_images_per_call: int = 16
     # how often a running call asks Triton whether its requests were cancelled (0: every step)
     cancellation_poll_interval_ms: int = 100
+    progress_interval_ms: int = 1000  # continuous mode: progress responses to requests that ask (parameter "progress")
     # dynamic: one pipeline call per batch Triton forms; continuous: newcomers join the running batch
     # at the next denoising step (families with a step model, stepwise.py; the model must be decoupled)
     batching: str = "dynamic"
@@ -253,6 +254,8 @@ class ModelSettings:
             problems.append(f"warmup_guidance_scales must be within [0, max_guidance_scale={self.max_guidance_scale}]")
         if self.cancellation_poll_interval_ms < 0:
             problems.append("cancellation_poll_interval_ms must be 0 or more")
+        if self.progress_interval_ms < 10:
+            problems.append("progress_interval_ms must be 10 or more")
         return problems
 
     def for_device(self, device: str) -> "ModelSettings":
@@ -339,6 +342,9 @@ PARAMETER_DOCS = {
     "max_pixels_per_call": "Memory budget of one pipeline call: images x height x width.",
     "max_images_per_call": "Most images in one pipeline call.",
     "cancellation_poll_interval_ms": "How often a running call asks Triton whether its requests were cancelled; 0: every step.",
+    "progress_interval_ms": "Continuous mode: how often a request that asks for progress (request parameter `progress`) "
+                            "gets a `PROGRESS` response (steps done, steps in all, per row): a progress bar, and the "
+                            "sign of life a client's stall timeout waits for.",
     "batching": "`dynamic`: one pipeline call per batch Triton forms. `continuous`: a running batch that requests join at "
                 "the next denoising step (FLUX.1, SD3.5, Qwen-Image, Z-Image, SD 1.5/2.x; the model must declare "
                 "`model_transaction_policy { decoupled: true }`).",
