@@ -50,4 +50,9 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=30 \
   CMD curl -fsS http://localhost:${TRITON_DIFFUSION_HTTP_PORT:-8000}/v2/health/ready || exit 1
 # Models and batching knobs come from TRITON_DIFFUSION_* variables (see docker-compose.yml).
+# Closed by default: the ports listen on the container's loopback until TRITON_DIFFUSION_ADDRESS
+# says otherwise, which needs an admin key (TRITON_DIFFUSION_ADMIN_KEY_FILE, e.g. a mounted secret):
+#   docker run -p 127.0.0.1:8000:8000 -e TRITON_DIFFUSION_ADDRESS=0.0.0.0 \
+#     -e TRITON_DIFFUSION_ADMIN_KEY_FILE=/run/secrets/admin_key -v $PWD/secrets/admin_key:/run/secrets/admin_key:ro ...
+# The launcher is PID 1 here: it reaps the processes a restarted tritonserver leaves behind.
 CMD ["triton-diffusion", "serve"]

@@ -9,6 +9,11 @@ The search itself is ``perf/model_analyzer.yaml``; this script adds what depends
     python perf/model_analyzer.py --mode local      # Model Analyzer starts and stops tritonserver
 
 Results: ``.cache/model-analyzer-results/results/metrics-model-inference.csv`` and HTML reports.
+
+Against a server with an admin key (``TRITON_DIFFUSION_ADMIN_KEY`` or ``..._ADMIN_KEY_FILE`` set
+here as for the server), the model loads and unloads Model Analyzer makes carry the key: it has no
+header option of its own, so it runs under a shim that adds the key to tritonclient's
+repository calls. In local mode the tritonserver it starts listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from triton_diffusion import security  # noqa: E402
 from triton_diffusion.launcher import free_port, install_python_stub, server_environment, triton_home  # noqa: E402
 
 VENV = ROOT / ".cache" / "model-analyzer-venv"
@@ -41,6 +47,27 @@ def model_analyzer() -> Path:
     return command
 
 
+# tritonclient's repository calls with the admin key added (tests run this part alone)...
+ADD_ADMIN_KEY = """
+import os, sys
+import tritonclient.grpc, tritonclient.http
+key = os.environ["TRITON_DIFFUSION_ADMIN_KEY"]
+for module, header in ((tritonclient.grpc, "%s"), (tritonclient.http, "%s")):
+    for name in ("load_model", "unload_model", "get_model_repository_index"):
+        original = getattr(module.InferenceServerClient, name)
+        def keyed(self, *args, _original=original, _header=header, **kwargs):
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), _header: key}
+            return _original(self, *args, **kwargs)
+        setattr(module.InferenceServerClient, name, keyed)
+""" % (security.GRPC_ADMIN_METADATA, security.ADMIN_HEADER)
+# ... then Model Analyzer's own entry point
+WITH_ADMIN_KEY = ADD_ADMIN_KEY + """
+from model_analyzer.entrypoint import main
+sys.argv[0] = "model-analyzer"
+sys.exit(main())
+"""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("remote", "local"), default="remote")
@@ -55,7 +82,8 @@ def main(argv=None) -> int:
         config.update({
             "triton_launch_mode": "local",
             "triton_server_path": str(home / "bin" / "tritonserver"),
-            "triton_server_flags": {"backend-directory": str(home / "backends"), "exit-on-error": "false"},
+            "triton_server_flags": {"backend-directory": str(home / "backends"), "exit-on-error": "false",
+                                    **{f"{api}-address": security.LOOPBACK for api in ("http", "grpc", "metrics")}},
             "triton_server_environment": {key: env[key] for key in ("PATH", "LD_LIBRARY_PATH", "HF_HUB_OFFLINE") if key in env},
             "triton_http_endpoint": f"localhost:{ports['http']}",
             "triton_grpc_endpoint": f"localhost:{ports['grpc']}",
@@ -64,8 +92,14 @@ def main(argv=None) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle)
     os.chdir(ROOT)
+    command = [str(model_analyzer())]
+    key = security.load_key(os.environ.get("TRITON_DIFFUSION_ADMIN_KEY"), os.environ.get("TRITON_DIFFUSION_ADMIN_KEY_FILE"),
+                            "admin key")
+    if key and args.mode == "remote":
+        command = [str(VENV / "bin" / "python"), "-c", WITH_ADMIN_KEY]
+        env["TRITON_DIFFUSION_ADMIN_KEY"] = key
     try:
-        return subprocess.run([str(model_analyzer()), "profile", "-f", handle.name, "--checkpoint-directory",
+        return subprocess.run([*command, "profile", "-f", handle.name, "--checkpoint-directory",
                                str(ROOT / ".cache" / "model-analyzer-checkpoints")], env=env).returncode
     finally:
         os.unlink(handle.name)

@@ -110,7 +110,10 @@ log "image built in $(( $(date +%s) - t )) s: $(docker image inspect triton-diff
 
 # --- 4. up, health, requests -------------------------------------------------------------------------
 free_port() { "$VPY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-export HTTP_PORT=$(free_port) GRPC_PORT=$(free_port) METRICS_PORT=$(free_port)
+export HTTP_PORT=$(free_port) GRPC_PORT=$(free_port) METRICS_PORT=$(free_port) GATEWAY_PORT=$(free_port)
+# keys of this run only (the compose file mounts them as secrets)
+./scripts/make_keys.sh "$WORK/secrets" >/dev/null
+export ADMIN_KEY_FILE="$WORK/secrets/admin_key" GATEWAY_API_KEYS_FILE="$WORK/secrets/gateway_api_keys"
 # Batching knobs through the environment, checked below in the served config.
 export MAX_QUEUE_DELAY_US=50000 PREFERRED_BATCH_SIZES=4 MAX_QUEUE_SIZE=32
 t=$(date +%s)
@@ -126,13 +129,28 @@ done
 [ "$health" = healthy ] || { log "not healthy after 240 s (state: $health)"; exit 1; }
 log "healthy in $(( $(date +%s) - t )) s (Docker health check on /v2/health/ready)"
 
-"$VPY" - "$GRPC_PORT" "$HTTP_PORT" "$METRICS_PORT" <<'PY'
-import json, sys, urllib.request
+for port in $("${DC[@]}" port triton-cpu 8000) $("${DC[@]}" port triton-cpu 8001) $("${DC[@]}" port triton-cpu 8002); do
+  case "$port" in 127.0.0.1:*) ;; *) log "a host port is bound beyond loopback: $port"; exit 1 ;; esac
+done
+log "host ports bound to loopback (BIND_ADDRESS unset)"
+
+"$VPY" - "$GRPC_PORT" "$HTTP_PORT" "$METRICS_PORT" "$ADMIN_KEY_FILE" <<'PY'
+import json, sys, urllib.error, urllib.request
 import numpy as np
 from client import DiffusionClient, GenerationRequest, ServerError
 
-grpc_port, http_port, metrics_port = sys.argv[1:4]
+grpc_port, http_port, metrics_port, key_file = sys.argv[1:5]
 model = "stable_diffusion_tiny"
+index = f"http://127.0.0.1:{http_port}/v2/repository/index"
+try:
+    urllib.request.urlopen(urllib.request.Request(index, method="POST"))
+    raise AssertionError("the repository API answered without the admin key")
+except urllib.error.HTTPError as exc:
+    assert exc.code == 403, exc.code
+key = open(key_file).read().strip()
+with urllib.request.urlopen(urllib.request.Request(index, method="POST", headers={"admin-key": key})) as response:
+    assert any(entry.get("state") == "READY" for entry in json.load(response))
+print("[check] admin API: 403 without the key, 200 with it (Triton's restriction, through the guard)")
 with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{model}/config") as response:
     config = json.load(response)
 batching = config["dynamic_batching"]
@@ -172,6 +190,30 @@ with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as respo
     assert "diffusion_images_total" in response.read().decode()
 print("[check] metrics port serves the diffusion_* metrics")
 PY
+
+t=$(date +%s)
+log "gateway-cpu: the OpenAI API with an API key"
+"${DC[@]}" up -d gateway-cpu >"$WORK/gateway.log" 2>&1 || { cat "$WORK/gateway.log"; exit 1; }
+gateway=$("${DC[@]}" ps -q gateway-cpu)
+for _ in $(seq 60); do
+  [ "$(docker inspect -f '{{.State.Health.Status}}' "$gateway")" = healthy ] && break
+  sleep 2
+done
+"$VPY" - "$GATEWAY_PORT" "$GATEWAY_API_KEYS_FILE" <<'PY'
+import sys
+import openai
+port, key = sys.argv[1], open(sys.argv[2]).read().split()[0]
+try:
+    openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-the-key", max_retries=0).images.generate(prompt="x")
+    raise AssertionError("the gateway answered a wrong key")
+except openai.AuthenticationError:
+    pass
+image = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0).images.generate(
+    prompt="a red circle on a blue background", size="64x64", extra_body={"seed": 3, "steps": 4})
+assert image.data[0].b64_json and image.data[0].seed == 3
+print("[check] gateway: 401 for a wrong key, an image for the right one")
+PY
+log "gateway checked in $(( $(date +%s) - t )) s"
 
 t=$(date +%s)
 log "locust service (profile load): 4 users for 20 s against triton-cpu"

@@ -109,7 +109,7 @@ GOOD = [
 ]
 
 
-def send(url, inputs):
+def send(url, inputs, model=TINY):
     client = grpcclient.InferenceServerClient(url)
     infer_inputs = []
     for name, array, datatype in inputs:
@@ -117,7 +117,7 @@ def send(url, inputs):
         infer_input.set_data_from_numpy(array)
         infer_inputs.append(infer_input)
     try:
-        return client.infer(TINY, infer_inputs)
+        return client.infer(model, infer_inputs)
     except InferenceServerException as exc:
         return exc
     finally:

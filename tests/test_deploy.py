@@ -66,6 +66,13 @@ def test_the_pieces_fit_together():
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # the pod listens beyond loopback: the launcher requires the admin key, here from a Secret
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["TRITON_DIFFUSION_ADDRESS"] == "0.0.0.0"
+    key_dir = str(Path(env["TRITON_DIFFUSION_ADMIN_KEY_FILE"]).parent)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == key_dir]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "triton-diffusion-admin" and mount["readOnly"]
     mounts = {mount["name"] for mount in container["volumeMounts"]}
     assert mounts == {volume["name"] for volume in pod["spec"]["volumes"]}
     models = next(env["value"] for env in container["env"] if env["name"] == "TRITON_DIFFUSION_MODELS")

@@ -86,3 +86,32 @@ def test_triton_serves_the_derived_config(tmp_path):
     assert int(batching["max_queue_delay_microseconds"]) == 7000
     assert int(batching["default_queue_policy"]["max_queue_size"]) == 5
     assert batching["priority_levels"] == "2" or int(batching["priority_levels"]) == 2
+
+
+def test_serve_removes_its_derived_repository_when_it_stops(tmp_path):
+    """Overrides and --fronts serve a derived copy of the repository: it goes when the server does
+    (a stop by signal as well as --exit-when-ready)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from triton_diffusion import harness
+    from triton_diffusion.launcher import free_port
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "HF_HUB_OFFLINE": "1"}
+    ports = [str(free_port()) for _ in range(3)]
+    command = [sys.executable, "-m", "triton_diffusion.cli", "serve", "--models", "tiny_shapes", "--fronts",
+               "--max-queue-delay-us", "1000", "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    log = tmp_path / "serve.log"
+    server = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    harness.wait_until(lambda: server.poll() is not None or "listening:" in log.read_text(), "the server", timeout=300)
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("triton-diffusion-repo-")], log.read_text()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(120) == 0
+    assert not [p for p in scratch.iterdir() if p.name.startswith("triton-diffusion-repo-")]
+    once = subprocess.run(command + ["--exit-when-ready"], env=env, capture_output=True, text=True, timeout=300)
+    assert once.returncode == 0, once.stderr[-2000:]
+    assert not [p for p in scratch.iterdir() if p.name.startswith("triton-diffusion-repo-")]

@@ -151,6 +151,20 @@ def evil_load_body(marker: Path) -> dict:
     return {"parameters": {"config": json.dumps(config), "file:1/model.py": base64.b64encode(code.encode()).decode()}}
 
 
+# The stated bounds on what hostile requests may leave behind (growth after the corpus).
+TRITON_RSS_BOUND = 128 * guard.MIB
+STUB_RSS_BOUND = 128 * guard.MIB
+SHM_BOUND = 16 * guard.MIB  # at most one growth step of a stub's region (shm-growth-byte-size)
+
+
+def memory_of(triton: psutil.Process) -> dict:
+    """RSS of tritonserver and of its stubs, and the bytes of their shared-memory regions."""
+    stubs = triton.children()
+    regions = [stub.cmdline()[2] for stub in stubs]
+    return {"tritonserver": triton.memory_info().rss, "stubs": sum(stub.memory_info().rss for stub in stubs),
+            "shm": sum((Path("/dev/shm") / region).stat().st_size for region in regions)}
+
+
 def test_the_default_launch_listens_on_loopback_only(tmp_path):
     outside = outside_address()
     served = Served(tmp_path)
@@ -204,19 +218,49 @@ def test_beyond_loopback_the_admin_apis_need_the_key_and_requests_are_bounded(tm
         assert status == 200, body
         assert marker.read_text() == "ran"
 
+        # The Model Analyzer recipe's shim adds the key to tritonclient's repository calls (gRPC and HTTP).
+        from perf.model_analyzer import ADD_ADMIN_KEY
+
+        shimmed = subprocess.run(
+            [sys.executable, "-c", ADD_ADMIN_KEY + f"""
+import tritonclient.grpc as g, tritonclient.http as h
+assert g.InferenceServerClient("{outside}:{served.ports[1]}").get_model_repository_index()
+assert h.InferenceServerClient("{outside}:{served.ports[0]}").get_model_repository_index()
+print("ok")"""], env={**os.environ, "TRITON_DIFFUSION_ADMIN_KEY": key}, capture_output=True, text=True, timeout=120)
+        assert shimmed.stdout.strip() == "ok", shimmed.stderr[-2000:]
+
         # Inference works from outside, through the guard, for the project's client.
         result = DiffusionClient(f"grpc://{outside}:{served.ports[1]}", MODEL).generate("a red circle", seed=3, steps=2)
         assert result.array.shape == (64, 64, 3)
 
-        # A tensor far beyond the largest valid request never reaches Triton: gRPC refuses the
-        # message from its length, HTTP from the declared body size.
-        huge = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
-        huge.set_data_from_numpy(np.array([[b"x" * (64 * guard.MIB)]], dtype=object))
+        # The bad-input corpus (tests/test_bad_input.py) and tensors far beyond the largest valid
+        # request, from outside: each refused, and tritonserver, the stub and their shared memory
+        # stay within the stated bound of where they started.
+        from .test_bad_input import BAD, send
+
+        before = memory_of(triton)
+        for label, inputs, _ in BAD:
+            assert isinstance(send(f"{outside}:{served.ports[1]}", inputs, MODEL), InferenceServerException), label
+        for size in (64 * guard.MIB, 256 * guard.MIB):  # gRPC refuses the message from its length
+            huge = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
+            huge.set_data_from_numpy(np.array([[b"x" * size]], dtype=object))
+            with pytest.raises(InferenceServerException, match="RESOURCE_EXHAUSTED|larger than max"):
+                grpc.infer(MODEL, [huge])
+            del huge
+        image = grpcclient.InferInput("IMAGE", [16, 2048, 2048, 3], "UINT8")  # 201 MB of pixels
+        image.set_data_from_numpy(np.zeros((16, 2048, 2048, 3), np.uint8))
         with pytest.raises(InferenceServerException, match="RESOURCE_EXHAUSTED|larger than max"):
-            grpc.infer(MODEL, [huge])
-        status, _ = http("POST", f"{base}/v2/models/{MODEL}/infer", None,
+            grpc.infer(MODEL, [image])
+        del image
+        status, _ = http("POST", f"{base}/v2/models/{MODEL}/infer", None,  # HTTP, from the declared size
                          {"Content-Length": str(2**34), "Content-Type": "application/json"})
         assert status == 413
+        status, _ = http("POST", f"{base}/v2/models/{MODEL}/infer", {"inputs": [], "pad": "x" * (64 * guard.MIB)})
+        assert status == 413
         assert http("GET", f"{base}/v2/health/ready")[0] == 200
+        growth = {name: value - before[name] for name, value in memory_of(triton).items()}
+        print("memory growth after the corpus (MiB):", {k: round(v / guard.MIB, 1) for k, v in growth.items()})
+        assert growth["tritonserver"] < TRITON_RSS_BOUND and growth["stubs"] < STUB_RSS_BOUND, growth
+        assert growth["shm"] <= SHM_BOUND, growth
     finally:
         assert served.stop() == 0
