@@ -25,11 +25,10 @@ from .api import (
     build_inputs,
     build_outputs,
     decoupled_over_http,
+    final_or_none,
     infer_options,
-    is_progress,
     parse_result,
     stalled_error,
-    stream_error,
     stream_request,
     timeout_error,
     to_server_error,
@@ -145,15 +144,12 @@ class AsyncDiffusionClient(ClientOptions):
                     raise ServerError("the stream closed without a response", "StatusCode.UNAVAILABLE") from None
                 except grpc.aio.AioRpcError as exc:  # the stream ended with the error's status (STREAM_HEADERS)
                     raise ServerError(exc.details() or str(exc.code()), str(exc.code())) from None
-                if error is not None:
+                answered = error is not None  # an error ends the request as a final answer does
+                final = final_or_none(result, error, progress, output, on_progress)
+                if final is not None:
                     answered = True
-                    raise stream_error(error)
-                if not progress or not is_progress(result, output):
-                    answered = True
-                    return result
+                    return final
                 accepted = True
-                if on_progress is not None:
-                    on_progress(result.as_numpy("PROGRESS"))
         finally:
             if not answered:  # cancel only what is abandoned (see DiffusionClient._stream_once)
                 responses.cancel()

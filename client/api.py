@@ -308,6 +308,18 @@ def is_progress(result, output: str) -> bool:
     return result.as_numpy(output) is None
 
 
+def final_or_none(result, error, progress: bool, output: str, on_progress=None):
+    """One message of a request's stream: the final result; None for a progress message (handed
+    to ``on_progress``); an error raised as ``ServerError`` with its status."""
+    if error is not None:
+        raise stream_error(error)
+    if not progress or not is_progress(result, output):
+        return result
+    if on_progress is not None:
+        on_progress(result.as_numpy("PROGRESS"))
+    return None
+
+
 # Triton's gRPC stream (ModelStreamInfer) carries an error as a bare message, without its status
 # code, unless the client asks for this mode: the stream then ends with the error's gRPC status
 # (queue full: UNAVAILABLE, bad input: INVALID_ARGUMENT), as a unary call would (Triton >= 2.49).
@@ -475,15 +487,12 @@ class DiffusionClient(ClientOptions):
                     result, error = responses.get(timeout=self.progress_timeout_s if accepted else None)
                 except queue.Empty:
                     raise stalled_error(self.progress_timeout_s) from None
-                if error is not None:
+                answered = error is not None  # an error ends the request as a final answer does
+                final = final_or_none(result, error, progress, output, on_progress)
+                if final is not None:
                     answered = True
-                    raise stream_error(error)
-                if not progress or not is_progress(result, output):
-                    answered = True
-                    return result
+                    return final
                 accepted = True
-                if on_progress is not None:
-                    on_progress(result.as_numpy("PROGRESS"))
         finally:
             # Cancel only what is abandoned: a cancellation racing the final response Triton already
             # sent can strand the request in Triton 2.51, and its model version never unloads (seen in

@@ -339,4 +339,11 @@ def test_settings_refuse_exposure_without_a_key_and_errors_map_the_same_for_both
         assert from_server_error(ServerError("m", status)).status == http
     assert from_server_error(ServerError("", None)).message  # never an empty message
     assert parse_body({"prompt": "x", "n": "2"}, strict=False).n == 2
+    # images in flight are capped across callers: past the cap, 429 before anything is sent
+    from triton_diffusion.gateway import ApiError
+
+    capped = Gateway(GatewaySettings(max_images_in_flight=2))
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(capped.generate(parse_body({"prompt": "x", "n": 3}), client=None))
+    assert refused.value.status == 429 and refused.value.code == "rate_limit_exceeded" and capped.in_flight == 0
     assert isinstance(parse_body({"prompt": "x", "quality": "standard"}), ImagesBody)

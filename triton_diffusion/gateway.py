@@ -264,6 +264,13 @@ class Gateway:
         if self.in_flight + body.n > self.settings.max_images_in_flight:
             raise ApiError(429, f"the gateway is holding its limit of {self.settings.max_images_in_flight} images in "
                                 "flight; retry later", "rate_limit_error", code="rate_limit_exceeded")
+        self.in_flight += body.n  # taken before the first await: the check and the count are one step
+        try:
+            return await self._generate(body, client, image, height, width)
+        finally:
+            self.in_flight -= body.n
+
+    async def _generate(self, body: ImagesBody, client: AsyncDiffusionClient, image, height, width) -> dict:
         try:
             requests = [
                 GenerationRequest(body.prompt, negative_prompt=body.negative_prompt,
@@ -279,13 +286,9 @@ class Gateway:
             raise ApiError(400, str(exc)) from None
         except ServerError as exc:
             raise from_server_error(exc) from None
-        self.in_flight += body.n
-        try:
-            # Each image its own Triton request, all in flight at once: they meet in the batcher.
-            # Cancelling this coroutine (the caller went away) cancels every gRPC call.
-            results = await asyncio.gather(*(client.generate(request) for request in requests), return_exceptions=True)
-        finally:
-            self.in_flight -= body.n
+        # Each image its own Triton request, all in flight at once: they meet in the batcher.
+        # Cancelling this coroutine (the caller went away) cancels every gRPC call.
+        results = await asyncio.gather(*(client.generate(request) for request in requests), return_exceptions=True)
         for result in results:
             if isinstance(result, ServerError):
                 raise from_server_error(result)
