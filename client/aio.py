@@ -48,7 +48,7 @@ def _aio_module(protocol: str):
 async def _drain(responses, timeout_s: float = 10.0) -> None:
     """Read a stream to its end after the answer. Dropping it open makes grpc.aio cancel it, and a
     cancellation racing the answer Triton already sent can strand the request in Triton 2.51 (its
-    model version then never unloads; seen in 2 of 7 runs of 16-32 requests)."""
+    model version then never unloads; perf/stream_cancel_race.py)."""
     import grpc
 
     try:

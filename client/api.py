@@ -495,8 +495,8 @@ class DiffusionClient(ClientOptions):
                 accepted = True
         finally:
             # Cancel only what is abandoned: a cancellation racing the final response Triton already
-            # sent can strand the request in Triton 2.51, and its model version never unloads (seen in
-            # 2 of 7 runs of 16-32 requests). Without cancelling, stop_stream waits for the stream's end.
+            # sent can strand the request in Triton 2.51, and its model version never unloads
+            # (perf/stream_cancel_race.py). Without cancelling, stop_stream waits for the stream's end.
             self._client.stop_stream(cancel_requests=not answered)
 
     def _reconnect(self) -> None:

@@ -150,8 +150,11 @@ class StubWatchdog:
     served config has instances, and still so after ``grace_s``.
     """
 
+    # A stub that held nothing unloads in 1.5-2 s here; other models get drain_timeout_s to finish
+    # their running requests before the restart. Together (with the poll and the grace) they keep a
+    # stranded client's error within 30 s: 1 + 2 + 5 + 15 s and the stop.
     def __init__(self, server: "TritonServer", models: Sequence[str], interval: float = 1.0, grace_s: float = 2.0,
-                 unload_timeout_s: float = 10.0, drain_timeout_s: float = 30.0, log=print):
+                 unload_timeout_s: float = 5.0, drain_timeout_s: float = 15.0, log=print):
         import threading
 
         self.server, self.models, self.interval, self.grace_s, self.log = server, list(models), interval, grace_s, log
@@ -473,15 +476,15 @@ class TritonServer:
             self._log_file = None
         return code
 
-    def restart(self, stuck: Sequence[str] = (), drain_timeout: float = 30.0, ready_timeout: float = 600.0) -> dict:
+    def restart(self, stuck: Sequence[str] = (), drain_timeout: float = 15.0, ready_timeout: float = 600.0) -> dict:
         """Stop tritonserver and start it again on the same ports, with the same models.
 
         The only way to free a model version Triton 2.51 will never finish unloading (a stub that
-        died holding requests; see ``StubWatchdog``). SIGTERM first: Triton stops taking requests
-        and lets the other models finish theirs; once only the ``stuck`` models are left (or after
-        ``drain_timeout``), SIGKILL. That closes every connection still waiting on a stuck model,
-        so each of its clients gets an error. Models loaded with a config of their own through the
-        API get it again. The guard keeps listening (a call in the gap gets UNAVAILABLE).
+        died holding requests; see ``StubWatchdog``). The other models are unloaded first, which
+        lets their running requests finish (at most ``drain_timeout``); then the process is
+        stopped. That closes every connection still waiting on a stuck model, so each of its clients
+        gets an error. The models come back with the configs they were served with. The guard keeps
+        listening (a call in the gap gets UNAVAILABLE).
         """
         self.restarting = True
         try:
@@ -497,14 +500,19 @@ class TritonServer:
                     served[model] = self.served_config(model)
                 except OSError:
                     pass
-        self.process.send_signal(signal.SIGTERM)
+        # Drain while the server is fully up (after SIGTERM Triton 2.51 answers its repository index
+        # with "Server not ready", so a drain could not be watched): unloading a model completes
+        # once its running requests are done; new ones get UNAVAILABLE meanwhile.
+        for model in served:
+            try:
+                self._get(f"/v2/repository/models/{model}/unload", method="POST", timeout=5)
+            except (OSError, ValueError):
+                pass
         deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            busy = [m for m, e in self._states_or_empty().items() if m not in stuck and e.get("state") in ("READY", "UNLOADING")]
-            if not busy:
-                break
+        while time.monotonic() < deadline and any(
+                self._states_or_empty().get(model, {}).get("state") in ("READY", "UNLOADING") for model in served):
             time.sleep(0.2)
-        self.stop(timeout=0.1, stop_guard=False)
+        self.stop(timeout=1, stop_guard=False)
         self.restarts += 1
         self.start()
         states = self.wait_ready(ready_timeout)
