@@ -200,10 +200,3 @@ class TritonPythonModel:
         if self.batcher is not None:
             self.batcher.stop()
         self.runner = None
-        # Release the custom metrics while the stub's shared memory still exists: destroyed later,
-        # at interpreter exit, each one segfaults Triton 2.51's stub (Metric::SaveToSharedMemory on
-        # a freed pool; seen at every stub's exit before this).
-        import gc
-
-        self.executor = self.batcher = self.metrics = None
-        gc.collect()
