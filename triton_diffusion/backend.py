@@ -200,3 +200,7 @@ class TritonPythonModel:
         if self.batcher is not None:
             self.batcher.stop()
         self.runner = None
+        # The custom metrics are left to the stub's exit, where Triton 2.51's stub segfaults on them
+        # (Metric::SaveToSharedMemory on a freed pool: harmless, the process is leaving). Released
+        # here instead, they delete their metric families, which a reload's new instance of the same
+        # model shares, and tritonserver itself crashed (tests/test_faults.py's config swap).
