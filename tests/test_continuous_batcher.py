@@ -45,6 +45,8 @@ class CountingSteps:
 
     def step(self, rows):
         prompts = [row.item.prompt for row in rows]
+        if any(row.finished for row in rows):  # as a real step model, which indexes its schedule
+            raise IndexError(f"stepped past the last step: {prompts}")
         if len(rows) > self.memory_rows:
             raise OutOfMemory(f"{len(rows)} rows")
         if self.failing_prompt in prompts:
@@ -99,6 +101,20 @@ def test_out_of_memory_puts_the_newest_rows_back_and_caps_admission():
     assert caps == [2]
     assert all(len(call) <= 2 for call in steps.calls)
     assert all(isinstance(outcomes[name], Images) and outcomes[name].images[0][0, 0, 0] == 2 for name in "abcd")
+
+
+def test_out_of_memory_evicts_from_the_call_that_failed_not_from_another_size():
+    """Two sizes live, the newest row a small one: when the big call runs out of memory, its own
+    newest row waits again. (Evicting the newest of all live rows parked the small row while its
+    call, already formed, still stepped it: it finished parked and, re-admitted, was stepped past
+    its end and answered as failed.)"""
+    steps, outcomes = CountingSteps(memory_rows=1), {}
+    batcher = ContinuousBatcher(steps, CallBudget(max_images=4, max_pixels=10**9), lambda exc: isinstance(exc, OutOfMemory))
+    run_until_answered(batcher, [job("big", 2, outcomes), job("big2", 2, outcomes), job("small", 1, outcomes, size=32)],
+                       outcomes)
+    assert {name: type(outcome).__name__ for name, outcome in outcomes.items()} == dict.fromkeys(outcomes, "Images")
+    assert all(outcomes[name].images[0][0, 0, 0] == steps for name, steps in [("big", 2), ("big2", 2), ("small", 1)])
+    assert steps.calls.count(["small"]) == 1
 
 
 def test_a_failing_step_fails_only_the_requests_in_that_call():

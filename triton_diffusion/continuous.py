@@ -11,8 +11,8 @@ request's prepared rows with "was it cancelled?" and "answer it" callables. A th
 Backpressure keeps Triton's queue in charge of who comes next: ``wait_for_room`` blocks the
 ``execute`` that handed jobs over until they are admitted and a row's room is free again, so
 requests wait in Triton's queue (priorities, queue timeouts, max queue size) rather than here.
-An out-of-memory step puts the newest rows back at the head of the queue (their state kept) and
-lowers the row cap, so admission stops before memory runs out next time.
+An out-of-memory step puts the newest half of that call's rows back at the head of the queue
+(their state kept) and lowers the row cap, so admission stops before memory runs out next time.
 
 Progress: a job may carry a ``progress`` callable; every ``progress_interval_s`` a ticker thread
 calls it with each row's (steps done, steps in all) until the job is answered, so a client sees
@@ -249,16 +249,18 @@ class ContinuousBatcher:
             elif len(members) == 1:
                 self._remove({members[0][0]}, Failed(f"out of memory even for a single image alone: {exc}"))
             else:
-                self._evict_newest(len(members) // 2)
+                self._evict_newest(members[len(members) - len(members) // 2:])
 
-    def _evict_newest(self, count: int) -> None:
-        """Put the ``count`` newest rows back at the head of the queue, state kept; cap admission."""
+    def _evict_newest(self, evicted: list) -> None:
+        """Put ``evicted`` (the newest half of the call that ran out of memory, never rows of another
+        size: those may already be in this iteration's next call) back at the head of the queue,
+        state kept; cap admission."""
         with self._condition:
-            evicted, self._live = self._live[-count:], self._live[:-count]
+            self._live = [member for member in self._live if member not in evicted]
             self._waiting.extendleft(reversed(evicted))
             self.row_cap = max(1, len(self._live))
         log.warning("out of memory at %d live rows: %d rows wait again, at most %d rows run from now on",
-                    len(self._live) + count, count, self.row_cap)
+                    len(self._live) + len(evicted), len(evicted), self.row_cap)
         self.on_out_of_memory(self.row_cap)
 
     def _finish(self) -> None:
