@@ -4,8 +4,8 @@ Three ways to run the same batch (random weights of a real architecture, built o
   full  nobody cancels;
   drop  ``--cancel`` rows are cancelled after step ``--after-step`` and leave the call (the server's
         behaviour, ``triton_diffusion/cancellation.py``);
-  ride  the same cancellations, but the rows stay in the call to the end (what a pipeline outside
-        ``SHRINKABLE`` does);
+  ride  the same cancellations, but the rows stay in the call to the end (what a pipeline whose
+        family declares no ``ShrinkSpec`` does);
   survivors-only  a batch of just the rows that are never cancelled: how far a change of batch
         size alone moves the images (fp16 kernels differ per batch shape), to compare with drop.
 It prints seconds per call (median of ``--repeats``) and how far the surviving images of
@@ -30,18 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf.gpu_bench import card_name, dtype_for, items_for, log  # noqa: E402
+from testing.rows import CancelAfter  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
-
-
-class CancelAfter:
-    """True once the row has been asked about ``steps`` times (it is asked once per step while live)."""
-
-    def __init__(self, steps: int):
-        self.steps, self.calls = steps, 0
-
-    def __call__(self) -> bool:
-        self.calls += 1
-        return self.calls > self.steps
 
 
 def run_mode(runner, items, mode: str, args) -> tuple[float, list]:
@@ -54,9 +44,8 @@ def run_mode(runner, items, mode: str, args) -> tuple[float, list]:
         items = items[: len(items) - args.cancel]
     cancelling = mode in ("drop", "ride")
     checks = [CancelAfter(args.after_step) if cancelling and row >= len(items) - args.cancel else never for row in range(len(items))]
-    saved = dict(cancellation.SHRINKABLE)
-    if mode == "ride":
-        cancellation.SHRINKABLE.clear()
+    could_shrink = runner.can_shrink
+    runner.can_shrink = could_shrink and mode != "ride"  # ride: as a pipeline whose family declares no row drop
     try:
         started = time.perf_counter()
         outputs = runner.run(items[0].params, items, cancellation.per_row_checks(checks))
@@ -64,7 +53,7 @@ def run_mode(runner, items, mode: str, args) -> tuple[float, list]:
             torch.cuda.synchronize()
         return time.perf_counter() - started, outputs
     finally:
-        cancellation.SHRINKABLE.update(saved)
+        runner.can_shrink = could_shrink
 
 
 def difference(outputs, reference, rows) -> tuple[int, float]:

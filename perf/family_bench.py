@@ -39,17 +39,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client import DiffusionClient  # noqa: E402
-from perf.gpu_bench import ARCH_DEFAULTS, card_name, log, served_round  # noqa: E402
+from perf.gpu_bench import card_name, log, served_round  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
-from triton_diffusion import harness, model_config  # noqa: E402
+from testing import harness  # noqa: E402
+from triton_diffusion import families, model_config  # noqa: E402
 
 def family(arch: str) -> tuple[str, float, int]:
-    """dtype, guidance and served steps of ``arch`` (``gpu_bench.ARCH_DEFAULTS``)."""
-    return ARCH_DEFAULTS[arch.removesuffix("-tiny")]
+    """dtype, guidance and served steps of ``arch`` (its family declares them)."""
+    architecture = families.architecture(arch)[1]
+    return architecture.dtype, architecture.guidance, architecture.steps
 
 
 def is_video(arch: str) -> bool:
-    return arch.startswith("wan")
+    return families.architecture(arch)[0].video
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -147,8 +149,8 @@ def served(arch: str, args, prompts, workdir: Path) -> dict:
     parameters = {**settings_parameters(arch, args, size, biggest), "max_pixels": None, "torch_num_threads": None,
                   "cancellation_poll_interval_ms": "100"}
     config = model_config.variant(name, parameters, f"max_queue_delay_microseconds: {args.delay_us}", biggest,
-                                  base="wan_tiny" if is_video(arch) else model_config.BASE_MODEL)
-    model_config.write_model(workdir / "repo", config, base="wan_tiny" if is_video(arch) else model_config.BASE_MODEL)
+                                  base=families.architecture(arch)[0].test_model if is_video(arch) else model_config.BASE_MODEL)
+    model_config.write_model(workdir / "repo", config, base=families.architecture(arch)[0].test_model if is_video(arch) else model_config.BASE_MODEL)
     started = time.perf_counter()
     server = harness.serve([name], workdir / "repo", log_path=workdir / f"{name}.log", ready_timeout=900)
     result = {"size": f"{size[0]}x{size[1]}", "steps": int(parameters["default_steps"]), "ready_s": time.perf_counter() - started,

@@ -16,7 +16,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -25,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client import DiffusionClient  # noqa: E402
 from perf.gpu_bench import base_parameters, card_name, log, served_round  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
-from triton_diffusion import harness, model_config  # noqa: E402
-from triton_diffusion.front import FRONT_SUFFIX, write_front  # noqa: E402
+from testing import harness  # noqa: E402
+from triton_diffusion import model_config  # noqa: E402
+from triton_diffusion.front import write_front  # noqa: E402
 
 
 def main(argv=None) -> int:

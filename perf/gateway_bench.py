@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client import DiffusionClient, GenerationRequest  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
-from triton_diffusion import harness  # noqa: E402
+from testing import harness  # noqa: E402
 from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY  # noqa: E402
 from triton_diffusion.tiny import ensure_tiny_model  # noqa: E402
 

@@ -46,30 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client import DiffusionClient, GenerationRequest  # noqa: E402
 from client.cli import percentile  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
-from triton_diffusion import harness, model_config  # noqa: E402
+from testing import harness  # noqa: E402
+from triton_diffusion import families, model_config  # noqa: E402
 
-# Per architecture: dtype, guidance (what GUIDANCE_SCALE means is the family's: CFG, true CFG or
-# distilled) and the steps family_bench.py serves (Z-Image-Turbo's own default; 20 elsewhere).
-ARCH_DEFAULTS = {
-    "sd15": ("float16", 7.5, 20),
-    "sdxl": ("float16", 5.0, 20),
-    "sd35-large": ("bfloat16", 3.5, 20),
-    "flux-dev": ("bfloat16", 3.5, 20),
-    "qwen-image": ("bfloat16", 4.0, 20),
-    "z-image-turbo": ("bfloat16", 0.0, 9),
-    "wan2.1-t2v-1.3b": ("bfloat16", 5.0, 20),
-}
-_UNLISTED = ("float16", 3.5, 20)
-# --speed compiled: the knobs that measured faster on an H100 (README); both sides get the same.
-SPEED = {
-    "eager": {},
-    "compiled": {
-        "sd15": {"compile": "full", "compile_vae": "true", "channels_last": "true", "fuse_qkv": "true"},
-        # no fuse_qkv: diffusers keeps the unfused weights too (+4 GB), and two copies (offline and
-        # served) of the 12B model must fit one 80 GB card
-        "flux-dev": {"compile": "regional"},
-    },
-}
+# --speed: eager, or compiled with the knobs its family declares fastest (families/*.py, README);
+# both sides of a comparison get the same.
+SPEEDS = ("eager", "compiled")
 MODES = {
     "none": None,  # no dynamic batching: every request its own execution
     "dynamic": "max_queue_delay_microseconds: {delay_us}",
@@ -90,11 +72,13 @@ def card_name() -> str:
 
 
 def dtype_for(arch: str, args) -> str:
-    return "float32" if not args.device.startswith("cuda") else ARCH_DEFAULTS.get(arch.removesuffix("-tiny"), _UNLISTED)[0]
+    """The architecture's published dtype (its family declares it; float32 off the GPU)."""
+    return "float32" if not args.device.startswith("cuda") else families.architecture(arch)[1].dtype
 
 
 def guidance_for(arch: str) -> float:
-    return ARCH_DEFAULTS.get(arch.removesuffix("-tiny"), _UNLISTED)[1]
+    """What GUIDANCE_SCALE the architecture is served at (CFG, true CFG or distilled: its family's meaning)."""
+    return families.architecture(arch)[1].guidance
 
 
 def largest_call(args) -> int:
@@ -104,7 +88,7 @@ def largest_call(args) -> int:
 
 def speed_parameters(arch: str, args) -> dict[str, str]:
     """The config.pbtxt speed parameters of ``--speed`` for ``arch``, plus what the bench adds."""
-    parameters = dict(SPEED[args.speed].get(arch.removesuffix("-tiny"), {}))
+    parameters = dict(families.architecture(arch)[0].speed) if args.speed == "compiled" else {}
     if args.device == "cpu" and parameters.get("compile"):
         # a CPU check of the code path, not of inductor
         parameters.update(compile_backend="eager", speed_devices="cpu")
@@ -409,7 +393,7 @@ def main(argv=None) -> int:
     parser.add_argument("--delay-us", type=int, default=10_000)
     parser.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["none", "dynamic"])
     parser.add_argument("--max-batch", type=int, default=0, help="Triton max_batch_size and preferred size (default: the top concurrency)")
-    parser.add_argument("--speed", choices=sorted(SPEED), default="eager")
+    parser.add_argument("--speed", choices=SPEEDS, default="eager")
     parser.add_argument("--compile-mode", default="", help="torch.compile mode for --speed compiled")
     parser.add_argument("--step-cache", default="", help='e.g. "FirstBlockCache threshold=0.05" (changes images)')
     parser.add_argument("--warm-up", action="store_true", help="warm up before READY with --speed eager too")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from triton_diffusion.harness import Stats, serve  # noqa: E402
+from testing.harness import Stats, serve  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

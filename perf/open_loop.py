@@ -35,22 +35,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client import GenerationRequest  # noqa: E402
 from client.aio import AsyncDiffusionClient  # noqa: E402
 from client.cli import percentile  # noqa: E402
-from perf.gpu_bench import SPEED, base_parameters, card_name, log, speed_parameters  # noqa: E402
+from perf.gpu_bench import SPEEDS, base_parameters, card_name, log, speed_parameters  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
-from triton_diffusion import harness, model_config  # noqa: E402
+from testing import harness  # noqa: E402
+from triton_diffusion import families, model_config  # noqa: E402
 
 MODES = ("dynamic", "continuous")
-# the shipped tiny entries whose config (inputs, batching block, decoupled policy) each mode derives from
-# (architecture prefix -> the tiny entry of its family)
-TINY_ENTRIES = {"flux": "flux_tiny", "z-image": "z_image_tiny", "sd35": "sd3_tiny", "qwen-image": "qwen_image_tiny",
-                "sd15": "stable_diffusion_tiny"}
 
 
 def base_model(arch: str, mode: str) -> str:
-    for prefix, entry in TINY_ENTRIES.items():
-        if arch.startswith(prefix):
-            return entry if mode == "dynamic" else f"{entry}_continuous"
-    raise SystemExit(f"--arch {arch}: continuous batching serves {', '.join(f'{p}*' for p in TINY_ENTRIES)}")
+    """The shipped tiny entry of ``arch``'s family (its config: inputs, batching block, decoupled
+    policy) that each mode derives from."""
+    family = families.architecture(arch)[0]
+    if family.steps is None:
+        served = ", ".join(f.name for f in families.FAMILIES if f.steps is not None)
+        raise SystemExit(f"--arch {arch}: continuous batching serves the families {served}, not {family.name}")
+    return family.test_model if mode == "dynamic" else f"{family.test_model}_continuous"
 
 
 def write_mode(arch: str, mode: str, args, repository: Path) -> str:
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
                         help="steps per request; several (10,20,30,40): each request draws one (a mixed workload)")
     parser.add_argument("--plot-from", type=Path, help="only redraw the plot of a results JSON (next to it)")
     parser.add_argument("--max-rows", type=int, default=8, help="max_batch_size and max_images_per_call of both modes")
-    parser.add_argument("--speed", choices=sorted(SPEED), default="eager",
+    parser.add_argument("--speed", choices=SPEEDS, default="eager",
                         help="compiled: the knobs of the shipped GPU configs (perf/gpu_bench.py), both modes warmed before READY")
     parser.add_argument("--together", action="store_true",
                         help="load both modes' models in one server (their compilations overlap); each is measured "

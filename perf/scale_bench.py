@@ -31,7 +31,8 @@ from client import DiffusionClient  # noqa: E402
 from client.cli import percentile  # noqa: E402
 from perf.gpu_bench import ProcessMemory, base_parameters, card_name, log, served_round, stub_pids  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
-from triton_diffusion import harness, model_config  # noqa: E402
+from testing import harness  # noqa: E402
+from triton_diffusion import model_config  # noqa: E402
 
 
 def parse_layout(text: str) -> tuple[int, int]:

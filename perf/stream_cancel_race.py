@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from triton_diffusion import harness  # noqa: E402
+from testing import harness  # noqa: E402
 from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY  # noqa: E402
 from triton_diffusion.overrides import BatchingOverrides, derived_repository  # noqa: E402
 

@@ -29,7 +29,7 @@ import tritonclient.http as httpclient  # noqa: E402
 from client.api import GenerationRequest, ServedSchema  # noqa: E402
 from perf.prompts import vbench_prompts  # noqa: E402
 from triton_diffusion import model_config  # noqa: E402
-from triton_diffusion.harness import Stats, serve  # noqa: E402
+from testing.harness import Stats, serve  # noqa: E402
 
 VARIANTS = {
     "tiny_none": None,

@@ -1,6 +1,6 @@
 """Fixtures that start the real tritonserver (free ports, logs under pytest's tmp dir).
 
-Tests synchronise on server state (``triton_diffusion.harness``: statistics, metrics), never on
+Tests synchronise on server state (``testing.harness``: statistics, metrics), never on
 sleeps, so the suite passes on a busy machine too.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from client import DiffusionClient
-from triton_diffusion import harness
+from testing import harness
 from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 from triton_diffusion.tiny import ensure_tiny_model
 
@@ -20,6 +20,11 @@ TINY = "stable_diffusion_tiny"
 # No model hub in tests: the real-checkpoint entry must fail fast and cleanly.
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 STEPS = "diffusion_denoising_steps_total"
+# The invalid request the transport tests send (unary, stream, HTTP, CLI, the front, a batch): they
+# check that the parser's message arrives unchanged; the message itself is checked with the other
+# bad inputs in tests/test_requests.py and tests/test_bad_input.py.
+BAD_HEIGHT = 100
+BAD_HEIGHT_ERROR = f"HEIGHT={BAD_HEIGHT} must be a multiple of 8"
 
 
 def start_server(log_dir: Path, models, env=None, name="server", repository: Path = DEFAULT_MODEL_REPOSITORY,
@@ -91,7 +96,7 @@ def pending(server: TritonServer, model: str = TINY) -> float:
     return metric(server, "nv_inference_pending_request_count", model)
 
 
-def assert_same_image(batched: np.ndarray, alone: np.ndarray) -> None:
+def assert_same_image(batched: np.ndarray, alone: np.ndarray, share: float = 0.001) -> None:
     """Batched vs alone on CPU float32: equal up to float rounding of batched kernels.
 
     Measured: float outputs differ by at most ~2e-6, which flips at most 1 uint8 level in well
@@ -100,4 +105,10 @@ def assert_same_image(batched: np.ndarray, alone: np.ndarray) -> None:
     assert batched.shape == alone.shape
     diff = np.abs(batched.astype(np.int16) - alone.astype(np.int16))
     assert diff.max() <= 1, f"max difference {diff.max()} levels"
-    assert (diff > 0).mean() < 0.001, f"{(diff > 0).mean():.4%} of values differ"
+    assert (diff > 0).mean() < share, f"{(diff > 0).mean():.4%} of values differ"
+
+
+# The tiny FLUX transformer's float results depend on the batch shape more than SD's UNet: even
+# without any cancellation, batched vs solo images differ by one uint8 level on 5-7% of values
+# (measured on CPU fp32), never more than one level. A wrong row would differ by far more.
+FLUX_ROUNDING_SHARE = 0.15

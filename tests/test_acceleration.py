@@ -10,14 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from perf.cancel_bench import CancelAfter
-from tests.test_cancellation import FLUX_ROUNDING_SHARE, assert_same_image
+from testing.rows import CancelAfter
 from triton_diffusion.acceleration import SpeedSettingError, bucket_for, compiled_graphs, step_cache_config
 from triton_diffusion.cancellation import per_row_checks
 from triton_diffusion.pipeline import ModelLoadError, PipelineRunner
 from triton_diffusion.requests import text_to_image
 from triton_diffusion.settings import ModelSettings
 from triton_diffusion.tiny import ensure_tiny_model
+
+from .conftest import FLUX_ROUNDING_SHARE, assert_same_image
 
 SIZE, STEPS = 64, 4
 CPU = {"device": "cpu", "torch_dtype": "float32", "torch_num_threads": 2, "speed_devices": ("cpu",)}
@@ -147,7 +148,7 @@ def test_the_continuous_warm_up_covers_every_row_count_and_an_unguided_row_alone
     """The step loop's own warm-up (continuous mode): guided rows at every row count, plus one
     unguided row (a UNet batch of 1, which guided rows never form); serving then compiles nothing,
     whatever mix of guided and unguided rows joins."""
-    from triton_diffusion.stepwise import step_model_for
+    from triton_diffusion.families import step_model_for
 
     settings = ModelSettings(pretrained_model=str(ensure_tiny_model()), **COMPILED, batching="continuous",
                              max_images_per_call=3, default_height=SIZE, default_width=SIZE, default_guidance_scale=7.5)

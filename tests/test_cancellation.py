@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from perf.cancel_bench import CancelAfter
+from testing.rows import CancelAfter
 from triton_diffusion.cancellation import per_row_checks, shrink_spec
 from triton_diffusion.pipeline import PipelineRunner
 from triton_diffusion.requests import GenerationItem, image_to_image, text_to_image
 from triton_diffusion.settings import ModelSettings
 from triton_diffusion.tiny import ensure_tiny_model
+
+from .conftest import FLUX_ROUNDING_SHARE, assert_same_image
 
 SIZE, STEPS = 64, 8
 SCHEDULERS = ["PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "EulerAncestralDiscreteScheduler"]
@@ -55,18 +57,6 @@ def items(task: str, count: int = 4, guidance: float = 7.5) -> list[GenerationIt
 def run(runner, batch, checks=None):
     """One call over ``batch``; ``checks[row]()`` says whether that row is cancelled (asked once per step)."""
     return runner.run(batch[0].params, batch, per_row_checks(checks) if checks else per_row_checks([lambda: False] * len(batch)))
-
-
-def assert_same_image(batched: np.ndarray, solo: np.ndarray, share: float = 0.001) -> None:
-    """Equal up to rounding: at most one uint8 level, on at most ``share`` of the values."""
-    diff = np.abs(batched.astype(int) - solo.astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < share, f"max {diff.max()}, {(diff > 0).mean():.4%} differ"
-
-
-# The tiny FLUX transformer's float results depend on the batch shape more than SD's UNet: even
-# without any cancellation, batched vs solo images differ by one uint8 level on 5-7% of values
-# (measured on CPU fp32), never more than one level. A wrong row would differ by far more.
-FLUX_ROUNDING_SHARE = 0.15
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS, indirect=True)
@@ -113,11 +103,19 @@ def test_every_row_cancelled_interrupts_the_call(runner):
     assert max(check.calls for check in checks) <= 2, "the call went on after every row was cancelled"
 
 
-def test_rows_of_unshrinkable_pipelines_ride_to_the_end(runner, monkeypatch):
-    """A pipeline not known to be shrinkable keeps the cancelled row and still serves the others."""
-    monkeypatch.setattr("triton_diffusion.cancellation.SHRINKABLE", {})
-    assert shrink_spec(runner.text_to_image) is None
+def test_rows_of_unshrinkable_pipelines_ride_to_the_end():
+    """A family that declares no row drop (SDXL, real classes at tiny widths) keeps the cancelled row
+    to the end of the call and still serves the others their solo images."""
+    sdxl = PipelineRunner.load(ModelSettings(pretrained_model="random:sdxl-tiny", device="cpu", torch_dtype="float32",
+                                             torch_num_threads=2))
+    assert shrink_spec(sdxl.text_to_image) is None
     batch = items("text-to-image", 2)
-    outputs = run(runner, batch, [lambda: False, CancelAfter(2)])
-    assert outputs[1] is None  # computed to the end (the batch never shrank), then dropped
-    assert_same_image(outputs[0], run(runner, [batch[0]])[0])
+    batch_sizes = []
+    hook = sdxl.text_to_image.unet.register_forward_pre_hook(lambda _module, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        outputs = run(sdxl, batch, [lambda: False, CancelAfter(2)])
+    finally:
+        hook.remove()
+    assert outputs[1] is None  # computed to the end, then dropped
+    assert batch_sizes == [4] * STEPS  # two rows (negative and positive each) at every step: never shrank
+    assert_same_image(outputs[0], run(sdxl, [batch[0]])[0])

@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 from client import AsyncDiffusionClient, DiffusionClient, GenerationRequest, RetryPolicy, ServerError
-from triton_diffusion import harness, model_config
+from testing import harness
+from triton_diffusion import model_config
 
 from .conftest import (
-    STEPS, TINY, assert_same_image, batch_histogram, metric, pending, start_server, wait_until_denoising,
+    BAD_HEIGHT, BAD_HEIGHT_ERROR, STEPS, TINY, assert_same_image, batch_histogram, metric, pending, start_server, wait_until_denoising,
 )
 
 
@@ -171,9 +172,9 @@ def test_cli_generate_writes_pngs_with_metadata(server, tmp_path):
 
 
 def test_cli_exits_non_zero_when_a_request_fails(server, tmp_path):
-    done = run_cli("--url", f"http://{server.http_url}", "generate", "fine", "--size", "100x100", "--out", str(tmp_path), "--quiet")
+    done = run_cli("--url", f"http://{server.http_url}", "generate", "fine", "--size", f"{BAD_HEIGHT}x{BAD_HEIGHT}", "--out", str(tmp_path), "--quiet")
     assert done.returncode == 1
-    assert "HEIGHT=100 must be a multiple of 8" in done.stdout + done.stderr
+    assert BAD_HEIGHT_ERROR in done.stdout + done.stderr
 
 
 def test_cli_health_and_stats(server):

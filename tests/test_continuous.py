@@ -17,20 +17,35 @@ import pytest
 
 from client import DiffusionClient, GenerationRequest, RetryPolicy, ServerError
 from client.aio import AsyncDiffusionClient
-from triton_diffusion import harness, model_config
+from testing import harness
+from triton_diffusion import model_config
+from triton_diffusion.families import FAMILIES
 from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
+from triton_diffusion.settings import ModelSettings
 
 from .conftest import STEPS, assert_same_image, metric, pending, start_server
 
-# continuous model -> the dynamic-batching model with the same weights
-PAIRS = {"flux_tiny_continuous": "flux_tiny", "z_image_tiny_continuous": "z_image_tiny",
-         "sd3_tiny_continuous": "sd3_tiny", "qwen_image_tiny_continuous": "qwen_image_tiny",
-         "stable_diffusion_tiny_continuous": "stable_diffusion_tiny"}
+# continuous model -> the dynamic-batching model with the same weights: each family with a step adapter
+PAIRS = {f"{family.test_model}_continuous": family.test_model for family in FAMILIES if family.steps is not None}
 LONG_STEPS = 300  # a long request: many steps of the tiny model, so others can join it mid-flight
-# the tiny SD test model allows 50 steps (at its 128x128 default, as long as 300 of the others)
-# and sides from 64
-LONG = {"stable_diffusion_tiny_continuous": 50}
-SIDES = {"stable_diffusion_tiny_continuous": [64, 128]}
+
+
+def limits(model: str) -> ModelSettings:
+    return ModelSettings.from_parameters(model_config.parameters(model_config.shipped(model)))
+
+
+def long_steps(model: str) -> int:
+    """A long request within the model's step limit (the tiny SD model allows 50, at a default size
+    where 50 of its steps take as long as 300 of the others')."""
+    return min(LONG_STEPS, limits(model).max_steps)
+
+
+def sides(model: str) -> list[int]:
+    """Two heights the model accepts, so rows of two sizes share the running batch."""
+    low = max(48, limits(model).min_side)
+    return [low, 2 * low if low >= 64 else 64]
+
+
 ADMITTED = "diffusion_continuous_admissions_total"
 
 
@@ -64,7 +79,7 @@ async def timed(client: AsyncDiffusionClient, request: GenerationRequest, finish
 
 @pytest.mark.parametrize("model", PAIRS)
 def test_a_short_request_joins_a_running_long_one_finishes_first_and_equals_its_solo_image(server, model):
-    long = GenerationRequest("a long walk along a grey beach at dawn", seed=21, steps=LONG.get(model, LONG_STEPS))
+    long = GenerationRequest("a long walk along a grey beach at dawn", seed=21, steps=long_steps(model))
     short = GenerationRequest("a red circle", seed=22, steps=3, guidance_scale=1.5)
     mid_flight_before = admitted(server, model, "mid_flight")
 
@@ -92,10 +107,10 @@ def test_ten_requests_arriving_at_random_times_each_equal_their_solo_image(serve
     rng = random.Random(7)
     requests = [GenerationRequest(f"shape {index}: a {rng.choice(['red', 'blue', 'green'])} square " * rng.randint(1, 20),
                                   seed=100 + index, steps=rng.randint(2, 24), guidance_scale=rng.choice([0.0, 1.0, 3.5]),
-                                  height=rng.choice(SIDES.get(model, [48, 64])), width=64)
+                                  height=rng.choice(sides(model)), width=64)
                 for index in range(10)]
     delays = [rng.uniform(0, 0.3) for _ in requests]  # arrival times (load shape, not synchronisation)
-    mid_flight_before = admitted(server, model, "mid_flight")
+    admitted_before = admitted(server, model, "idle") + admitted(server, model, "mid_flight")
 
     async def scenario():
         async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", model, timeout_s=300) as client:
@@ -108,8 +123,9 @@ def test_ten_requests_arriving_at_random_times_each_equal_their_solo_image(serve
     for result, alone, request in zip(results, served_alone(server, model, requests), requests):
         assert result.seed == request.seed
         assert_same_image(result.array, alone)
-    # whether any joined mid-flight depends on timing; that one did is shown by the test above
-    assert admitted(server, model, "mid_flight") >= mid_flight_before
+    # each request's one row was admitted once (whether mid-flight depends on timing; that rows do
+    # join mid-flight is shown by the test above)
+    assert admitted(server, model, "idle") + admitted(server, model, "mid_flight") - admitted_before == len(requests)
 
 
 def test_a_cancelled_row_leaves_the_running_batch_and_its_neighbours_unchanged(server):

@@ -209,6 +209,6 @@ def test_progress_ticks_until_the_answer_and_never_after_it():
 
 
 def harness_wait(check, timeout: float = 30.0) -> None:
-    from triton_diffusion.harness import wait_until
+    from testing.harness import wait_until
 
     wait_until(check, "the batcher", timeout=timeout, interval=0.002)

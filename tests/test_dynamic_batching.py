@@ -6,7 +6,8 @@ import numpy as np
 
 from client import AsyncDiffusionClient, DiffusionClient, GenerationRequest, ServerError
 
-from .conftest import STEPS, TINY, assert_same_image, batch_histogram, metric, model_stats, wait_until_denoising
+from .conftest import (BAD_HEIGHT, BAD_HEIGHT_ERROR, STEPS, TINY, assert_same_image, batch_histogram, metric, model_stats,
+                       wait_until_denoising)
 
 
 def send_together(server, requests):
@@ -64,14 +65,14 @@ def test_an_invalid_request_fails_alone_and_its_batch_mates_succeed(delayed_serv
     server = delayed_server(4)
     requests = [
         GenerationRequest("good one", seed=1),
-        GenerationRequest("bad size", seed=2, height=100),
+        GenerationRequest("bad size", seed=2, height=BAD_HEIGHT),
         GenerationRequest("good two", seed=3),
         GenerationRequest("bad steps", seed=4, steps=0),
     ]
     results = send_together(server, requests)
 
     assert batch_histogram(server) == {4: 1}
-    assert isinstance(results[1], ServerError) and "HEIGHT=100 must be a multiple of 8" in str(results[1])
+    assert isinstance(results[1], ServerError) and BAD_HEIGHT_ERROR in str(results[1])
     assert isinstance(results[3], ServerError) and "NUM_INFERENCE_STEPS=0 is outside" in str(results[3])
     good = [requests[0], requests[2]]
     for result, solo in zip([results[0], results[2]], served_alone(server, good)):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from client import DiffusionClient, GenerationRequest, ServerError
+from triton_diffusion.families import wan
 
 from .conftest import assert_same_image, batch_histogram, metric, start_server
 
@@ -97,7 +98,7 @@ def test_all_families_serve_at_once_on_one_server(family_server):
 
 
 @pytest.mark.parametrize("model, bad, reason", [
-    ("wan_tiny", GenerationRequest("clip", num_frames=6), "NUM_FRAMES=6: WanPipeline makes 4k+1 frames"),
+    ("wan_tiny", GenerationRequest("clip", num_frames=6), f"NUM_FRAMES=6: {wan.FAMILY.pipelines[0]} makes 4k+1 frames"),
     ("wan_tiny", GenerationRequest("clip", num_frames=33), "NUM_FRAMES=33 is outside the allowed range [1, 17]"),
     ("wan_tiny", GenerationRequest("clip", height=72, width=64), "HEIGHT=72 must be a multiple of 16"),
     ("flux_tiny", GenerationRequest("a cat", negative_prompt="blurry"), "a NEGATIVE_PROMPT would be ignored"),

@@ -8,7 +8,9 @@ import pytest
 import tritonclient.http as httpclient
 
 from client import DiffusionClient, ServerError
-from triton_diffusion import harness, model_config
+from testing import harness
+from triton_diffusion import model_config
+from triton_diffusion.families import sdxl
 from triton_diffusion.launcher import SHM_ROOT, StubWatchdog
 
 from .conftest import STEPS, TINY, metric, start_server, wait_until_denoising
@@ -157,7 +159,7 @@ def test_broken_configs_fail_to_load_with_a_message_naming_the_problem_and_other
     no_step_model = model_config.variant("continuous_sdxl", {"batching": "continuous"}, base="sdxl_tiny")
     no_step_model.model_transaction_policy.decoupled = True
     model_config.write_model(repository, no_step_model, base="sdxl_tiny")
-    broken["continuous_sdxl"] = ({}, "continuous batching has no step model for StableDiffusionXLPipeline")
+    broken["continuous_sdxl"] = ({}, f"continuous batching has no step model for {sdxl.FAMILY.pipelines[0]}")
 
     # Triton 2.51 can wait out its whole exit timeout when stopping beside models that failed to load.
     with start_server(tmp_path, [TINY, *broken], repository=repository, extra_args=("--exit-timeout-secs=5",)) as server:

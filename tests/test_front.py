@@ -16,7 +16,7 @@ from client import DiffusionClient, GenerationRequest
 from triton_diffusion.front import FRONT_SUFFIX, write_front
 from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
 
-from .conftest import TINY, assert_same_image, batch_histogram, model_stats, start_server
+from .conftest import BAD_HEIGHT, BAD_HEIGHT_ERROR, TINY, assert_same_image, batch_histogram, start_server
 
 FRONT = TINY + FRONT_SUFFIX
 
@@ -88,7 +88,7 @@ def test_alternating_full_and_prompt_only_requests_from_plain_tritonclient_form_
 
 def test_errors_come_back_from_the_batched_model_unchanged(front_server):
     # Seven good requests ride along: the server's first batches wait for eight (TRITONSERVER_DELAY_SCHEDULER).
-    bad = prompt_only("bad size") + [tensor("HEIGHT", np.array([[100]], np.int32))]
+    bad = prompt_only("bad size") + [tensor("HEIGHT", np.array([[BAD_HEIGHT]], np.int32))]
 
     def send(inputs):
         with grpcclient.InferenceServerClient(front_server.grpc_url) as client:
@@ -101,5 +101,5 @@ def test_errors_come_back_from_the_batched_model_unchanged(front_server):
         outcomes = list(pool.map(send, [bad] + [prompt_only(f"good {i}") for i in range(7)]))
     error = outcomes[0]
     assert isinstance(error, InferenceServerException) and error.status() == "StatusCode.INVALID_ARGUMENT", error
-    assert "HEIGHT=100 must be a multiple of 8" in error.message()
+    assert BAD_HEIGHT_ERROR in error.message()
     assert all(isinstance(image, np.ndarray) for image in outcomes[1:])

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from client import DiffusionClient
-from triton_diffusion import harness
+from testing import harness
 
 from .conftest import STEPS, TINY, assert_same_image, batch_histogram, metric, wait_until_denoising
 

@@ -25,7 +25,7 @@ import pytest
 import requests
 from PIL import Image
 
-from triton_diffusion import harness
+from testing import harness
 from triton_diffusion.gateway import Gateway, GatewaySettings, ImagesBody, from_server_error, parse_body
 from triton_diffusion.launcher import SHM_ROOT, free_port
 from client import ServerError

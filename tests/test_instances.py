@@ -9,7 +9,8 @@ import re
 import threading
 
 from client import DiffusionClient, GenerationRequest
-from triton_diffusion import harness, model_config
+from testing import harness
+from triton_diffusion import model_config
 
 from .conftest import start_server, wait_until_denoising
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from triton_diffusion import harness
+from testing import harness
 
 from .conftest import TINY
 

@@ -96,7 +96,7 @@ def test_serve_removes_its_derived_repository_when_it_stops(tmp_path):
     import subprocess
     import sys
 
-    from triton_diffusion import harness
+    from testing import harness
     from triton_diffusion.launcher import free_port
 
     scratch = tmp_path / "tmp"

@@ -68,7 +68,7 @@ def test_the_readme_perf_analyzer_recipe_runs_as_written(server):
     """The README's perf_analyzer lines, only the server address changed: every request succeeds and
     requests share executions (all entries send the same inputs)."""
     from perf.sweep import perf_analyzer_binary
-    from triton_diffusion import harness
+    from testing import harness
 
     commands = readme_perf_analyzer_commands()
     assert len(commands) == 3

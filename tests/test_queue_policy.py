@@ -7,10 +7,9 @@ queue (``nv_inference_pending_request_count``), so no test depends on how fast t
 
 import threading
 
-import pytest
-
 from client import DiffusionClient, GenerationRequest, RetryPolicy, ServerError
-from triton_diffusion import harness, model_config
+from testing import harness
+from triton_diffusion import model_config
 
 from .conftest import TINY, metric, pending
 

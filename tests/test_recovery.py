@@ -28,7 +28,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from client import AsyncDiffusionClient, DiffusionClient, RetryPolicy, ServerError
-from triton_diffusion import harness
+from testing import harness
 from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, SHM_ROOT, free_port
 from triton_diffusion.overrides import BatchingOverrides, derived_repository
 

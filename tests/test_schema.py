@@ -5,6 +5,7 @@ import inspect
 import pytest
 
 from triton_diffusion import model_config
+from triton_diffusion.families import flux, qwen_image, wan
 from triton_diffusion.pipeline import ModelLoadError, call_arguments, check_output, resolve_device
 from triton_diffusion.requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE
 from triton_diffusion.schema import Schema, SchemaError
@@ -87,32 +88,35 @@ def test_device_auto_follows_the_instance_triton_placed():
     assert resolve_device("auto", "CPU", 0) in ("cpu", "cuda")
 
 
-def _named(name, *arguments):
-    """A stand-in pipeline whose class name puts it in a family."""
-    return type(name, (_Pipeline,), {})(*arguments)
+def _named(family, *arguments):
+    """A stand-in pipeline whose class name puts it in ``family``."""
+    return type(family.pipelines[0], (_Pipeline,), {})(*arguments)
+
+
+QWEN, WAN, FLUX = qwen_image.FAMILY, wan.FAMILY, flux.FAMILY
 
 
 def test_family_details_change_what_a_pipeline_must_take():
     # Qwen-Image: GUIDANCE_SCALE is its true CFG scale.
     qwen = tuple("true_cfg_scale" if n == "guidance_scale" else n for n in FULL)
-    assert "true_cfg_scale" in call_arguments(_named("QwenImagePipeline", *qwen), TEXT_TO_IMAGE)
+    assert "true_cfg_scale" in call_arguments(_named(QWEN, *qwen), TEXT_TO_IMAGE)
     with pytest.raises(ModelLoadError, match=r"does not take \['true_cfg_scale'\]"):
-        call_arguments(_named("QwenImagePipeline", *FULL), TEXT_TO_IMAGE)
+        call_arguments(_named(QWEN, *FULL), TEXT_TO_IMAGE)
     # Wan: a video pipeline needs num_frames.
-    assert "num_frames" in call_arguments(_named("WanPipeline", *FULL, "num_frames"), TEXT_TO_IMAGE)
+    assert "num_frames" in call_arguments(_named(WAN, *FULL, "num_frames"), TEXT_TO_IMAGE)
     with pytest.raises(ModelLoadError, match=r"does not take \['num_frames'\]"):
-        call_arguments(_named("WanPipeline", *FULL), TEXT_TO_IMAGE)
+        call_arguments(_named(WAN, *FULL), TEXT_TO_IMAGE)
 
 
 def test_a_config_whose_output_does_not_fit_the_pipeline_fails_the_load():
     from triton_diffusion.settings import ModelSettings
 
     video, image = ModelSettings(pretrained_model="x", default_num_frames=5), ModelSettings(pretrained_model="x")
-    check_output(_named("WanPipeline"), video, "VIDEO")
-    check_output(_named("FluxPipeline"), image, "IMAGE")
-    with pytest.raises(ModelLoadError, match="WanPipeline makes videos: config.pbtxt must declare output VIDEO"):
-        check_output(_named("WanPipeline"), video, "IMAGE")
+    check_output(_named(WAN), video, "VIDEO")
+    check_output(_named(FLUX), image, "IMAGE")
+    with pytest.raises(ModelLoadError, match=f"{WAN.pipelines[0]} makes videos: config.pbtxt must declare output VIDEO"):
+        check_output(_named(WAN), video, "IMAGE")
     with pytest.raises(ModelLoadError, match="a video model needs default_num_frames > 0"):
-        check_output(_named("WanPipeline"), image, "VIDEO")
+        check_output(_named(WAN), image, "VIDEO")
     with pytest.raises(ModelLoadError, match="makes images"):
-        check_output(_named("FluxPipeline"), video, "VIDEO")
+        check_output(_named(FLUX), video, "VIDEO")

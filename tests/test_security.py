@@ -24,7 +24,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import DiffusionClient
-from triton_diffusion import guard, harness, model_config, security
+from testing import harness
+from triton_diffusion import guard, model_config, security
 from triton_diffusion.launcher import free_port
 
 from .conftest import OFFLINE

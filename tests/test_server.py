@@ -5,7 +5,7 @@ import tritonclient.http as httpclient
 
 from client import DiffusionClient, ServerError
 
-from .conftest import TINY
+from .conftest import BAD_HEIGHT, BAD_HEIGHT_ERROR, TINY
 
 
 def test_server_and_default_model_are_ready(server):
@@ -69,9 +69,9 @@ def test_broken_model_fails_to_load_clearly_and_others_keep_serving(server, grpc
 
 def test_invalid_request_gets_a_specific_error_and_the_server_stays_ready(server, grpc_client):
     try:
-        grpc_client.generate("x", height=100)
+        grpc_client.generate("x", height=BAD_HEIGHT)
     except ServerError as exc:
-        assert "HEIGHT=100 must be a multiple of 8" in str(exc)
+        assert BAD_HEIGHT_ERROR in str(exc)
         assert exc.status == "StatusCode.INVALID_ARGUMENT"
     else:
         raise AssertionError("expected an INVALID_ARG error")

@@ -5,7 +5,7 @@ equal to the image it gets alone."""
 from __future__ import annotations
 
 from client import DiffusionClient, GenerationRequest
-from triton_diffusion.shapes import judge, parse_caption
+from testing.shapes import judge, parse_caption
 
 from .conftest import assert_same_image, batch_histogram
 

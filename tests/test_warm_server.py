@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from client import DiffusionClient, GenerationRequest
-from triton_diffusion import harness, model_config
+from testing import harness
+from triton_diffusion import model_config
 
 from .conftest import assert_same_image, batch_histogram, metric
 

@@ -18,12 +18,13 @@ from .acceleration import compiled_graphs
 from .batching import CallBudget
 from .continuous import ContinuousBatcher, Job
 from .executor import Cancelled, Executor, Failed, Images, Outcome, Rejected
+from .families import ContinuousUnsupported, step_model_for
+from .families.stepping import StepModel
 from .metrics import BackendMetrics
 from .pipeline import ModelLoadError, PipelineRunner, is_out_of_memory, resolve_device
 from .requests import ParsedRequest, ParseResult, RequestError, parse_request
 from .schema import Schema, SchemaError
 from .settings import ModelSettings, SettingsError
-from .stepwise import ContinuousUnsupported, StepModel, step_model_for
 
 
 def wants_progress(request) -> bool:

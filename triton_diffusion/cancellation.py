@@ -16,8 +16,8 @@ loop carries from step to step:
   guidance and pooled text embedding): a forward pre-hook on the denoiser slices those arguments
   to the live rows on every call after a drop.
 
-Only pipelines whose per-row loop state is known are shrunk; they are listed in ``SHRINKABLE``
-after a test showed batch-mates still equal their solo images. Others keep computing a cancelled
+Only pipelines whose per-row loop state is known are shrunk: their family declares a ``ShrinkSpec``
+(``families/``) once a test showed batch-mates still equal their solo images. Others keep computing a cancelled
 row until the call ends; its result is discarded. With every row cancelled, any pipeline is
 interrupted at the next step.
 """
@@ -25,41 +25,11 @@ interrupted at the next step.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from .families import ShrinkSpec, shrink_spec
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShrinkSpec:
-    """Where a pipeline keeps per-row state during its denoising loop."""
-
-    callback_inputs: tuple[str, ...]  # handed to callback_on_step_end and taken back
-    denoiser: str = ""  # component whose forward gets the arguments below
-    denoiser_arguments: tuple[str, ...] = ()  # batch-sized, built before the loop, out of the callback's reach
-
-
-_SD = ShrinkSpec(("latents", "prompt_embeds"))
-_FLUX = ShrinkSpec(
-    ("latents", "prompt_embeds"), "transformer", ("guidance", "pooled_projections", "encoder_hidden_states")
-)
-SHRINKABLE: dict[str, ShrinkSpec] = {
-    "StableDiffusionPipeline": _SD,
-    "StableDiffusionImg2ImgPipeline": _SD,
-    "FluxPipeline": _FLUX,
-    "FluxImg2ImgPipeline": _FLUX,
-}
-
-
-def shrink_spec(pipe) -> Optional[ShrinkSpec]:
-    """How to drop rows from ``pipe``'s call, or None if it cannot be done."""
-    spec = SHRINKABLE.get(type(pipe).__name__)
-    unet = getattr(pipe, "unet", None)
-    # LCM-style UNets get a batch-sized guidance embedding (timestep_cond) built before the loop.
-    if spec and unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None:
-        return None
-    return spec
 
 
 def _slice_rows(tensor, rows: int, keep):

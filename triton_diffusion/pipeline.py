@@ -16,9 +16,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .acceleration import SpeedSettingError, apply_speed_settings, bucket_for, compiled_graphs, reset_step_cache
-from .architectures import RANDOM_PREFIX, build_random_pipeline
 from .cancellation import RowCancellation, never_cancelled
-from .families import Family, family_of, frame_step
+from .families import RANDOM_PREFIX, Family, build_random_pipeline, family_of, frame_step
 from .requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, CallParams, GenerationItem
 from .settings import ModelSettings
 
@@ -131,7 +130,7 @@ def check_output(pipe, settings: ModelSettings, declared_output: str) -> None:
 
 @dataclass(frozen=True)
 class WarmupReport:
-    """What a warm-up (``PipelineRunner.warm_up``, ``StepModel.warm_up``) ran before READY."""
+    """What a warm-up (``PipelineRunner.warm_up``, a step adapter's ``warm_up``) ran before READY."""
 
     calls: int
     seconds: float
@@ -274,7 +273,7 @@ class PipelineRunner:
         }
         if params.with_negative_prompt:
             kwargs["negative_prompt"] = [item.negative_prompt for item in items]
-        elif self.family.cfg_negative_prompt is not None and params.guidance_scale > 1:
+        elif self.family.cfg_negative_prompt is not None and self.family.guided(params.guidance_scale):
             kwargs["negative_prompt"] = [self.family.cfg_negative_prompt] * len(items)
         if params.num_frames:
             kwargs["num_frames"] = params.num_frames

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .architectures import build_random_pipeline
+from .families import build_random_pipeline
 from .settings import default_cache_dir
 
 TINY_MODELS = ("tiny-sd",)

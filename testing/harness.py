@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
-from .launcher import DEFAULT_MODEL_REPOSITORY, ServerConfig, ServerError, TritonServer, free_port, model_statistics
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, ServerConfig, ServerError, TritonServer, free_port, model_statistics
 
 T = TypeVar("T")
 

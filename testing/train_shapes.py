@@ -6,7 +6,7 @@ trained from scratch on scenes rendered on the fly. Saved with ``save_pretrained
 loads it like any checkpoint. The weights are committed (``models/tiny-shapes``); set-up never
 retrains. Re-run (same seed, same recipe, same result up to float nondeterminism of threads):
 
-    python -m triton_diffusion.train_shapes --out models/tiny-shapes
+    python -m testing.train_shapes --out models/tiny-shapes
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def train(out: Path, seed: int, vae_steps: int, unet_steps: int, batch: int, log
 
     import torch
     import torch.nn.functional as F
-    from diffusers import StableDiffusionPipeline
+
+    from triton_diffusion.families.stable_diffusion import assemble
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rng = random.Random(seed)
@@ -147,13 +148,12 @@ def train(out: Path, seed: int, vae_steps: int, unet_steps: int, batch: int, log
     if ema_decay:
         unet, text_encoder = averaged
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = assemble(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                    scheduler=scheduler)
     pipe.save_pretrained(out)
     recipe = {"seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch, "ema_decay": ema_decay,
               "train_seconds": round(time.perf_counter() - started), "torch_threads": torch.get_num_threads(),
-              "data": "triton_diffusion/shapes.py: one shape of 6 colours x 3 kinds on another colour, 64x64; "
+              "data": "testing/shapes.py: one shape of 6 colours x 3 kinds on another colour, 64x64; "
                       "the HELD_OUT combinations are never rendered for training"}
     (out / "training.json").write_text(json.dumps(recipe, indent=1) + "\n")
     return recipe
