@@ -90,7 +90,7 @@ def test_timeout_raises_the_clients_error_in_both_clients_and_generate_many_keep
 
 
 def test_an_http_client_that_gives_up_does_not_cancel_its_request(delayed_server):
-    """Pins a Triton 2.51 limitation (README, Reliability): only gRPC propagates cancellation.
+    """Pins a Triton 2.51 limitation (docs/reliability.md): only gRPC propagates cancellation.
 
     The first request waits in the queue until a second one arrives (delay count 2), so the HTTP
     client certainly gives up first. If a Triton upgrade starts cancelling on HTTP disconnects,

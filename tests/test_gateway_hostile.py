@@ -35,7 +35,7 @@ from .conftest import start_server
 DYNAMIC, CONTINUOUS = "tiny_shapes", "stable_diffusion_tiny_continuous"
 MIB = 1024 * 1024
 # The stated bounds: growth after the whole corpus (measured on this 2-core machine: see the
-# README's Security section for the numbers of a run).
+# docs/security.md for the numbers of a run).
 GATEWAY_RSS_BOUND = 64 * MIB
 GATEWAY_PEAK_BOUND = 128 * MIB  # its high-water mark: bodies are read up to the 25 MiB limit
 TRITON_RSS_BOUND = 128 * MIB

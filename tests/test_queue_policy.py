@@ -67,7 +67,7 @@ def test_client_deadline_drops_the_request_while_it_is_still_queued(delayed_serv
 
 
 def test_per_request_queue_timeout_is_ignored_by_triton_when_priority_levels_are_set(delayed_server):
-    """Pins a Triton 2.51 limitation (README, Reliability): with priority_levels (the shipped
+    """Pins a Triton 2.51 limitation (docs/reliability.md): with priority_levels (the shipped
     config), a request's own queue timeout is not enforced: a request whose 1 us timeout expired
     long before its batch formed still runs. If this starts failing, Triton enforces it now."""
     server = delayed_server(2)

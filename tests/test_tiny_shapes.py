@@ -11,7 +11,7 @@ from .conftest import assert_same_image, batch_histogram
 
 MODEL = "tiny_shapes"
 # Five captions that differ in colour, kind or background, at a seed where the model (whose
-# adherence is well below 100%: README) draws each of them right when served alone; batched, a
+# adherence is well below 100%: docs/tiny-model.md) draws each of them right when served alone; batched, a
 # row that got a batch-mate's prompt or noise would be judged as another scene.
 CAPTIONS = [
     "a red circle on a blue background",
