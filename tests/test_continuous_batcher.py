@@ -12,7 +12,7 @@ import pytest
 
 from triton_diffusion.batching import CallBudget
 from triton_diffusion.continuous import ContinuousBatcher, Job
-from triton_diffusion.executor import Cancelled, Failed, Images
+from triton_diffusion.core import Cancelled, Failed, Images
 from triton_diffusion.requests import text_to_image
 
 

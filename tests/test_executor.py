@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from triton_diffusion.batching import CallBudget
-from triton_diffusion.executor import CANCELLED, Executor, Failed, Images, Rejected
+from triton_diffusion.core import CANCELLED, Failed, Images, Rejected
+from triton_diffusion.executor import Executor
 from triton_diffusion.requests import ParsedRequest, RequestError, text_to_image
 
 

@@ -1,8 +1,14 @@
-"""The Triton Python-backend model: Triton glue around the executor (parse -> plan -> run -> respond).
+"""The Triton Python-backend models: thin Triton glue around the pure core, one class per
+transaction policy.
 
 ``model_repository/<model>/1/model.py`` re-exports ``TritonPythonModel`` from here; everything a
 model needs to know comes from its ``config.pbtxt``: the inputs it declares (``schema.py``) and its
-``parameters`` (``settings.py``). The work itself is in ``executor.py``, which has no Triton in it.
+``parameters`` (``settings.py``). ``TritonPythonModel`` picks the class for the model's policy:
+``DynamicModel`` (Triton's dynamic batcher hands ``execute`` a batch; ``executor.py`` runs it and
+every request is answered in order) or ``ContinuousModel`` (decoupled: ``execute`` hands the
+requests to the running batch of ``continuous.py``, which answers each through its response
+sender). Both share ``ServedModel``: loading, warm-up, metrics, parsing (``core.admit``) and
+response building (``core.response_error``).
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ import triton_python_backend_utils as pb_utils
 from .acceleration import compiled_graphs
 from .batching import CallBudget
 from .continuous import ContinuousBatcher, Job
-from .executor import Cancelled, Executor, Failed, Images, Outcome, Rejected
+from .core import Failed, Outcome, Rejected, admit, response_error
+from .executor import Executor
 from .families import ContinuousUnsupported, step_model_for
-from .families.stepping import StepModel
 from .metrics import BackendMetrics
 from .pipeline import ModelLoadError, PipelineRunner, is_out_of_memory, resolve_device
-from .requests import ParsedRequest, ParseResult, RequestError, parse_request
+from .requests import ParseResult, RequestError, parse_request
 from .schema import Schema, SchemaError
 from .settings import ModelSettings, SettingsError
 
@@ -36,73 +42,109 @@ def wants_progress(request) -> bool:
     return value is True or (isinstance(value, str) and value.lower() == "true")
 
 
-def _error_response(message: str, code) -> "pb_utils.InferenceResponse":
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+class LoadError(Exception):
+    """The model cannot be served as configured; the message says why."""
 
 
-class TritonPythonModel:
-    """Diffusers pipeline served with Triton's dynamic batching; every request answered in order."""
+class ServedModel:
+    """What both policies do the same way. Subclasses add ``_start`` (after the pipeline loaded and
+    before warm-up) and ``execute``."""
 
-    def initialize(self, args: dict) -> None:
-        model_config = json.loads(args["model_config"])
+    def __init__(self, args: dict, model_config: dict, schema: Schema, settings: ModelSettings):
         self.model_name = args["model_name"]
+        self.schema, self.settings = schema, settings
+        device = resolve_device(settings.device, args.get("model_instance_kind", ""),
+                                int(args.get("model_instance_device_id") or 0))
         try:
-            self.schema = Schema.from_model_config(model_config)
-            self.settings = ModelSettings.from_model_config(model_config)
-            device = resolve_device(self.settings.device, args.get("model_instance_kind", ""),
-                                    int(args.get("model_instance_device_id") or 0))
-            decoupled = pb_utils.using_decoupled_model_transaction_policy(model_config)
-            if decoupled != self.settings.continuous:
-                raise SettingsError("batching: continuous and model_transaction_policy { decoupled: true } go together "
-                                    "(a continuous model answers from its running batch, after execute() returned)")
-            self.runner = PipelineRunner.load(self.settings, device, self.schema.output)
-            self.steps: Optional[StepModel] = None
-            if self.settings.continuous:
-                self.steps = step_model_for(self.runner.text_to_image, self.runner.device, self.settings.max_sequence_length)
-        except (SchemaError, SettingsError, ModelLoadError, ContinuousUnsupported) as exc:
-            # Raising fails this model's load with the message; the server and other models stay up.
-            raise pb_utils.TritonModelException(f"{self.model_name}: {exc}") from None
-        for warning in self.settings.batching_warnings(int(model_config.get("max_batch_size", 0))):
+            self.runner = PipelineRunner.load(settings, device, schema.output)
+            self._start()
+        except (ModelLoadError, ContinuousUnsupported, SettingsError) as exc:
+            raise LoadError(str(exc)) from None
+        for warning in settings.batching_warnings(int(model_config.get("max_batch_size", 0))):
             pb_utils.Logger.log_warn(f"{self.model_name}: WARNING: {warning}")
         self.metrics = BackendMetrics(pb_utils, self.model_name, args["model_version"], args.get("model_instance_name", ""),
                                       self.runner.device)
         if self.runner.speed:
             pb_utils.Logger.log_info(f"{self.model_name}: speed settings: {'; '.join(self.runner.speed)}")
-        # before READY: serving must not compile (a continuous model warms its step loop, not __call__)
-        warmup = self.steps.warm_up(*self.settings.warmup_plan()) if self.steps else self.runner.warm_up()
+        warmup = self._warm_up()  # before READY: serving must not compile
         self.metrics.warmup_seconds.set(warmup.seconds)
         if warmup.calls:
             pb_utils.Logger.log_info(f"{self.model_name}: warm-up ran {warmup.calls} calls in {warmup.seconds:.1f}s, "
                                      f"{warmup.compiled_graphs} graphs compiled")
         self.graphs_seen, self.padded_rows_seen = compiled_graphs(), 0
-        budget = CallBudget(self.settings.max_images_per_call, self.settings.max_pixels_per_call)
-        self.batcher: Optional[ContinuousBatcher] = None
-        if self.steps is not None:
-            self.batcher = ContinuousBatcher(self.steps, budget, is_out_of_memory,
-                                             self.settings.cancellation_poll_interval_ms / 1000,
-                                             on_step=self._observe_running_step,
-                                             on_admit=self.metrics.observe_admission,
-                                             on_out_of_memory=self.metrics.row_cap.set,
-                                             progress_interval_s=self.settings.progress_interval_ms / 1000)
-            self.metrics.row_cap.set(self.batcher.row_cap)
-            self.batcher.start()
+        self.budget = CallBudget(settings.max_images_per_call, settings.max_pixels_per_call)
+        self._serve()
+        pb_utils.Logger.log_info(f"{self.model_name}: {type(self.runner.text_to_image).__name__} from "
+                                 f"{settings.model_location} on {self.runner.device}")
+
+    # -- per policy ------------------------------------------------------------------------------
+    def _start(self) -> None:
+        """Policy-specific set-up that can fail the load (after the pipeline loaded)."""
+
+    def _warm_up(self):
+        return self.runner.warm_up()
+
+    def _serve(self) -> None:
+        """Policy-specific set-up after warm-up (the executor, the running batch)."""
+
+    def execute(self, requests: list) -> Optional[list]:
+        raise NotImplementedError
+
+    def finalize(self) -> None:
+        self.runner = None
+        # The custom metrics are left to the stub's exit, where Triton 2.51's stub segfaults on them
+        # (Metric::SaveToSharedMemory on a freed pool: harmless, the process is leaving). Released
+        # here instead, they delete their metric families, which a reload's new instance of the same
+        # model shares, and tritonserver itself crashed (tests/test_faults.py's config swap).
+
+    # -- shared ----------------------------------------------------------------------------------
+    def _checks(self) -> tuple:
+        return (self.runner.unsupported,)
+
+    def _parse(self, request) -> ParseResult:
+        inputs = {name: pb_utils.get_input_tensor_by_name(request, name) for name in self.schema.names}
+        parsed = parse_request({name: t.as_numpy() for name, t in inputs.items() if t is not None}, self.settings)
+        return admit(parsed, *self._checks())
+
+    def _respond(self, outcome: Outcome):
+        self.metrics.observe_outcome(outcome)
+        error = response_error(outcome)
+        if error is None:
+            return pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(self.schema.output, np.stack(outcome.images)),
+                pb_utils.Tensor("SEED", np.array([[seed] for seed in outcome.seeds], dtype=np.int64)),
+            ])
+        code, message = error
+        return pb_utils.InferenceResponse(output_tensors=[],
+                                          error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
+
+    def _count_compilations_and_padding(self) -> None:
+        graphs = compiled_graphs()
+        if graphs > self.graphs_seen:
+            pb_utils.Logger.log_warn(f"{self.model_name}: compiled {graphs - self.graphs_seen} new graph(s) while serving "
+                                     "(a batch size or size the warm-up did not cover)")
+            self.metrics.compilations.increment(graphs - self.graphs_seen)
+            self.graphs_seen = graphs
+        if self.runner.padded_rows > self.padded_rows_seen:
+            self.metrics.padding_rows.increment(self.runner.padded_rows - self.padded_rows_seen)
+            self.padded_rows_seen = self.runner.padded_rows
+
+
+class DynamicModel(ServedModel):
+    """Triton's dynamic batcher forms the batch; one execution's requests run as pipeline calls."""
+
+    def _serve(self) -> None:
         self.executor = Executor(
             self.runner.run,
-            budget,
+            self.budget,
             is_out_of_memory,
             on_call=self.metrics.observe_call,
             on_step=self.metrics.observe_step,
             on_plan=lambda chunks: self.metrics.groups_per_execute.observe(len({chunk.params for chunk in chunks})),
             poll_interval_s=self.settings.cancellation_poll_interval_ms / 1000,
         )
-        pb_utils.Logger.log_info(
-            f"{self.model_name}: {type(self.runner.text_to_image).__name__} from "
-            f"{self.settings.model_location} on {self.runner.device}"
-        )
 
-    def execute(self, requests: list) -> Optional[list]:
-        if self.steps is not None:
-            return self._execute_continuous(requests)
+    def execute(self, requests: list) -> list:
         started = time.perf_counter()
         parsed = [self._parse(request) for request in requests]
         self.metrics.observe_stage("validate", time.perf_counter() - started)
@@ -113,9 +155,32 @@ class TritonPythonModel:
         self.metrics.observe_stage("respond", time.perf_counter() - started)
         return responses
 
-    def _execute_continuous(self, requests: list) -> None:
-        """Hand the requests to the running batch and return once they are in it (decoupled: each
-        is answered through its response sender when its last row is decoded)."""
+
+class ContinuousModel(ServedModel):
+    """Decoupled: requests join a running batch at the next step, each answered when its rows are done."""
+
+    def _start(self) -> None:
+        self.steps = step_model_for(self.runner.text_to_image, self.runner.device, self.settings.max_sequence_length)
+
+    def _warm_up(self):
+        return self.steps.warm_up(*self.settings.warmup_plan())  # the step loop itself, not __call__
+
+    def _checks(self) -> tuple:
+        return (self.runner.unsupported, self.steps.unsupported)
+
+    def _serve(self) -> None:
+        self.batcher = ContinuousBatcher(self.steps, self.budget, is_out_of_memory,
+                                         self.settings.cancellation_poll_interval_ms / 1000,
+                                         on_step=self._observe_running_step,
+                                         on_admit=self.metrics.observe_admission,
+                                         on_out_of_memory=self.metrics.row_cap.set,
+                                         progress_interval_s=self.settings.progress_interval_ms / 1000)
+        self.metrics.row_cap.set(self.batcher.row_cap)
+        self.batcher.start()
+
+    def execute(self, requests: list) -> None:
+        """Hand the requests to the running batch and return once they are in it (each is answered
+        through its response sender when its last row is decoded)."""
         started = time.perf_counter()
         accepted, progress = [], []
         for request in requests:
@@ -150,6 +215,10 @@ class TritonPythonModel:
         self.batcher.wait_for_room()  # backpressure: the next requests wait in Triton's queue, by priority
         return None
 
+    def finalize(self) -> None:
+        self.batcher.stop()
+        super().finalize()
+
     def _observe_running_step(self, report) -> None:
         self.metrics.observe_running_step(report)
         self._count_compilations_and_padding()
@@ -160,48 +229,29 @@ class TritonPythonModel:
     def _send_progress(self, sender, counts: list) -> None:
         sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("PROGRESS", np.array(counts, dtype=np.int32))]))
 
-    def _count_compilations_and_padding(self) -> None:
-        graphs = compiled_graphs()
-        if graphs > self.graphs_seen:
-            pb_utils.Logger.log_warn(f"{self.model_name}: compiled {graphs - self.graphs_seen} new graph(s) while serving "
-                                     "(a batch size or size the warm-up did not cover)")
-            self.metrics.compilations.increment(graphs - self.graphs_seen)
-            self.graphs_seen = graphs
-        if self.runner.padded_rows > self.padded_rows_seen:
-            self.metrics.padding_rows.increment(self.runner.padded_rows - self.padded_rows_seen)
-            self.padded_rows_seen = self.runner.padded_rows
 
-    def _parse(self, request) -> ParseResult:
-        inputs = {name: pb_utils.get_input_tensor_by_name(request, name) for name in self.schema.names}
-        result = parse_request({name: t.as_numpy() for name, t in inputs.items() if t is not None}, self.settings)
-        if isinstance(result, ParsedRequest):
-            for item in result.items:
-                reason = self.runner.unsupported(item) or (self.steps and self.steps.unsupported(item))
-                if reason:
-                    return RequestError(reason)
-        return result
+class TritonPythonModel:
+    """What Triton instantiates for every model: reads the config, and serves it with the class of
+    its transaction policy (checked against ``batching``)."""
 
-    def _respond(self, outcome: Outcome):
-        self.metrics.observe_outcome(outcome)
-        if isinstance(outcome, Images):
-            return pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor(self.schema.output, np.stack(outcome.images)),
-                    pb_utils.Tensor("SEED", np.array([[seed] for seed in outcome.seeds], dtype=np.int64)),
-                ]
-            )
-        if isinstance(outcome, Rejected):
-            return _error_response(outcome.message, pb_utils.TritonError.INVALID_ARG)
-        if isinstance(outcome, Cancelled):
-            return _error_response("request cancelled", pb_utils.TritonError.CANCELLED)
-        assert isinstance(outcome, Failed)
-        return _error_response(outcome.message, pb_utils.TritonError.INTERNAL)
+    def initialize(self, args: dict) -> None:
+        model_config = json.loads(args["model_config"])
+        name = args["model_name"]
+        try:
+            schema = Schema.from_model_config(model_config)
+            settings = ModelSettings.from_model_config(model_config)
+            decoupled = pb_utils.using_decoupled_model_transaction_policy(model_config)
+            if decoupled != settings.continuous:
+                raise SettingsError("batching: continuous and model_transaction_policy { decoupled: true } go together "
+                                    "(a continuous model answers from its running batch, after execute() returned)")
+            self.model = (ContinuousModel if decoupled else DynamicModel)(args, model_config, schema, settings)
+        except (SchemaError, SettingsError, LoadError) as exc:
+            # Raising fails this model's load with the message; the server and other models stay up.
+            raise pb_utils.TritonModelException(f"{name}: {exc}") from None
+
+    def execute(self, requests: list) -> Optional[list]:
+        return self.model.execute(requests)
 
     def finalize(self) -> None:
-        if self.batcher is not None:
-            self.batcher.stop()
-        self.runner = None
-        # The custom metrics are left to the stub's exit, where Triton 2.51's stub segfaults on them
-        # (Metric::SaveToSharedMemory on a freed pool: harmless, the process is leaving). Released
-        # here instead, they delete their metric families, which a reload's new instance of the same
-        # model shares, and tritonserver itself crashed (tests/test_faults.py's config swap).
+        if getattr(self, "model", None) is not None:  # not after a failed initialize
+            self.model.finalize()

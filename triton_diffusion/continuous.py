@@ -32,7 +32,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from .batching import CallBudget
-from .executor import CANCELLED, Failed, Images, Outcome
+from .core import CANCELLED, Failed, Images, Outcome, PollClock
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class ContinuousBatcher:
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
         self._ticker: Optional[threading.Thread] = None
-        self._last_poll = 0.0
+        self._poll = PollClock(poll_interval_s, start_due=True)
 
     # -- called from Triton's execute() --------------------------------------------------------------
     def start(self) -> None:
@@ -213,10 +213,8 @@ class ContinuousBatcher:
             self.on_admit(admitted, mid_flight)
 
     def _drop_cancelled(self) -> None:
-        now = time.perf_counter()
-        if now - self._last_poll < self.poll_interval_s:
+        if not self._poll.due():
             return
-        self._last_poll = now
         with self._condition:
             jobs = dict.fromkeys(job for job, _ in self._live + list(self._waiting))
         gone = {job for job in jobs if job.is_cancelled()}

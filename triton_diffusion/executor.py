@@ -11,47 +11,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
 from .batching import CallBudget, Chunk, plan_batches
+from .core import CANCELLED, Failed, Images, Outcome, PollClock, Rejected
 from .requests import CallParams, GenerationItem, ParsedRequest, ParseResult, RequestError
 
 log = logging.getLogger(__name__)
 
 RowRef = tuple[int, int]  # (request index in the execution, row inside that request)
 
-
-@dataclass(frozen=True)
-class Images:
-    """The request succeeded: one image per row, with the seed each was made with."""
-
-    images: tuple[np.ndarray, ...]
-    seeds: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """The request is invalid (INVALID_ARG); nothing ran for it."""
-
-    message: str
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A pipeline call holding the request's rows failed (INTERNAL); the message names the cause."""
-
-    message: str
-
-
-@dataclass(frozen=True)
-class Cancelled:
-    """The client cancelled the request before its images were finished."""
-
-
-Outcome = Union[Images, Rejected, Failed, Cancelled]
-CANCELLED = Cancelled()
 
 OK, OUT_OF_MEMORY, FAILED = "ok", "out_of_memory", "failed"
 
@@ -91,18 +62,16 @@ class RequestPoll:
         self.row_requests = list(row_requests)
         self.is_cancelled = is_cancelled
         self.on_step = on_step
-        self.interval_s = interval_s
+        self.clock = PollClock(interval_s)
         self.steps = 0
         self.seconds = 0.0
-        self.last_poll = time.perf_counter()
 
     def __call__(self, live_rows: Sequence[int]) -> set[int]:
         started = time.perf_counter()
         self.steps += 1
         self.on_step()
-        if started - self.last_poll < self.interval_s:
+        if not self.clock.due():
             return set()
-        self.last_poll = started
         requests = dict.fromkeys(self.row_requests[row] for row in live_rows)
         gone = {request for request in requests if self.is_cancelled[request]()}
         self.seconds += time.perf_counter() - started

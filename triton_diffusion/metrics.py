@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .continuous import StepReport
-from .executor import CallReport, Images, Outcome, Cancelled, Rejected
+from .core import Cancelled, Images, Outcome, Rejected
+from .executor import CallReport
 
 STAGES = ("validate", "pipeline", "respond")
 CALL_RESULTS = ("ok", "out_of_memory", "failed")
