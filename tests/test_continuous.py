@@ -77,6 +77,18 @@ async def timed(client: AsyncDiffusionClient, request: GenerationRequest, finish
     return result
 
 
+def test_batching_continuous_alone_makes_a_decoupled_model_with_progress(server):
+    """The continuous configs say only ``batching: continuous``; the backend's auto_complete_config
+    declares the decoupled policy, the PROGRESS output and no image-to-image inputs."""
+    import tritonclient.http as httpclient
+
+    for model in PAIRS:
+        served = httpclient.InferenceServerClient(server.http_url).get_model_config(model)
+        assert served["model_transaction_policy"]["decoupled"], model
+        assert [entry["name"] for entry in served["output"]] == ["IMAGE", "SEED", "PROGRESS"], model
+        assert "IMAGE" not in {entry["name"] for entry in served["input"]}, model
+
+
 @pytest.mark.parametrize("model", PAIRS)
 def test_a_short_request_joins_a_running_long_one_finishes_first_and_equals_its_solo_image(server, model):
     long = GenerationRequest("a long walk along a grey beach at dawn", seed=21, steps=long_steps(model))

@@ -120,3 +120,18 @@ def test_a_config_whose_output_does_not_fit_the_pipeline_fails_the_load():
         check_output(_named(WAN), image, "VIDEO")
     with pytest.raises(ModelLoadError, match="makes images"):
         check_output(_named(FLUX), video, "VIDEO")
+
+
+def test_a_config_without_a_schema_gets_the_declared_one_and_a_declared_one_is_kept():
+    from triton_diffusion.schema import complete, declaration
+
+    bare = {"name": "m", "parameters": {"batching": {"string_value": "continuous"}}}
+    done = complete(bare)
+    inputs, outputs, decoupled = declaration({"batching": "continuous"})
+    assert done["input"] == inputs and done["output"] == outputs and done["model_transaction_policy"] == {"decoupled": True}
+    assert Schema.from_model_config(done).progress and "IMAGE" not in Schema.from_model_config(done)
+    video = Schema.from_model_config(complete({"parameters": {"default_num_frames": {"string_value": "17"}}}))
+    assert video.output == "VIDEO" and "NUM_FRAMES" in video and "IMAGE" not in video
+    own = {"input": [{"name": "PROMPT", "data_type": "TYPE_STRING", "dims": [1]}], "output": outputs[:2]}
+    assert complete(own)["input"] == own["input"]  # nothing added to a declared list
+    assert list(Schema.from_model_config(complete(own)).inputs) == ["PROMPT"]

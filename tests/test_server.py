@@ -4,6 +4,9 @@ import numpy as np
 import tritonclient.http as httpclient
 
 from client import DiffusionClient, ServerError
+from triton_diffusion import model_config
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
+from triton_diffusion.schema import declaration
 
 from .conftest import BAD_HEIGHT, BAD_HEIGHT_ERROR, TINY
 
@@ -15,6 +18,19 @@ def test_server_and_default_model_are_ready(server):
     metadata = client.get_model_metadata(TINY)
     assert {i["name"] for i in metadata["inputs"]} >= {"PROMPT", "SEED", "HEIGHT", "WIDTH", "IMAGE", "STRENGTH"}
     assert {o["name"] for o in metadata["outputs"]} == {"IMAGE", "SEED"}
+
+
+def test_the_served_config_shows_the_whole_schema_the_file_leaves_out(server):
+    """The shipped config.pbtxt declares no inputs or outputs; the backend's auto_complete_config
+    does, so the served config (what clients read) has them all, IMAGE ragged."""
+    file = model_config.parse((DEFAULT_MODEL_REPOSITORY / TINY / "config.pbtxt").read_text())
+    assert not file.input and not file.output
+    served = httpclient.InferenceServerClient(server.http_url).get_model_config(TINY)
+    inputs, outputs, decoupled = declaration(model_config.parameters(file))
+    assert [entry["name"] for entry in served["input"]] == [entry["name"] for entry in inputs]
+    assert [entry["name"] for entry in served["output"]] == ["IMAGE", "SEED"] and not decoupled
+    image = next(entry for entry in served["input"] if entry["name"] == "IMAGE")
+    assert image["allow_ragged_batch"] and image["optional"] and image["data_type"] == "TYPE_UINT8"
 
 
 def test_request_returns_an_image_of_the_requested_size(grpc_client):

@@ -26,7 +26,15 @@ def parse(text: str) -> ModelConfig:
 
 
 def load(path: Path) -> ModelConfig:
-    return parse(Path(path).read_text())
+    """A ``config.pbtxt`` as Triton serves it: completed with the inputs, outputs and transaction
+    policy the backend declares where the file leaves them out (``schema.complete``)."""
+    return completed(parse(Path(path).read_text()))
+
+
+def completed(config: ModelConfig) -> ModelConfig:
+    from .schema import complete
+
+    return json_format.ParseDict(complete(as_dict(config)), ModelConfig())
 
 
 def shipped(model: str = BASE_MODEL) -> ModelConfig:

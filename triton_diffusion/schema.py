@@ -1,9 +1,15 @@
-"""The request schema, read from the model's ``config.pbtxt`` (its ``input`` and ``output`` lists).
+"""The request schema: the ``input`` and ``output`` lists of a model's config.
 
-``config.pbtxt`` declares which inputs a model takes, their data types and which are optional;
-this module checks that every declared input is one the backend understands, with a data type
-that fits its meaning, so a typo in a config fails the model's load instead of being ignored.
-The client reads the same declaration from the served config (``client.api.ServedSchema``).
+A ``config.pbtxt`` may leave them out: ``declaration`` says what the backend declares for it
+(from its parameters: image or video, continuous or not, image-to-image or not), and the backend's
+``auto_complete_config`` hands that to Triton, so the served config (``/v2/models/<m>/config``)
+always shows the whole schema; ``model_config.load`` completes a file the same way for the tools
+that read files. A config that does declare inputs (or outputs) keeps exactly those.
+
+Either way the declared lists are checked here: every input must be one the backend understands,
+with a data type that fits its meaning, so a typo in a config fails the model's load instead of
+being ignored. The client reads the same declaration from the served config
+(``client.api.ServedSchema``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,62 @@ _TYPES_OF_KIND = {
     NUMBER: {"TYPE_FP32", "TYPE_FP64"},
     PIXELS: {"TYPE_UINT8"},
 }
+
+
+def _tensor(name: str, data_type: str, dims: list, optional: bool = True, ragged: bool = False) -> dict:
+    entry = {"name": name, "data_type": data_type, "dims": dims}
+    if optional:
+        entry["optional"] = True
+    if ragged:  # requests with source images of different sizes (or none) still batch together
+        entry["allow_ragged_batch"] = True
+    return entry
+
+
+def declaration(parameters: Mapping[str, str]) -> tuple[list[dict], list[dict], bool]:
+    """``(inputs, outputs, decoupled)`` the backend declares for a config with these parameters
+    (Triton's JSON spelling). Video models (``default_num_frames`` > 0) take ``NUM_FRAMES`` and
+    return ``VIDEO``; continuous models (``batching: continuous``) are decoupled, text-to-image only,
+    and also send ``PROGRESS``; image models with ``enable_image_to_image`` take ``IMAGE`` and
+    ``STRENGTH``."""
+    video = int(parameters.get("default_num_frames", "0") or 0) > 0
+    continuous = parameters.get("batching", "dynamic") == "continuous"
+    image_to_image = parameters.get("enable_image_to_image", "true").strip().lower() in ("1", "true", "yes", "on")
+    inputs = [
+        _tensor("PROMPT", "TYPE_STRING", [1], optional=False),
+        _tensor("NEGATIVE_PROMPT", "TYPE_STRING", [1]),
+        _tensor("SEED", "TYPE_INT64", [1]),
+        _tensor("NUM_INFERENCE_STEPS", "TYPE_INT32", [1]),
+        _tensor("GUIDANCE_SCALE", "TYPE_FP32", [1]),
+        _tensor("HEIGHT", "TYPE_INT32", [1]),
+        _tensor("WIDTH", "TYPE_INT32", [1]),
+    ]
+    if video:
+        inputs.append(_tensor("NUM_FRAMES", "TYPE_INT32", [1]))
+    elif image_to_image and not continuous:
+        inputs += [_tensor("IMAGE", "TYPE_UINT8", [-1, -1, 3], ragged=True), _tensor("STRENGTH", "TYPE_FP32", [1])]
+    media = "VIDEO" if video else "IMAGE"
+    outputs = [_tensor(media, "TYPE_UINT8", [-1, -1, -1, 3] if video else [-1, -1, 3], optional=False),
+               _tensor("SEED", "TYPE_INT64", [1], optional=False)]
+    if continuous:
+        outputs.append(_tensor("PROGRESS", "TYPE_INT32", [2], optional=False))  # per row: steps done, steps in all
+    return inputs, outputs, continuous
+
+
+def complete(config: dict) -> dict:
+    """``config`` (Triton's JSON form) with the declared inputs and outputs where it has none, and
+    the decoupled policy of a continuous model; what Triton serves after ``auto_complete_config``."""
+    parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+    inputs, outputs, decoupled = declaration(parameters)
+    completed = dict(config)
+    if not config.get("input"):
+        completed["input"] = inputs
+    if not config.get("output"):
+        completed["output"] = outputs
+    if decoupled:  # batching: continuous decides
+        completed["model_transaction_policy"] = {"decoupled": True}
+    return completed
+
+
 class SchemaError(ValueError):
     """The ``input``/``output`` lists of a config.pbtxt do not fit this backend."""
 
