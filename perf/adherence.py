@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
     args = parser.parse_args(argv)
-    runner = PipelineRunner.load(ModelSettings(pretrained_model=resolve_model_location(args.model), device="cpu",
+    runner = PipelineRunner.load(ModelSettings.build(pretrained_model=resolve_model_location(args.model), device="cpu",
                                                torch_dtype="float32", default_height=SIZE, default_width=SIZE))
     runner.run(*(lambda item: (item.params, [item]))(text_to_image("a red circle on a blue background", 0, 2, args.guidance, SIZE, SIZE)))
     rows = [measure(runner, int(steps), args.seeds, args.guidance, args.batch) for steps in args.steps.split(",")]

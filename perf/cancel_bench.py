@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     from triton_diffusion.settings import ModelSettings
 
     runner = PipelineRunner.load(
-        ModelSettings(pretrained_model=f"random:{args.arch}", device=args.device, torch_dtype=dtype_for(args.arch, args))
+        ModelSettings.build(pretrained_model=f"random:{args.arch}", device=args.device, torch_dtype=dtype_for(args.arch, args))
     )
     items = items_for(vbench_prompts(), args.batch, args, args.arch)
     survivors = range(args.batch - args.cancel)

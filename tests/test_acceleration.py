@@ -26,7 +26,7 @@ COMPILED = {**CPU, "compile": "full", "compile_backend": "eager", "warmup_sizes"
 
 
 def tiny_sd(**settings) -> PipelineRunner:
-    return PipelineRunner.load(ModelSettings(pretrained_model=str(ensure_tiny_model()), **{**CPU, **settings}))
+    return PipelineRunner.load(ModelSettings.build(pretrained_model=str(ensure_tiny_model()), **{**CPU, **settings}))
 
 
 def batch(count: int, size: int = SIZE, guidance: float = 7.5):
@@ -126,15 +126,15 @@ def test_a_knob_the_pipeline_cannot_take_fails_the_load_with_a_reason(knobs, mes
 
 def test_speed_knobs_are_ignored_on_devices_not_listed():
     runner = tiny_sd(**{**COMPILED, "speed_devices": ("cuda",)})
-    assert runner.speed == ("speed knobs ignored on cpu (speed_devices=cuda)",) and not runner.settings.compiles
+    assert runner.speed == ("speed knobs ignored on cpu (speed_devices=cuda)",) and not runner.settings.speed.compiles
 
 
 def test_flux_with_attention_backend_regional_compile_and_a_step_cache_that_never_skips():
     """diffusers' dispatcher, compile_repeated_blocks and a cache hook together; a threshold of 0
     never skips a block, so images equal the plain pipeline's; the cache state is reset between
     calls of different batch sizes."""
-    plain = PipelineRunner.load(ModelSettings(pretrained_model="random:flux-dev-tiny", **CPU))
-    fast = PipelineRunner.load(ModelSettings(
+    plain = PipelineRunner.load(ModelSettings.build(pretrained_model="random:flux-dev-tiny", **CPU))
+    fast = PipelineRunner.load(ModelSettings.build(
         pretrained_model="random:flux-dev-tiny", **CPU, attention_backend="native", compile="regional", compile_backend="eager",
         step_cache="FirstBlockCache threshold=0", fuse_qkv=True))
     assert any("compiled repeated blocks" in applied for applied in fast.speed)
@@ -150,7 +150,7 @@ def test_the_continuous_warm_up_covers_every_row_count_and_an_unguided_row_alone
     whatever mix of guided and unguided rows joins."""
     from triton_diffusion.families import step_model_for
 
-    settings = ModelSettings(pretrained_model=str(ensure_tiny_model()), **COMPILED, batching="continuous",
+    settings = ModelSettings.build(pretrained_model=str(ensure_tiny_model()), **COMPILED, batching="continuous",
                              max_images_per_call=3, default_height=SIZE, default_width=SIZE, default_guidance_scale=7.5)
     assert settings.warmup_plan()[0] == (1, 2, 3)
     runner = PipelineRunner.load(settings)

@@ -28,7 +28,7 @@ SCHEDULERS = ["PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepSch
 def runner() -> PipelineRunner:
     location = ensure_tiny_model()
     return PipelineRunner.load(
-        ModelSettings(pretrained_model=str(location), device="cpu", torch_dtype="float32", torch_num_threads=2)
+        ModelSettings.build(pretrained_model=str(location), device="cpu", torch_dtype="float32", torch_num_threads=2)
     )
 
 
@@ -78,7 +78,7 @@ def test_batch_mates_of_a_dropped_row_equal_their_solo_images(runner, scheduler,
 
 @pytest.fixture(scope="module")
 def flux_runner() -> PipelineRunner:
-    return PipelineRunner.load(ModelSettings(pretrained_model="random:flux-dev-tiny", device="cpu", torch_dtype="float32"))
+    return PipelineRunner.load(ModelSettings.build(pretrained_model="random:flux-dev-tiny", device="cpu", torch_dtype="float32"))
 
 
 @pytest.mark.parametrize("task", ["text-to-image", "image-to-image"])
@@ -106,7 +106,7 @@ def test_every_row_cancelled_interrupts_the_call(runner):
 def test_rows_of_unshrinkable_pipelines_ride_to_the_end():
     """A family that declares no row drop (SDXL, real classes at tiny widths) keeps the cancelled row
     to the end of the call and still serves the others their solo images."""
-    sdxl = PipelineRunner.load(ModelSettings(pretrained_model="random:sdxl-tiny", device="cpu", torch_dtype="float32",
+    sdxl = PipelineRunner.load(ModelSettings.build(pretrained_model="random:sdxl-tiny", device="cpu", torch_dtype="float32",
                                              torch_num_threads=2))
     assert shrink_spec(sdxl.text_to_image) is None
     batch = items("text-to-image", 2)

@@ -29,7 +29,7 @@ def tiny_runner(family) -> PipelineRunner:
     """The family's tiny architecture, loaded as a served model loads it (cached per module)."""
     architecture = next(a for a in family.architectures if a.tiny)
     if architecture.name not in _RUNNERS:
-        _RUNNERS[architecture.name] = PipelineRunner.load(ModelSettings(
+        _RUNNERS[architecture.name] = PipelineRunner.load(ModelSettings.build(
             pretrained_model=f"random:{architecture.name}", device="cpu", torch_dtype="float32", torch_num_threads=2,
             default_num_frames=5 if family.video else 0))
     return _RUNNERS[architecture.name]

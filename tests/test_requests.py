@@ -6,7 +6,7 @@ import pytest
 from triton_diffusion.requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, ParsedRequest, RequestError, parse_request
 from triton_diffusion.settings import ModelSettings
 
-SETTINGS = ModelSettings(
+SETTINGS = ModelSettings.build(
     pretrained_model="x", default_height=128, default_width=128, default_steps=10, max_steps=50,
     max_side=768, max_pixels=512 * 512, max_prompt_bytes=100,
 )
@@ -121,14 +121,14 @@ def test_invalid_requests_get_a_specific_error(inputs, message):
 
 
 def test_pixel_limit_and_allowed_sizes():
-    settings = ModelSettings(pretrained_model="x", max_pixels=64 * 64, allowed_sizes=((64, 64),), min_side=8)
+    settings = ModelSettings.build(pretrained_model="x", max_pixels=64 * 64, allowed_sizes=((64, 64),), min_side=8)
     big = parse_request({"PROMPT": text("a"), "HEIGHT": scalar(64, np.int32), "WIDTH": scalar(72, np.int32)}, settings)
     assert "4608 pixels; the limit is 4096" in str(big)
     odd = parse_request({"PROMPT": text("a"), "HEIGHT": scalar(32, np.int32), "WIDTH": scalar(32, np.int32)}, settings)
     assert "allowed sizes: 64x64" in str(odd)
 
 
-VIDEO = ModelSettings(pretrained_model="x", default_num_frames=5, max_num_frames=33, size_multiple=16)
+VIDEO = ModelSettings.build(pretrained_model="x", default_num_frames=5, max_num_frames=33, size_multiple=16)
 
 
 def test_num_frames_belongs_to_video_models_and_splits_groups():

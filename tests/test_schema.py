@@ -111,7 +111,7 @@ def test_family_details_change_what_a_pipeline_must_take():
 def test_a_config_whose_output_does_not_fit_the_pipeline_fails_the_load():
     from triton_diffusion.settings import ModelSettings
 
-    video, image = ModelSettings(pretrained_model="x", default_num_frames=5), ModelSettings(pretrained_model="x")
+    video, image = ModelSettings.build(pretrained_model="x", default_num_frames=5), ModelSettings.build(pretrained_model="x")
     check_output(_named(WAN), video, "VIDEO")
     check_output(_named(FLUX), image, "IMAGE")
     with pytest.raises(ModelLoadError, match=f"{WAN.pipelines[0]} makes videos: config.pbtxt must declare output VIDEO"):

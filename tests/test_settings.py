@@ -18,9 +18,9 @@ def test_parameters_are_typed():
             "allowed_sizes": {"string_value": "512x512, 768x512"},
         }}
     )
-    assert settings.default_steps == 4 and settings.default_guidance_scale == 0.0
-    assert settings.local_files_only is True
-    assert settings.allowed_sizes == ((512, 512), (768, 512))
+    assert settings.defaults.default_steps == 4 and settings.defaults.default_guidance_scale == 0.0
+    assert settings.load.local_files_only is True
+    assert settings.limits.allowed_sizes == ((512, 512), (768, 512))
 
 
 def test_an_unknown_parameter_is_an_error_naming_it():
@@ -78,7 +78,7 @@ def test_shipped_configs_are_consistent(model):
     config = model_config.shipped(model)
     settings = ModelSettings.from_parameters(model_config.parameters(config))
     assert settings.batching_warnings(config.max_batch_size) == []
-    assert settings.pixel_limit < settings.max_side ** 2  # max_pixels can fire
+    assert settings.limits.pixel_limit < settings.limits.max_side ** 2  # max_pixels can fire
 
 
 def test_the_warm_up_plan_covers_what_serving_can_form():
@@ -96,8 +96,8 @@ def test_speed_knobs_apply_only_on_the_listed_device_types():
     settings = ModelSettings.from_parameters({"pretrained_model": "x", "compile": "full", "fuse_qkv": "true", "batch_buckets": "16"})
     assert settings.for_device("cuda:1") is settings
     on_cpu = settings.for_device("cpu")
-    assert (on_cpu.compile, on_cpu.fuse_qkv, on_cpu.batch_buckets) == ("off", False, (16,))  # buckets are not a speed knob
-    assert ModelSettings.from_parameters({"pretrained_model": "x", "speed_devices": "cpu, cuda"}).speed_devices == ("cpu", "cuda")
+    assert (on_cpu.speed.compile, on_cpu.speed.fuse_qkv, on_cpu.calls.batch_buckets) == ("off", False, (16,))  # buckets are not a speed knob
+    assert ModelSettings.from_parameters({"pretrained_model": "x", "speed_devices": "cpu, cuda"}).speed.speed_devices == ("cpu", "cuda")
 
 
 def test_cache_placeholder_and_env_vars_expand(monkeypatch, tmp_path):
@@ -111,9 +111,9 @@ def test_cache_placeholder_and_env_vars_expand(monkeypatch, tmp_path):
 def test_every_parameter_is_documented_and_the_readme_table_is_current():
     from pathlib import Path
 
-    from triton_diffusion.settings import PARAMETER_DOCS, parameters_markdown
+    from triton_diffusion.settings import PARAMETER_DOCS, PARAMETERS, RECORDS, parameters_markdown
 
-    assert set(PARAMETER_DOCS) == {field.name for field in fields(ModelSettings)}
+    assert set(PARAMETER_DOCS) == set(PARAMETERS) == {field.name for cls in RECORDS.values() for field in fields(cls)}
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = readme.split("<!-- parameters:begin -->\n", 1)[1].split("\n<!-- parameters:end -->", 1)[0]
     assert table == parameters_markdown(), "README's parameter table is stale: python -m triton_diffusion.settings"

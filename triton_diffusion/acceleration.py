@@ -27,7 +27,7 @@ import inspect
 import logging
 from typing import Sequence
 
-from .settings import ModelSettings
+from .settings import SpeedSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def apply_speed_settings(pipe, settings: ModelSettings) -> list[str]:
+def apply_speed_settings(pipe, speed: SpeedSettings) -> list[str]:
     """Apply the model's speed knobs to ``pipe`` in place; returns what was applied, for the log.
 
     Order matters: memory format and fused projections change the modules that compile traces,
@@ -110,71 +110,71 @@ def apply_speed_settings(pipe, settings: ModelSettings) -> list[str]:
     applied: list[str] = []
     denoiser = denoiser_of(pipe)
     vae = getattr(pipe, "vae", None)
-    if settings.channels_last:
+    if speed.channels_last:
         for module in (getattr(pipe, "unet", None), vae):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
         applied.append("channels_last")
-    if settings.fuse_qkv:
+    if speed.fuse_qkv:
         if not hasattr(denoiser, "fuse_qkv_projections"):
             raise SpeedSettingError(f"fuse_qkv: {type(denoiser).__name__} has no fuse_qkv_projections")
         denoiser.fuse_qkv_projections()
         applied.append("fused QKV")
-    if settings.attention_backend:
+    if speed.attention_backend:
         if not any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules()):
             raise SpeedSettingError(
                 f"attention_backend: {type(denoiser).__name__}'s attention does not go through diffusers' attention "
                 "dispatcher, so set_attention_backend would change nothing (leave attention_backend empty)"
             )
         try:
-            denoiser.set_attention_backend(settings.attention_backend)
+            denoiser.set_attention_backend(speed.attention_backend)
         except (ValueError, RuntimeError) as exc:
-            raise SpeedSettingError(f"attention_backend={settings.attention_backend!r}: {exc}") from None
-        applied.append(f"attention {settings.attention_backend}")
-    if settings.vae_slicing or settings.vae_tiling:
+            raise SpeedSettingError(f"attention_backend={speed.attention_backend!r}: {exc}") from None
+        applied.append(f"attention {speed.attention_backend}")
+    if speed.vae_slicing or speed.vae_tiling:
         if vae is None:
             raise SpeedSettingError("vae_slicing/vae_tiling: this pipeline has no vae")
-        if settings.vae_slicing:
+        if speed.vae_slicing:
             vae.enable_slicing()
             applied.append("VAE slicing")
-        if settings.vae_tiling:
+        if speed.vae_tiling:
             vae.enable_tiling()
             applied.append("VAE tiling")
-    if settings.step_cache:
+    if speed.step_cache:
         if not hasattr(denoiser, "enable_cache"):
             raise SpeedSettingError(f"step_cache: {type(denoiser).__name__} takes no diffusers cache hooks")
-        config = step_cache_config(settings.step_cache)
+        config = step_cache_config(speed.step_cache)
         try:
             denoiser.enable_cache(config)
         except ValueError as exc:
-            raise SpeedSettingError(f"step_cache={settings.step_cache!r}: {exc}") from None
-        applied.append(f"step cache {settings.step_cache}")
-    if settings.compiles:
-        applied += _compile(denoiser, vae, settings)
+            raise SpeedSettingError(f"step_cache={speed.step_cache!r}: {exc}") from None
+        applied.append(f"step cache {speed.step_cache}")
+    if speed.compiles:
+        applied += _compile(denoiser, vae, speed)
     return applied
 
 
-def _compile(denoiser, vae, settings: ModelSettings) -> list[str]:
+def _compile(denoiser, vae, speed: SpeedSettings) -> list[str]:
     import torch
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-    options: dict = {"backend": settings.compile_backend,
-                     "dynamic": {"auto": None, "true": True, "false": False}[settings.compile_dynamic]}
-    if settings.compile_mode:
-        options["mode"] = settings.compile_mode
+    options: dict = {"backend": speed.compile_backend,
+                     "dynamic": {"auto": None, "true": True, "false": False}[speed.compile_dynamic]}
+    if speed.compile_mode:
+        options["mode"] = speed.compile_mode
     described = ", ".join(f"{key}={value}" for key, value in options.items())
     applied = []
-    if settings.compile == "regional":
+    if speed.compile == "regional":
         try:
             # A step cache decides on the host whether to run a block (a graph break by design).
-            denoiser.compile_repeated_blocks(fullgraph=not settings.step_cache, **options)
+            denoiser.compile_repeated_blocks(fullgraph=not speed.step_cache, **options)
         except (ValueError, AttributeError) as exc:
             raise SpeedSettingError(f"compile=regional: {exc} (use compile=full for {type(denoiser).__name__})") from None
         applied.append(f"compiled repeated blocks of {type(denoiser).__name__} ({described})")
-    elif settings.compile == "full":
+    elif speed.compile == "full":
         denoiser.compile(**options)
         applied.append(f"compiled {type(denoiser).__name__} ({described})")
-    if settings.compile_vae:
+    if speed.compile_vae:
         if vae is None:
             raise SpeedSettingError("compile_vae: this pipeline has no vae")
         vae.decoder.compile(**options)

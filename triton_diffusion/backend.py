@@ -53,7 +53,7 @@ class ServedModel:
     def __init__(self, args: dict, model_config: dict, schema: Schema, settings: ModelSettings):
         self.model_name = args["model_name"]
         self.schema, self.settings = schema, settings
-        device = resolve_device(settings.device, args.get("model_instance_kind", ""),
+        device = resolve_device(settings.load.device, args.get("model_instance_kind", ""),
                                 int(args.get("model_instance_device_id") or 0))
         try:
             self.runner = PipelineRunner.load(settings, device, schema.output)
@@ -72,10 +72,10 @@ class ServedModel:
             pb_utils.Logger.log_info(f"{self.model_name}: warm-up ran {warmup.calls} calls in {warmup.seconds:.1f}s, "
                                      f"{warmup.compiled_graphs} graphs compiled")
         self.graphs_seen, self.padded_rows_seen = compiled_graphs(), 0
-        self.budget = CallBudget(settings.max_images_per_call, settings.max_pixels_per_call)
+        self.budget = CallBudget(settings.calls.max_images_per_call, settings.calls.max_pixels_per_call)
         self._serve()
         pb_utils.Logger.log_info(f"{self.model_name}: {type(self.runner.text_to_image).__name__} from "
-                                 f"{settings.model_location} on {self.runner.device}")
+                                 f"{settings.load.model_location} on {self.runner.device}")
 
     # -- per policy ------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -141,7 +141,7 @@ class DynamicModel(ServedModel):
             on_call=self.metrics.observe_call,
             on_step=self.metrics.observe_step,
             on_plan=lambda chunks: self.metrics.groups_per_execute.observe(len({chunk.params for chunk in chunks})),
-            poll_interval_s=self.settings.cancellation_poll_interval_ms / 1000,
+            poll_interval_s=self.settings.calls.cancellation_poll_interval_ms / 1000,
         )
 
     def execute(self, requests: list) -> list:
@@ -160,7 +160,7 @@ class ContinuousModel(ServedModel):
     """Decoupled: requests join a running batch at the next step, each answered when its rows are done."""
 
     def _start(self) -> None:
-        self.steps = step_model_for(self.runner.text_to_image, self.runner.device, self.settings.max_sequence_length)
+        self.steps = step_model_for(self.runner.text_to_image, self.runner.device, self.settings.load.max_sequence_length)
 
     def _warm_up(self):
         return self.steps.warm_up(*self.settings.warmup_plan())  # the step loop itself, not __call__
@@ -170,11 +170,11 @@ class ContinuousModel(ServedModel):
 
     def _serve(self) -> None:
         self.batcher = ContinuousBatcher(self.steps, self.budget, is_out_of_memory,
-                                         self.settings.cancellation_poll_interval_ms / 1000,
+                                         self.settings.calls.cancellation_poll_interval_ms / 1000,
                                          on_step=self._observe_running_step,
                                          on_admit=self.metrics.observe_admission,
                                          on_out_of_memory=self.metrics.row_cap.set,
-                                         progress_interval_s=self.settings.progress_interval_ms / 1000)
+                                         progress_interval_s=self.settings.calls.progress_interval_ms / 1000)
         self.metrics.row_cap.set(self.batcher.row_cap)
         self.batcher.start()
 
@@ -263,7 +263,7 @@ class TritonPythonModel:
             schema = Schema.from_model_config(model_config)
             settings = ModelSettings.from_model_config(model_config)
             decoupled = pb_utils.using_decoupled_model_transaction_policy(model_config)
-            if decoupled != settings.continuous:
+            if decoupled != settings.calls.continuous:
                 raise SettingsError("batching: continuous and model_transaction_policy { decoupled: true } go together "
                                     "(a continuous model answers from its running batch, after execute() returned)")
             self.model = (ContinuousModel if decoupled else DynamicModel)(args, model_config, schema, settings)

@@ -37,7 +37,7 @@ CORE_MODEL = "core_model"  # the front's parameter naming the batched model
 def filler_values(core_parameters: Mapping[str, str]) -> dict[str, object]:
     """What a missing input is replaced with, per input name."""
     settings = ModelSettings.from_parameters(core_parameters)
-    return {**_MARKERS, **{name: getattr(settings, key) for name, key in _DEFAULT_PARAMETERS.items()}}
+    return {**_MARKERS, **{name: getattr(settings.defaults, key) for name, key in _DEFAULT_PARAMETERS.items()}}
 
 
 def front_config(core):

@@ -248,13 +248,13 @@ class Gateway:
 
     async def max_input_pixels(self, client: AsyncDiffusionClient) -> int:
         """The model's own limit on source images (its ``max_input_image_pixels``)."""
-        from .settings import ModelSettings
+        from .settings import RequestLimits
 
         schema = await client.schema()
         if "IMAGE" not in schema.inputs:
             raise ApiError(400, f"model {client.model!r} serves text-to-image only: it takes no source image",
                            param="image")
-        return int(schema.parameters.get("max_input_image_pixels", ModelSettings.max_input_image_pixels))
+        return int(schema.parameters.get("max_input_image_pixels", RequestLimits.max_input_image_pixels))
 
     async def generate(self, body: ImagesBody, client: AsyncDiffusionClient, image: Optional[np.ndarray] = None) -> dict:
         """One OpenAI images response for ``body`` (generations, or edits when ``image`` is given)."""

@@ -68,9 +68,9 @@ def largest_request_bytes(config: Mapping[str, Any]) -> int:
     for name in schema.inputs:
         kind = INPUT_KINDS[name]
         if kind == TEXT:
-            per_row += settings.max_prompt_bytes + 4  # BYTES elements carry a 4-byte length
+            per_row += settings.limits.max_prompt_bytes + 4  # BYTES elements carry a 4-byte length
         elif kind == PIXELS:
-            per_row += settings.max_input_image_pixels * 3
+            per_row += settings.limits.max_input_image_pixels * 3
         else:
             per_row += 8
     return rows * per_row

@@ -79,14 +79,14 @@ def _load_error_message(settings: ModelSettings, location: str, exc: Exception) 
     looks_local = os.path.isabs(location) or location.startswith(".") or location.count("/") != 1
     if looks_local and not os.path.exists(location):
         hint = f"the local path {location!r} does not exist (run scripts/setup.sh to build the tiny models)"
-    elif settings.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    elif settings.load.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         hint = (
             f"the weights of {location!r} are not in the local Hugging Face cache and downloads are disabled "
             "(local_files_only / HF_HUB_OFFLINE); download them first or mount a cache that has them"
         )
     else:
         hint = f"{location!r} could not be loaded from a local path or the Hugging Face Hub"
-    return f"cannot load pipeline from config.pbtxt parameter pretrained_model={settings.pretrained_model!r}: {hint}. Cause: {type(exc).__name__}: {exc}"
+    return f"cannot load pipeline from config.pbtxt parameter pretrained_model={settings.load.pretrained_model!r}: {hint}. Cause: {type(exc).__name__}: {exc}"
 
 
 # The keyword arguments ``run`` passes, per task. A pipeline whose ``__call__`` lacks a required
@@ -123,7 +123,7 @@ def check_output(pipe, settings: ModelSettings, declared_output: str) -> None:
     if family.output != declared_output:
         raise ModelLoadError(f"{type(pipe).__name__} makes {family.output.lower()}s: config.pbtxt must declare output "
                              f"{family.output} (it declares {declared_output})")
-    if family.video != bool(settings.default_num_frames):
+    if family.video != bool(settings.defaults.default_num_frames):
         need = "a video model needs default_num_frames > 0" if family.video else "an image model takes no default_num_frames"
         raise ModelLoadError(f"config.pbtxt parameters: {need}")
 
@@ -154,34 +154,34 @@ class PipelineRunner:
         self.text_to_image = text_to_image
         self.image_to_image = image_to_image
         self.device = device
-        self.settings = settings or ModelSettings(pretrained_model="(in memory)")
+        self.settings = settings or ModelSettings.build(pretrained_model="(in memory)")
         self.speed = tuple(speed)  # the speed knobs applied at load, for the log
         self.family: Family = family_of(text_to_image)
         self.pipelines = {TEXT_TO_IMAGE: text_to_image, IMAGE_TO_IMAGE: image_to_image}
         self.arguments = {task: call_arguments(pipe, task) for task, pipe in self.pipelines.items() if pipe is not None}
         # A static batch size (buckets, or graphs compiled with dynamic=False) must not shrink mid-call.
-        self.can_shrink = not self.settings.batch_buckets and not (
-            self.settings.compiles and self.settings.compile_dynamic == "false")
+        self.can_shrink = not self.settings.calls.batch_buckets and not (
+            self.settings.speed.compiles and self.settings.speed.compile_dynamic == "false")
         self.padded_rows = 0  # filler rows run so far to reach a bucket
 
     @classmethod
     def load(cls, settings: ModelSettings, device: Optional[str] = None, output: Optional[str] = None) -> "PipelineRunner":
-        """``device``: where Triton placed the instance (None: ``settings.device`` resolved here);
+        """``device``: where Triton placed the instance (None: ``settings.load.device`` resolved here);
         ``output``: what the model's config declares (IMAGE or VIDEO; None outside a server)."""
         import diffusers
         import torch
 
-        if settings.torch_num_threads > 0:
-            torch.set_num_threads(settings.torch_num_threads)
-        device = device or resolve_device(settings.device)
-        dtype = resolve_dtype(settings.torch_dtype, device)
-        pipeline_cls = getattr(diffusers, settings.pipeline_class or "DiffusionPipeline", None)
+        if settings.load.torch_num_threads > 0:
+            torch.set_num_threads(settings.load.torch_num_threads)
+        device = device or resolve_device(settings.load.device)
+        dtype = resolve_dtype(settings.load.torch_dtype, device)
+        pipeline_cls = getattr(diffusers, settings.load.pipeline_class or "DiffusionPipeline", None)
         if pipeline_cls is None:
-            raise ModelLoadError(f"config.pbtxt parameter pipeline_class={settings.pipeline_class!r} is not a diffusers class")
-        location = settings.model_location
-        kwargs = {"torch_dtype": dtype, "local_files_only": settings.local_files_only}
-        if settings.variant:
-            kwargs["variant"] = settings.variant
+            raise ModelLoadError(f"config.pbtxt parameter pipeline_class={settings.load.pipeline_class!r} is not a diffusers class")
+        location = settings.load.model_location
+        kwargs = {"torch_dtype": dtype, "local_files_only": settings.load.local_files_only}
+        if settings.load.variant:
+            kwargs["variant"] = settings.load.variant
         if location.startswith(RANDOM_PREFIX):
             try:
                 pipe = build_random_pipeline(location[len(RANDOM_PREFIX):], device, dtype)
@@ -197,13 +197,13 @@ class PipelineRunner:
         check_output(pipe, settings, output or family_of(pipe).output)
         effective = settings.for_device(device)
         try:
-            speed = apply_speed_settings(pipe, effective)
+            speed = apply_speed_settings(pipe, effective.speed)
         except SpeedSettingError as exc:
             raise ModelLoadError(f"config.pbtxt speed parameters: {exc}") from None
         if effective is not settings:
-            speed = [f"speed knobs ignored on {device} (speed_devices={','.join(settings.speed_devices)})"]
+            speed = [f"speed knobs ignored on {device} (speed_devices={','.join(settings.speed.speed_devices)})"]
         image_to_image = None
-        if settings.enable_image_to_image:
+        if settings.load.enable_image_to_image:
             try:
                 image_to_image = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
                 image_to_image.set_progress_bar_config(disable=True)
@@ -215,7 +215,7 @@ class PipelineRunner:
         """Run every (batch size, size, guidance) of ``settings.warmup_plan()`` once, two steps each,
         so that the shapes serving will use are compiled (and allocated) before READY."""
         batch_sizes, sizes, guidance_scales = self.settings.warmup_plan()
-        plan = [(CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale, num_frames=self.settings.default_num_frames),
+        plan = [(CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale, num_frames=self.settings.defaults.default_num_frames),
                  batch)
                 for height, width in sizes for guidance_scale in guidance_scales for batch in batch_sizes]
         report = run_warm_up(plan, lambda items: self.run(items[0].params, items))
@@ -255,7 +255,7 @@ class PipelineRunner:
         pipe = self.pipelines[params.task]
         arguments = self.arguments[params.task]
         requested = len(items)
-        fillers = bucket_for(requested, self.settings.batch_buckets) - requested
+        fillers = bucket_for(requested, self.settings.calls.batch_buckets) - requested
         # Filler rows repeat the last row: a warmed batch size costs less than compiling a new one.
         items = list(items) + [items[-1]] * fillers
         self.padded_rows += fillers
@@ -277,8 +277,8 @@ class PipelineRunner:
             kwargs["negative_prompt"] = [self.family.cfg_negative_prompt] * len(items)
         if params.num_frames:
             kwargs["num_frames"] = params.num_frames
-        if self.settings.max_sequence_length and "max_sequence_length" in arguments:
-            kwargs["max_sequence_length"] = self.settings.max_sequence_length
+        if self.settings.load.max_sequence_length and "max_sequence_length" in arguments:
+            kwargs["max_sequence_length"] = self.settings.load.max_sequence_length
         size = (params.height, params.width)
         if params.task == IMAGE_TO_IMAGE:
             kwargs["image"] = [

@@ -150,16 +150,16 @@ def _check_size(height: int, width: int, settings: ModelSettings, source: str = 
     an error about a value the client never sent must say so."""
     for name, side in (("HEIGHT", height), ("WIDTH", width)):
         label = f"{name}={side}{source if name in unsent else ''}"
-        if not settings.min_side <= side <= settings.max_side:
-            raise RequestError(f"{label} is outside the allowed range [{settings.min_side}, {settings.max_side}]")
-        if side % settings.size_multiple:
+        if not settings.limits.min_side <= side <= settings.limits.max_side:
+            raise RequestError(f"{label} is outside the allowed range [{settings.limits.min_side}, {settings.limits.max_side}]")
+        if side % settings.limits.size_multiple:
             hint = "; send HEIGHT and WIDTH to resize it" if name in unsent else ""
-            raise RequestError(f"{label} must be a multiple of {settings.size_multiple}{hint}")
+            raise RequestError(f"{label} must be a multiple of {settings.limits.size_multiple}{hint}")
     size = f"{height}x{width}{source if unsent else ''}"
-    if height * width > settings.pixel_limit:
-        raise RequestError(f"{size} is {height * width} pixels; the limit is {settings.pixel_limit}")
-    if settings.allowed_sizes and (height, width) not in settings.allowed_sizes:
-        allowed = ", ".join(f"{h}x{w}" for h, w in settings.allowed_sizes)
+    if height * width > settings.limits.pixel_limit:
+        raise RequestError(f"{size} is {height * width} pixels; the limit is {settings.limits.pixel_limit}")
+    if settings.limits.allowed_sizes and (height, width) not in settings.limits.allowed_sizes:
+        allowed = ", ".join(f"{h}x{w}" for h, w in settings.limits.allowed_sizes)
         raise RequestError(f"size {size} is not served by this model; allowed sizes: {allowed}")
 
 
@@ -181,12 +181,12 @@ def _source_images(inputs: Mapping[str, np.ndarray], batch: int, settings: Model
         # An empty IMAGE means "no source image": clients send it so that text-to-image and
         # image-to-image requests carry the same inputs and Triton may batch them together.
         return [None] * batch
-    if not settings.enable_image_to_image:
+    if not settings.load.enable_image_to_image:
         raise RequestError("this model does not serve image-to-image; send no IMAGE (or an empty one)")
     if image.shape[1] < 8 or image.shape[2] < 8:
         raise RequestError(f"IMAGE is {image.shape[1]}x{image.shape[2]}; it must be at least 8x8")
-    if pixels > settings.max_input_image_pixels:
-        raise RequestError(f"IMAGE has {pixels} pixels; the limit is {settings.max_input_image_pixels}")
+    if pixels > settings.limits.max_input_image_pixels:
+        raise RequestError(f"IMAGE has {pixels} pixels; the limit is {settings.limits.max_input_image_pixels}")
     return [np.ascontiguousarray(row) for row in image]
 
 
@@ -196,12 +196,12 @@ def _frames(inputs, batch: int, settings: ModelSettings) -> int:
     if len(frames) > 1:
         raise RequestError("all rows of one request must share NUM_FRAMES (its output is one tensor)")
     requested = frames.pop()
-    if not settings.default_num_frames:
+    if not settings.defaults.default_num_frames:
         if requested:
             raise RequestError(f"NUM_FRAMES={requested}: this model makes images, not videos")
         return 0
-    frames = requested or settings.default_num_frames
-    _check_range("NUM_FRAMES", frames, 1, settings.max_num_frames)
+    frames = requested or settings.defaults.default_num_frames
+    _check_range("NUM_FRAMES", frames, 1, settings.limits.max_num_frames)
     return frames
 
 
@@ -223,8 +223,8 @@ def _output_size(inputs, batch: int, images: list, settings: ModelSettings) -> t
         width = width or images[0].shape[1]
     else:
         source = " (the model's default size)"
-        height = height or settings.default_height
-        width = width or settings.default_width
+        height = height or settings.defaults.default_height
+        width = width or settings.defaults.default_width
     _check_size(height, width, settings, source, unsent)
     return height, width
 
@@ -250,7 +250,7 @@ def parse_request(
         if prompt.ndim == 0 or prompt.size == 0:
             raise RequestError(f"PROMPT must have shape [batch, 1], got {list(prompt.shape)}")
         batch = prompt.shape[0]
-        prompts = [_decode_text("PROMPT", v, settings.max_prompt_bytes, False) for v in _rows("PROMPT", prompt, batch)]
+        prompts = [_decode_text("PROMPT", v, settings.limits.max_prompt_bytes, False) for v in _rows("PROMPT", prompt, batch)]
 
         negatives: list = [None] * batch
         negative = inputs.get("NEGATIVE_PROMPT")
@@ -259,25 +259,25 @@ def parse_request(
                 raise RequestError(f"NEGATIVE_PROMPT must be BYTES, got dtype {negative.dtype}")
             # An empty negative prompt means none (the pipeline's own default).
             negatives = [
-                _decode_text("NEGATIVE_PROMPT", v, settings.max_prompt_bytes, True) or None
+                _decode_text("NEGATIVE_PROMPT", v, settings.limits.max_prompt_bytes, True) or None
                 for v in _rows("NEGATIVE_PROMPT", negative, batch)
             ]
 
         # Any negative SEED (or none) means "draw one"; the seed used is returned.
         seeds = [int(s) if s is not None and s >= 0 else random_seed() for s in _scalar("SEED", inputs, batch, None)]
-        steps = _scalar("NUM_INFERENCE_STEPS", inputs, batch, settings.default_steps)
-        guidance = _scalar("GUIDANCE_SCALE", inputs, batch, settings.default_guidance_scale)
+        steps = _scalar("NUM_INFERENCE_STEPS", inputs, batch, settings.defaults.default_steps)
+        guidance = _scalar("GUIDANCE_SCALE", inputs, batch, settings.defaults.default_guidance_scale)
         images = _source_images(inputs, batch, settings)
         is_i2i = images[0] is not None
         height, width = _output_size(inputs, batch, images, settings)
         num_frames = _frames(inputs, batch, settings)
-        strengths = _scalar("STRENGTH", inputs, batch, settings.default_strength)
+        strengths = _scalar("STRENGTH", inputs, batch, settings.defaults.default_strength)
         for strength in strengths:
             _check_range("STRENGTH", strength, 0.0, 1.0)
         items = []
         for row in range(batch):
-            _check_range("NUM_INFERENCE_STEPS", steps[row], 1, settings.max_steps)
-            _check_range("GUIDANCE_SCALE", guidance[row], 0.0, settings.max_guidance_scale)
+            _check_range("NUM_INFERENCE_STEPS", steps[row], 1, settings.limits.max_steps)
+            _check_range("GUIDANCE_SCALE", guidance[row], 0.0, settings.limits.max_guidance_scale)
             strength = float(strengths[row]) if is_i2i else None  # validated above; text-to-image has none
             if strength is not None and int(steps[row] * strength) < 1:
                 raise RequestError(

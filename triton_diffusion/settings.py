@@ -66,8 +66,6 @@ def _parse_floats(text: str) -> tuple[float, ...]:
 _LIST_PARSERS = {"speed_devices": lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
                  "allowed_sizes": _parse_sizes, "warmup_sizes": _parse_sizes, "batch_buckets": _parse_ints,
                  "warmup_batch_sizes": _parse_ints, "warmup_guidance_scales": _parse_floats}
-SPEED_KNOBS = ("compile", "compile_mode", "compile_dynamic", "compile_vae", "compile_backend", "channels_last", "fuse_qkv",
-               "attention_backend", "vae_slicing", "vae_tiling", "step_cache")
 COMPILE_CHOICES = ("off", "regional", "full")
 COMPILE_DYNAMIC_CHOICES = ("auto", "true", "false")
 BATCHING_CHOICES = ("dynamic", "continuous")
@@ -78,8 +76,8 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelSettings:
-    """Typed view of a model's ``config.pbtxt`` parameters (names match the parameter keys)."""
+class LoadSettings:
+    """Which weights, how they load, and how the pipeline is called."""
 
     pretrained_model: str = ""
     pipeline_class: str = ""  # empty: the class named in model_index.json (DiffusionPipeline)
@@ -89,15 +87,29 @@ class ModelSettings:
     variant: str = ""
     enable_image_to_image: bool = True
     torch_num_threads: int = 0  # 0: leave torch's default
-    # request defaults
+    max_sequence_length: int = 0  # text tokens the pipeline encodes (its max_sequence_length); 0: the pipeline's default
+
+    @property
+    def model_location(self) -> str:
+        return resolve_model_location(self.pretrained_model)
+
+
+@dataclass(frozen=True)
+class RequestDefaults:
+    """What a request that leaves an input out gets."""
+
     default_height: int = 512
     default_width: int = 512
     default_steps: int = 20
     default_guidance_scale: float = 7.5
     default_strength: float = 0.8
-    default_num_frames: int = 0  # video models: frames per video (> 0 makes NUM_FRAMES accepted); 0: an image model
-    max_sequence_length: int = 0  # text tokens the pipeline encodes (its max_sequence_length); 0: the pipeline's default
-    # request limits
+    default_num_frames: int = 0  # video models: frames per video (> 0 makes it a video model); 0: an image model
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may ask for; anything beyond is refused with INVALID_ARG."""
+
     size_multiple: int = 8
     min_side: int = 64
     max_side: int = 2048
@@ -108,16 +120,38 @@ class ModelSettings:
     max_guidance_scale: float = 50.0
     max_prompt_bytes: int = 4096
     max_input_image_pixels: int = 2048 * 2048
-    # memory budget of one pipeline call: images x height x width
-    max_pixels_per_call: int = 16 * 512 * 512
+
+    @property
+    def pixel_limit(self) -> int:
+        """The most output pixels a request may ask for."""
+        return self.max_pixels or self.max_side * self.max_side
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """How requests become calls: the memory budget of one call, the batching mode, and how often a
+    running call talks to Triton."""
+
+    max_pixels_per_call: int = 16 * 512 * 512  # images x height x width
     max_images_per_call: int = 16
     # how often a running call asks Triton whether its requests were cancelled (0: every step)
     cancellation_poll_interval_ms: int = 100
     progress_interval_ms: int = 1000  # continuous mode: progress responses to requests that ask (parameter "progress")
     # dynamic: one pipeline call per batch Triton forms; continuous: newcomers join the running batch
-    # at the next denoising step (families with a step model, stepwise.py; the model must be decoupled)
+    # at the next denoising step (families with a step adapter; the backend makes the model decoupled)
     batching: str = "dynamic"
-    # speed (acceleration.py); all off by default: the CPU tiny model gains nothing from them
+    # calls are padded up to the nearest bucket (warmed shapes; static compiled graphs); empty: no padding
+    batch_buckets: tuple[int, ...] = ()
+
+    @property
+    def continuous(self) -> bool:
+        return self.batching == "continuous"
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """Speed knobs (acceleration.py); all off by default: the CPU tiny model gains nothing from them."""
+
     speed_devices: tuple[str, ...] = ("cuda",)  # device types the knobs below apply on (elsewhere: ignored, logged)
     compile: str = "off"  # off | regional (diffusers compile_repeated_blocks) | full (the whole denoiser)
     compile_mode: str = ""  # torch.compile mode: "" (default), reduce-overhead (CUDA graphs), max-autotune...
@@ -130,24 +164,59 @@ class ModelSettings:
     vae_slicing: bool = False
     vae_tiling: bool = False
     step_cache: str = ""  # a diffusers cache config, e.g. "FirstBlockCache threshold=0.05" (changes images)
-    # calls are padded up to the nearest bucket (warmed shapes; static compiled graphs); empty: no padding
-    batch_buckets: tuple[int, ...] = ()
-    # warm-up before READY: every batch size x size x guidance below (defaults in warmup_plan())
+
+    @property
+    def compiles(self) -> bool:
+        return self.compile != "off" or self.compile_vae
+
+
+@dataclass(frozen=True)
+class WarmupSettings:
+    """What runs before READY: every batch size x size x guidance below (defaults in ``ModelSettings.warmup_plan``)."""
+
     warmup_batch_sizes: tuple[int, ...] = ()
     warmup_sizes: tuple[tuple[int, int], ...] = ()
     warmup_guidance_scales: tuple[float, ...] = ()
 
+
+# record name -> record class; every config.pbtxt parameter key is a field of exactly one record
+RECORDS = {"load": LoadSettings, "defaults": RequestDefaults, "limits": RequestLimits, "calls": CallSettings,
+           "speed": SpeedSettings, "warmup": WarmupSettings}
+PARAMETERS = {field.name: (record, field) for record, cls in RECORDS.items() for field in fields(cls)}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Typed view of a model's ``config.pbtxt`` parameters, as one small record per concern (the
+    field names are the parameter keys)."""
+
+    load: LoadSettings = LoadSettings()
+    defaults: RequestDefaults = RequestDefaults()
+    limits: RequestLimits = RequestLimits()
+    calls: CallSettings = CallSettings()
+    speed: SpeedSettings = SpeedSettings()
+    warmup: WarmupSettings = WarmupSettings()
+
+    @classmethod
+    def build(cls, **values: Any) -> "ModelSettings":
+        """Settings from typed values by parameter key (tests, benchmarks); unchecked."""
+        grouped: dict[str, dict[str, Any]] = {record: {} for record in RECORDS}
+        for key, value in values.items():
+            if key not in PARAMETERS:
+                raise SettingsError(f"{key!r} is not a known parameter")
+            grouped[PARAMETERS[key][0]][key] = value
+        return cls(**{record: RECORDS[record](**grouped[record]) for record in RECORDS})
+
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "ModelSettings":
         """Build settings from a flat ``{key: string}`` mapping; an unknown key is an error."""
-        known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in parameters.items():
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else f"; known parameters: {', '.join(known)}"
+            if key not in PARAMETERS:
+                close = difflib.get_close_matches(key, PARAMETERS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; known parameters: {', '.join(PARAMETERS)}"
                 raise SettingsError(f"config.pbtxt parameter {key!r} is not a known parameter{hint}")
-            kind = known[key].type
+            kind = PARAMETERS[key][1].type
             try:
                 if kind == "bool":
                     values[key] = _parse_bool(raw)
@@ -163,7 +232,7 @@ class ModelSettings:
                 raise SettingsError(f"config.pbtxt parameter {key!r}: {exc}") from exc
         if not values.get("pretrained_model"):
             raise SettingsError("config.pbtxt must set parameter 'pretrained_model' (a local path or hub id)")
-        settings = cls(**values)
+        settings = cls.build(**values)
         settings.check()
         return settings
 
@@ -175,103 +244,18 @@ class ModelSettings:
         }
         return cls.from_parameters(parameters)
 
-    @property
-    def model_location(self) -> str:
-        return resolve_model_location(self.pretrained_model)
-
-    @property
-    def pixel_limit(self) -> int:
-        """The most output pixels a request may ask for."""
-        return self.max_pixels or self.max_side * self.max_side
-
     def check(self) -> None:
         """Raise ``SettingsError`` for limits that contradict each other or the defaults."""
-        problems = []
-        if self.max_pixels and self.max_pixels >= self.max_side * self.max_side:
-            problems.append(
-                f"max_pixels={self.max_pixels} can never reject a request: max_side={self.max_side} already caps "
-                f"a request at {self.max_side * self.max_side} pixels (lower max_pixels, or remove it)"
-            )
-        if not 0 < self.min_side <= self.max_side:
-            problems.append(f"min_side={self.min_side} and max_side={self.max_side} allow no size")
-        sizes = [("default_height/default_width", self.default_height, self.default_width)]
-        sizes += [("allowed_sizes", height, width) for height, width in self.allowed_sizes]
-        for what, height, width in sizes:
-            sides_ok = all(self.min_side <= side <= self.max_side and side % self.size_multiple == 0 for side in (height, width))
-            if not sides_ok or height * width > self.pixel_limit:
-                problems.append(f"{what} {height}x{width} breaks the model's own size limits")
-        if self.allowed_sizes and (self.default_height, self.default_width) not in self.allowed_sizes:
-            problems.append(f"the default size {self.default_height}x{self.default_width} is not in allowed_sizes")
-        if not 1 <= self.default_steps <= self.max_steps:
-            problems.append(f"default_steps={self.default_steps} is outside [1, max_steps={self.max_steps}]")
-        if not 0 <= self.default_guidance_scale <= self.max_guidance_scale:
-            problems.append(f"default_guidance_scale={self.default_guidance_scale} is outside [0, {self.max_guidance_scale}]")
-        if not 0 <= self.default_strength <= 1:
-            problems.append(f"default_strength={self.default_strength} is outside [0, 1]")
-        if self.default_num_frames and not 1 <= self.default_num_frames <= self.max_num_frames:
-            problems.append(f"default_num_frames={self.default_num_frames} is outside [1, max_num_frames={self.max_num_frames}]")
-        if self.default_num_frames < 0 or self.max_sequence_length < 0:
-            problems.append("default_num_frames and max_sequence_length must be 0 or more")
-        if self.max_images_per_call < 1 or self.max_pixels_per_call < 1:
-            problems.append("max_images_per_call and max_pixels_per_call must be positive")
-        if self.batching not in BATCHING_CHOICES:
-            problems.append(f"batching={self.batching!r} must be one of {', '.join(BATCHING_CHOICES)}")
-        elif self.continuous and (self.batch_buckets or self.step_cache):
-            # a running batch changes size at every admission and mixes steps: neither padding to a
-            # bucket nor a step cache (which assumes one step for the whole batch) applies
-            problems.append("batching=continuous takes neither batch_buckets nor step_cache")
-        elif self.continuous and self.compiles and self.compile_dynamic == "false":
-            # every row count (and guided/unguided mix) of the running batch would be a new static graph
-            problems.append("batching=continuous runs any number of rows per step, so compile_dynamic=false would "
-                            "compile a graph per row count while serving; use compile_dynamic auto or true")
-        problems += self._speed_problems()
+        problems = _problems(self)
         if problems:
             raise SettingsError("config.pbtxt parameters are inconsistent: " + "; ".join(problems))
-
-    def _speed_problems(self) -> list[str]:
-        problems = []
-        if self.compile not in COMPILE_CHOICES:
-            problems.append(f"compile={self.compile!r} must be one of {', '.join(COMPILE_CHOICES)}")
-        if self.compile_dynamic not in COMPILE_DYNAMIC_CHOICES:
-            problems.append(f"compile_dynamic={self.compile_dynamic!r} must be one of {', '.join(COMPILE_DYNAMIC_CHOICES)}")
-        if self.vae_slicing and self.compile_vae:
-            problems.append("vae_slicing decodes one image at a time, so compile_vae would compile batch 1 only; choose one")
-        if any(size < 1 for size in self.batch_buckets + self.warmup_batch_sizes):
-            problems.append("batch_buckets and warmup_batch_sizes must be positive")
-        if self.batch_buckets and self.max_images_per_call > max(self.batch_buckets):
-            problems.append(
-                f"max_images_per_call={self.max_images_per_call} exceeds the largest of batch_buckets={list(self.batch_buckets)}: "
-                "such a call would have no bucket"
-            )
-        if self.batch_buckets and set(self.warmup_batch_sizes) - set(self.batch_buckets):
-            problems.append("warmup_batch_sizes must be among batch_buckets (calls are padded to a bucket)")
-        if self.allowed_sizes and set(self.warmup_sizes) - set(self.allowed_sizes):
-            problems.append("warmup_sizes must be among allowed_sizes (no request can have another size)")
-        for height, width in self.warmup_sizes:
-            if height * width > self.pixel_limit or max(height, width) > self.max_side:
-                problems.append(f"warmup_sizes {height}x{width} breaks the model's own size limits")
-        if any(not 0 <= scale <= self.max_guidance_scale for scale in self.warmup_guidance_scales):
-            problems.append(f"warmup_guidance_scales must be within [0, max_guidance_scale={self.max_guidance_scale}]")
-        if self.cancellation_poll_interval_ms < 0:
-            problems.append("cancellation_poll_interval_ms must be 0 or more")
-        if self.progress_interval_ms < 10:
-            problems.append("progress_interval_ms must be 10 or more")
-        return problems
 
     def for_device(self, device: str) -> "ModelSettings":
         """These settings on ``device``: the speed knobs reset where ``speed_devices`` excludes its type
         (a GPU config run on a CPU would otherwise spend many minutes compiling for no gain)."""
-        if device.split(":")[0] in self.speed_devices:
+        if device.split(":")[0] in self.speed.speed_devices:
             return self
-        return dataclasses.replace(self, **{name: getattr(ModelSettings, name) for name in SPEED_KNOBS})
-
-    @property
-    def continuous(self) -> bool:
-        return self.batching == "continuous"
-
-    @property
-    def compiles(self) -> bool:
-        return self.compile != "off" or self.compile_vae
+        return dataclasses.replace(self, speed=SpeedSettings(speed_devices=self.speed.speed_devices))
 
     def warmup_plan(self) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[float, ...]]:
         """(batch sizes, sizes, guidance scales) to run before READY; empty batch sizes: no warm-up.
@@ -281,31 +265,104 @@ class ModelSettings:
         batch reuses that graph), or every row count in continuous mode (its running batch visits
         them all); the default size and every allowed size; the default guidance.
         """
-        batch_sizes = self.warmup_batch_sizes or self.batch_buckets
-        if not batch_sizes and self.compiles:
-            if self.continuous:  # a running batch passes through every row count
-                batch_sizes = tuple(range(1, self.max_images_per_call + 1))
+        calls, defaults = self.calls, self.defaults
+        batch_sizes = self.warmup.warmup_batch_sizes or self.calls.batch_buckets
+        if not batch_sizes and self.speed.compiles:
+            if calls.continuous:  # a running batch passes through every row count
+                batch_sizes = tuple(range(1, calls.max_images_per_call + 1))
             else:
-                batch_sizes = tuple(sorted({1, min(2, self.max_images_per_call), self.max_images_per_call}))
-        sizes = self.warmup_sizes or tuple(dict.fromkeys(((self.default_height, self.default_width),) + self.allowed_sizes))
-        return tuple(batch_sizes), sizes, self.warmup_guidance_scales or (self.default_guidance_scale,)
+                batch_sizes = tuple(sorted({1, min(2, calls.max_images_per_call), calls.max_images_per_call}))
+        sizes = self.warmup.warmup_sizes or tuple(dict.fromkeys(
+            ((defaults.default_height, defaults.default_width),) + self.limits.allowed_sizes))
+        return tuple(batch_sizes), sizes, self.warmup.warmup_guidance_scales or (defaults.default_guidance_scale,)
 
     def batching_warnings(self, max_batch_size: int) -> list[str]:
         """What a ``max_batch_size`` of the same config silently does to pipeline calls."""
+        calls, defaults = self.calls, self.defaults
         warnings = []
-        if max_batch_size > self.max_images_per_call:
+        if max_batch_size > calls.max_images_per_call:
             warnings.append(
-                f"max_batch_size={max_batch_size} exceeds max_images_per_call={self.max_images_per_call}: a full "
-                f"batch from Triton runs as {-(-max_batch_size // self.max_images_per_call)} pipeline calls"
+                f"max_batch_size={max_batch_size} exceeds max_images_per_call={calls.max_images_per_call}: a full "
+                f"batch from Triton runs as {-(-max_batch_size // calls.max_images_per_call)} pipeline calls"
             )
-        per_call_at_default = self.max_pixels_per_call // (self.default_height * self.default_width)
+        per_call_at_default = calls.max_pixels_per_call // (defaults.default_height * defaults.default_width)
         if max_batch_size > per_call_at_default >= 1:
             warnings.append(
-                f"max_batch_size={max_batch_size} exceeds what max_pixels_per_call={self.max_pixels_per_call} fits at "
-                f"the default size {self.default_height}x{self.default_width} ({per_call_at_default} images): a full "
-                "batch runs as several pipeline calls"
+                f"max_batch_size={max_batch_size} exceeds what max_pixels_per_call={calls.max_pixels_per_call} fits at "
+                f"the default size {defaults.default_height}x{defaults.default_width} ({per_call_at_default} images): a "
+                "full batch runs as several pipeline calls"
             )
         return warnings
+
+
+def _problems(settings: ModelSettings) -> list[str]:
+    """The cross-checks: limits that contradict each other or the defaults, knobs that cannot go together."""
+    d, lim, calls, speed, warm = settings.defaults, settings.limits, settings.calls, settings.speed, settings.warmup
+    problems = []
+    if lim.max_pixels and lim.max_pixels >= lim.max_side * lim.max_side:
+        problems.append(
+            f"max_pixels={lim.max_pixels} can never reject a request: max_side={lim.max_side} already caps "
+            f"a request at {lim.max_side * lim.max_side} pixels (lower max_pixels, or remove it)"
+        )
+    if not 0 < lim.min_side <= lim.max_side:
+        problems.append(f"min_side={lim.min_side} and max_side={lim.max_side} allow no size")
+    sizes = [("default_height/default_width", d.default_height, d.default_width)]
+    sizes += [("allowed_sizes", height, width) for height, width in lim.allowed_sizes]
+    for what, height, width in sizes:
+        sides_ok = all(lim.min_side <= side <= lim.max_side and side % lim.size_multiple == 0 for side in (height, width))
+        if not sides_ok or height * width > lim.pixel_limit:
+            problems.append(f"{what} {height}x{width} breaks the model's own size limits")
+    if lim.allowed_sizes and (d.default_height, d.default_width) not in lim.allowed_sizes:
+        problems.append(f"the default size {d.default_height}x{d.default_width} is not in allowed_sizes")
+    if not 1 <= d.default_steps <= lim.max_steps:
+        problems.append(f"default_steps={d.default_steps} is outside [1, max_steps={lim.max_steps}]")
+    if not 0 <= d.default_guidance_scale <= lim.max_guidance_scale:
+        problems.append(f"default_guidance_scale={d.default_guidance_scale} is outside [0, {lim.max_guidance_scale}]")
+    if not 0 <= d.default_strength <= 1:
+        problems.append(f"default_strength={d.default_strength} is outside [0, 1]")
+    if d.default_num_frames and not 1 <= d.default_num_frames <= lim.max_num_frames:
+        problems.append(f"default_num_frames={d.default_num_frames} is outside [1, max_num_frames={lim.max_num_frames}]")
+    if d.default_num_frames < 0 or settings.load.max_sequence_length < 0:
+        problems.append("default_num_frames and max_sequence_length must be 0 or more")
+    if calls.max_images_per_call < 1 or calls.max_pixels_per_call < 1:
+        problems.append("max_images_per_call and max_pixels_per_call must be positive")
+    if calls.batching not in BATCHING_CHOICES:
+        problems.append(f"batching={calls.batching!r} must be one of {', '.join(BATCHING_CHOICES)}")
+    elif calls.continuous and (calls.batch_buckets or speed.step_cache):
+        # a running batch changes size at every admission and mixes steps: neither padding to a
+        # bucket nor a step cache (which assumes one step for the whole batch) applies
+        problems.append("batching=continuous takes neither batch_buckets nor step_cache")
+    elif calls.continuous and speed.compiles and speed.compile_dynamic == "false":
+        # every row count (and guided/unguided mix) of the running batch would be a new static graph
+        problems.append("batching=continuous runs any number of rows per step, so compile_dynamic=false would "
+                        "compile a graph per row count while serving; use compile_dynamic auto or true")
+    if speed.compile not in COMPILE_CHOICES:
+        problems.append(f"compile={speed.compile!r} must be one of {', '.join(COMPILE_CHOICES)}")
+    if speed.compile_dynamic not in COMPILE_DYNAMIC_CHOICES:
+        problems.append(f"compile_dynamic={speed.compile_dynamic!r} must be one of {', '.join(COMPILE_DYNAMIC_CHOICES)}")
+    if speed.vae_slicing and speed.compile_vae:
+        problems.append("vae_slicing decodes one image at a time, so compile_vae would compile batch 1 only; choose one")
+    if any(size < 1 for size in calls.batch_buckets + warm.warmup_batch_sizes):
+        problems.append("batch_buckets and warmup_batch_sizes must be positive")
+    if calls.batch_buckets and calls.max_images_per_call > max(calls.batch_buckets):
+        problems.append(
+            f"max_images_per_call={calls.max_images_per_call} exceeds the largest of batch_buckets="
+            f"{list(calls.batch_buckets)}: such a call would have no bucket"
+        )
+    if calls.batch_buckets and set(warm.warmup_batch_sizes) - set(calls.batch_buckets):
+        problems.append("warmup_batch_sizes must be among batch_buckets (calls are padded to a bucket)")
+    if lim.allowed_sizes and set(warm.warmup_sizes) - set(lim.allowed_sizes):
+        problems.append("warmup_sizes must be among allowed_sizes (no request can have another size)")
+    for height, width in warm.warmup_sizes:
+        if height * width > lim.pixel_limit or max(height, width) > lim.max_side:
+            problems.append(f"warmup_sizes {height}x{width} breaks the model's own size limits")
+    if any(not 0 <= scale <= lim.max_guidance_scale for scale in warm.warmup_guidance_scales):
+        problems.append(f"warmup_guidance_scales must be within [0, max_guidance_scale={lim.max_guidance_scale}]")
+    if calls.cancellation_poll_interval_ms < 0:
+        problems.append("cancellation_poll_interval_ms must be 0 or more")
+    if calls.progress_interval_ms < 10:
+        problems.append("progress_interval_ms must be 10 or more")
+    return problems
 
 
 # One line per parameter: README's parameter table is generated from this (python -m
@@ -327,7 +384,7 @@ PARAMETER_DOCS = {
     "default_guidance_scale": "Guidance scale when a request sends none.",
     "default_strength": "Image-to-image strength when a request sends none.",
     "default_num_frames": "Video models: frames per video when a request sends no `NUM_FRAMES`; 0 marks an image model "
-                          "(declare output `IMAGE`), more than 0 a video model (declare output `VIDEO` and input `NUM_FRAMES`).",
+                          "(output `IMAGE`), more than 0 a video model (output `VIDEO`, input `NUM_FRAMES`).",
     "max_sequence_length": "Text tokens the pipeline encodes (its `max_sequence_length`); 0: the pipeline's default.",
     "size_multiple": "Height and width must be multiples of this.",
     "min_side": "Smallest height or width a request may ask for.",
@@ -346,8 +403,8 @@ PARAMETER_DOCS = {
                             "gets a `PROGRESS` response (steps done, steps in all, per row): a progress bar, and the "
                             "sign of life a client's stall timeout waits for.",
     "batching": "`dynamic`: one pipeline call per batch Triton forms. `continuous`: a running batch that requests join at "
-                "the next denoising step (FLUX.1, SD3.5, Qwen-Image, Z-Image, SD 1.5/2.x; the model must declare "
-                "`model_transaction_policy { decoupled: true }`).",
+                "the next denoising step (families with a step adapter: FLUX.1, SD3.5, Qwen-Image, Z-Image, SD 1.5/2.x; "
+                "the backend declares the model decoupled).",
     "speed_devices": "Device types the speed knobs apply on (default `cuda`); elsewhere they are ignored and logged.",
     "compile": "`off`, `regional` (diffusers' `compile_repeated_blocks`) or `full` (the whole denoiser).",
     "compile_mode": "torch.compile mode: empty (default), `reduce-overhead` (CUDA graphs), `max-autotune`, ...",
@@ -377,8 +434,8 @@ def parameters_markdown() -> str:
         return str(value) if value != "" else "(empty)"
 
     lines = ["| parameter | default | meaning |", "|---|---|---|"]
-    for field in fields(ModelSettings):
-        lines.append(f"| `{field.name}` | {shown(field.default)} | {PARAMETER_DOCS[field.name]} |")
+    for name, (_, field) in PARAMETERS.items():
+        lines.append(f"| `{name}` | {shown(field.default)} | {PARAMETER_DOCS[name]} |")
     return "\n".join(lines)
 
 
