@@ -17,12 +17,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from triton_diffusion.pipeline import PipelineRunner  # noqa: E402
-from triton_diffusion.requests import text_to_image  # noqa: E402
-from triton_diffusion.settings import ModelSettings, resolve_model_location  # noqa: E402
-from testing.shapes import HELD_OUT, SIZE, Scene, adherence  # noqa: E402
+from triton_diffusion.pipeline import PipelineRunner
+from triton_diffusion.requests import text_to_image
+from triton_diffusion.settings import ModelSettings, resolve_model_location
+from testing.shapes import HELD_OUT, SIZE, Scene, adherence
 
 MODEL = "{repo}/models/tiny-shapes"
 

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf.gpu_bench import card_name, dtype_for, items_for, log  # noqa: E402
-from testing.rows import CancelAfter  # noqa: E402
-from perf.prompts import vbench_prompts  # noqa: E402
+from perf.gpu_bench import dtype_for, items_for
+from perf.lib import card_name, log
+from testing.rows import CancelAfter
+from perf.prompts import vbench_prompts
 
 
 def run_mode(runner, items, mode: str, args) -> tuple[float, list]:

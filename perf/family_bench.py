@@ -29,20 +29,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from client import DiffusionClient  # noqa: E402
-from perf.gpu_bench import card_name, log, served_round  # noqa: E402
-from perf.prompts import vbench_prompts  # noqa: E402
-from testing import harness  # noqa: E402
-from triton_diffusion import families, model_config  # noqa: E402
+from client import DiffusionClient
+from perf.lib import card_name, closed_loop, log, model_parameters, serve, today, write_results
+from perf.prompts import vbench_prompts
+from triton_diffusion import families, model_config
 
 def family(arch: str) -> tuple[str, float, int]:
     """dtype, guidance and served steps of ``arch`` (its family declares them)."""
@@ -60,17 +55,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def settings_parameters(arch: str, args, size: tuple[int, int], biggest: int) -> dict[str, str]:
-    dtype, guidance, steps = family(arch)
-    frames = args.frames if is_video(arch) else 0
-    return {
-        "pretrained_model": f"random:{arch}", "device": args.device,
-        "torch_dtype": dtype if args.device.startswith("cuda") else "float32",
-        "default_height": str(size[0]), "default_width": str(size[1]), "default_steps": str(args.steps or steps),
-        "default_guidance_scale": str(guidance), "size_multiple": "16", "min_side": "32", "max_side": "2048",
-        "max_steps": "100", "max_images_per_call": str(biggest),
-        "max_pixels_per_call": str(biggest * size[0] * size[1] * max(1, frames)),
-        **({"default_num_frames": str(frames), "max_num_frames": str(max(frames, 17))} if frames else {}),
-    }
+    return model_parameters(arch, args.device, size, args.steps, biggest, args.frames if is_video(arch) else 0)
 
 
 def _sync(device: str) -> None:
@@ -148,20 +133,18 @@ def served(arch: str, args, prompts, workdir: Path) -> dict:
     name = arch.replace("-", "_").replace(".", "_")
     parameters = {**settings_parameters(arch, args, size, biggest), "max_pixels": None, "torch_num_threads": None,
                   "cancellation_poll_interval_ms": "100"}
-    config = model_config.variant(name, parameters, f"max_queue_delay_microseconds: {args.delay_us}", biggest,
-                                  base=families.architecture(arch)[0].test_model if is_video(arch) else model_config.BASE_MODEL)
-    model_config.write_model(workdir / "repo", config, base=families.architecture(arch)[0].test_model if is_video(arch) else model_config.BASE_MODEL)
+    base = families.architecture(arch)[0].test_model if is_video(arch) else model_config.BASE_MODEL
+    config = model_config.variant(name, parameters, f"max_queue_delay_microseconds: {args.delay_us}", biggest, base=base)
     started = time.perf_counter()
-    server = harness.serve([name], workdir / "repo", log_path=workdir / f"{name}.log", ready_timeout=900)
+    server = serve([(config, base)], workdir)
     result = {"size": f"{size[0]}x{size[1]}", "steps": int(parameters["default_steps"]), "ready_s": time.perf_counter() - started,
               "levels": {}}
-    log(f"{name}: READY in {result['ready_s']:.1f}s")
     try:
         with DiffusionClient(f"grpc://{server.grpc_url}", name, timeout_s=1800) as client:
             for concurrency in args.concurrency:
-                served_round(client, server, name, concurrency, concurrency, prompts, offset=900_000 + concurrency)  # warm-up
-                rounds = [served_round(client, server, name, concurrency, max(args.min_requests, args.rounds_per_level * concurrency),
-                                       prompts, offset=10_000 * concurrency)]
+                closed_loop(client, server, name, concurrency, concurrency, prompts, offset=900_000 + concurrency)  # warm-up
+                rounds = [closed_loop(client, server, name, concurrency, max(args.min_requests, args.rounds_per_level * concurrency),
+                                      prompts, offset=10_000 * concurrency)]
                 level = rounds[0]
                 latencies = sorted(level["latencies"])
                 result["levels"][concurrency] = {
@@ -233,8 +216,8 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()
     prompts = vbench_prompts()
     card = card_name()
-    header = f"card: {card}, torch {torch.__version__}, eager, {date.today().isoformat()}, random weights; command: {' '.join(sys.argv)}"
-    stem = args.out / f"family_bench_{card.replace(' ', '_')}_{date.today().isoformat()}_{args.archs.replace(',', '+')}{'_' + args.tag if args.tag else ''}"
+    header = f"card: {card}, torch {torch.__version__}, eager, {today()}, random weights; command: {' '.join(sys.argv)}"
+    stem = f"family_bench_{card.replace(' ', '_')}_{today()}_{args.archs.replace(',', '+')}{'_' + args.tag if args.tag else ''}"
     log(header)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,12 +228,10 @@ def main(argv=None) -> int:
             if args.concurrency:
                 result["served"] = served(arch, args, prompts, Path(tmp) / arch)
             results.append(result)
-            Path(f"{stem}.json").write_text(json.dumps({"card": card, "date": date.today().isoformat(),
-                                                             "args": {k: str(v) for k, v in vars(args).items()},
-                                                             "results": results}, indent=1))
+            write_results(args.out, stem, {"args": vars(args), "results": results})
             log(summarize([result], arch))
     table = summarize(results, header)
-    Path(f"{stem}.txt").write_text(table + "\n")  # not with_suffix: "wan2.1-..." has a dot
+    write_results(args.out, stem, {"args": vars(args), "results": results}, table)
     print(table)
     return 0
 

@@ -19,14 +19,14 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import DiffusionClient  # noqa: E402
-from perf.gpu_bench import base_parameters, card_name, log, served_round  # noqa: E402
-from perf.prompts import vbench_prompts  # noqa: E402
-from testing import harness  # noqa: E402
-from triton_diffusion import model_config  # noqa: E402
-from triton_diffusion.front import write_front  # noqa: E402
+from client import DiffusionClient
+from perf.gpu_bench import base_parameters
+from perf.lib import card_name, closed_loop, log
+from perf.prompts import vbench_prompts
+from testing import harness
+from triton_diffusion import model_config
+from triton_diffusion.front import write_front
 
 
 def main(argv=None) -> int:
@@ -59,13 +59,13 @@ def main(argv=None) -> int:
                        "front": DiffusionClient(f"grpc://{server.grpc_url}", front, timeout_s=1800)}
             for path, client in clients.items():  # warm-up: every level once on each path
                 for concurrency in args.concurrency:
-                    served_round(client, server, core, concurrency, concurrency, prompts, offset=900_000)
+                    closed_loop(client, server, core, concurrency, concurrency, prompts, offset=900_000)
             for repeat in range(args.repeats):
                 for concurrency in args.concurrency:
                     count = max(args.min_requests, args.requests_per_level * concurrency)
                     for path in ("direct", "front") if repeat % 2 == 0 else ("front", "direct"):
                         # the same prompts and seeds on both paths; batches are counted on the batched model
-                        level = served_round(clients[path], server, core, concurrency, count, prompts, offset=10_000 * (repeat + 1))
+                        level = closed_loop(clients[path], server, core, concurrency, count, prompts, offset=10_000 * (repeat + 1))
                         results[path].setdefault(concurrency, []).append(level)
                         log(f"{path} r{repeat + 1} c={concurrency}: {level['images_per_s']:.3f} img/s, batches {level['histogram']}")
             for client in clients.values():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,21 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import DiffusionClient, GenerationRequest  # noqa: E402
-from perf.prompts import vbench_prompts  # noqa: E402
-from testing import harness  # noqa: E402
-from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY  # noqa: E402
-from triton_diffusion.tiny import ensure_tiny_model  # noqa: E402
+from client import DiffusionClient, GenerationRequest
+from perf.prompts import vbench_prompts
+from triton_diffusion.launcher import free_port
+from testing import harness
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
+from triton_diffusion.tiny import ensure_tiny_model
 
 MODEL = "stable_diffusion_tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def timed(call) -> float:

@@ -29,25 +29,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from datetime import date
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from client import DiffusionClient, GenerationRequest  # noqa: E402
-from client.cli import percentile  # noqa: E402
-from perf.prompts import vbench_prompts  # noqa: E402
-from testing import harness  # noqa: E402
-from triton_diffusion import families, model_config  # noqa: E402
+from client import DiffusionClient
+from perf.lib import (ProcessMemory, card_name, closed_loop, log, model_parameters, percentile, serve, spread,
+                      today, write_results)
+from perf.prompts import vbench_prompts
+from testing import harness
+from triton_diffusion import families, model_config
 
 # --speed: eager, or compiled with the knobs its family declares fastest (families/*.py, README);
 # both sides of a comparison get the same.
@@ -58,17 +53,6 @@ MODES = {
     # wait up to 100 ms for a full batch of the largest concurrency level
     "dynamic-full": "preferred_batch_size: [ {max_batch} ] max_queue_delay_microseconds: 100000",
 }
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def card_name() -> str:
-    try:
-        return subprocess.check_output(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], text=True).splitlines()[0].strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "cpu"
 
 
 def dtype_for(arch: str, args) -> str:
@@ -110,50 +94,6 @@ def items_for(prompts, count, args, arch, offset=0):
 
     return [text_to_image(prompts[(offset + i) % len(prompts)], offset + i, args.steps, guidance_for(arch), args.size, args.size)
             for i in range(count)]
-
-
-class ProcessMemory:
-    """Peak GPU memory (MiB) of some processes, sampled with nvidia-smi while a phase runs.
-
-    The same measurement for both sides: the offline side is this process, the served side the
-    Python-backend stub(s) holding the model.
-    """
-
-    def __init__(self, pids, interval: float = 0.25):
-        self.pids, self.interval, self.peak, self.available = set(pids), interval, 0, True
-        self._stop = threading.Event()
-
-    def _sample(self) -> int:
-        out = subprocess.check_output(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"], text=True)
-        used = 0
-        for line in out.strip().splitlines():
-            pid, memory = (part.strip() for part in line.split(","))
-            if int(pid) in self.pids:
-                used += int(memory)
-        return used
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self._sample())
-            except (OSError, subprocess.CalledProcessError, ValueError):
-                self.available = False
-                return
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_mib(self):
-        return self.peak if self.available and self.peak else None
 
 
 class Offline:
@@ -220,13 +160,7 @@ class Offline:
 def base_parameters(arch: str, args, images_per_call: Optional[int] = None) -> dict[str, str]:
     """config.pbtxt parameters serving random weights of ``arch`` at ``args``' device, size and steps,
     with calls of up to ``images_per_call`` images (default: ``largest_call``)."""
-    biggest = images_per_call or largest_call(args)
-    return {
-        "pretrained_model": f"random:{arch}", "device": args.device, "torch_dtype": dtype_for(arch, args),
-        "default_height": str(args.size), "default_width": str(args.size), "default_steps": str(args.steps),
-        "default_guidance_scale": str(guidance_for(arch)), "min_side": "64", "max_side": "2048",
-        "max_images_per_call": str(biggest), "max_pixels_per_call": str(biggest * args.size ** 2),
-    }
+    return model_parameters(arch, args.device, (args.size, args.size), args.steps, images_per_call or largest_call(args))
 
 
 def serve_mode(arch: str, mode: str, args, workdir: Path):
@@ -236,47 +170,12 @@ def serve_mode(arch: str, mode: str, args, workdir: Path):
     max_batch = args.max_batch or max(args.concurrency)
     batching = None if batching is None else batching.format(delay_us=args.delay_us, max_batch=max_batch)
     config = model_config.variant(name, parameters, batching, max_batch_size=max_batch)
-    model_config.write_model(workdir / "repo", config)
     started = time.perf_counter()
-    server = harness.serve([name], workdir / "repo", log_path=workdir / f"{name}.log", ready_timeout=900)
+    server = serve([(config, model_config.BASE_MODEL)], workdir)
     ready = time.perf_counter() - started
     warmup = harness.metric(server, "diffusion_warmup_seconds", name)
-    log(f"{name}: READY in {ready:.1f}s (warm-up {warmup:.1f}s)")
+    log(f"{name}: warm-up {warmup:.1f}s of it")
     return server, name, {"ready_s": ready, "warmup_s": warmup}
-
-
-def stub_pids(server) -> list[int]:
-    import psutil
-
-    return [child.pid for child in psutil.Process(server.process.pid).children(recursive=True)
-            if "triton_python_backend_stub" in " ".join(child.cmdline()[:1])]
-
-
-def served_round(client, server, name, concurrency: int, count: int, prompts, offset: int) -> dict:
-    """One repeat at one concurrency level: throughput, latencies and what the server did."""
-    requests = [GenerationRequest(prompts[(7 * (offset + i)) % len(prompts)], seed=offset + i) for i in range(count)]
-    before = harness.Stats.read(server, name)
-    steps_before = harness.metric(server, "diffusion_denoising_steps_total", name)
-    poll_before = harness.metric(server, "diffusion_cancellation_poll_seconds_total", name)
-    with ProcessMemory(stub_pids(server)) as memory:
-        started = time.perf_counter()
-        results = client.generate_many(requests, concurrency=concurrency)
-        wall = time.perf_counter() - started
-    delta = harness.wait_until(lambda: (d := harness.Stats.read(server, name) - before).inferences >= count and d,
-                               "all requests counted")
-    failures = [r for r in results if isinstance(r, Exception)]
-    return {
-        "images_per_s": (count - len(failures)) / wall, "latencies": [r.seconds for r in results if not isinstance(r, Exception)],
-        "failures": len(failures), "histogram": delta.histogram,
-        "exec_seconds": {b: s.seconds_per_execution for b, s in delta.batches.items()},
-        "steps": harness.metric(server, "diffusion_denoising_steps_total", name) - steps_before,
-        "poll_seconds": harness.metric(server, "diffusion_cancellation_poll_seconds_total", name) - poll_before,
-        "gpu_mem_mib": memory.peak_mib,
-    }
-
-
-def spread(values) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
@@ -292,13 +191,13 @@ def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
                 for batch in args.batch_sizes:
                     offline.warm_up(batch)
                 for concurrency in args.concurrency:
-                    served_round(client, server, name, concurrency, concurrency, prompts, offset=500_000)
+                    closed_loop(client, server, name, concurrency, concurrency, prompts, offset=500_000)
                 for repeat in range(args.repeats):
                     for batch in sorted(set(args.batch_sizes) | set(offline.times)):
                         offline.measure(batch)
                     for concurrency in args.concurrency:
                         count = max(args.min_requests, args.requests_per_level * concurrency)
-                        round_ = served_round(client, server, name, concurrency, count, prompts, offset=10_000 * (repeat + 1))
+                        round_ = closed_loop(client, server, name, concurrency, count, prompts, offset=10_000 * (repeat + 1))
                         served[mode][concurrency].append(round_)
                         log(f"{name} r{repeat + 1} c={concurrency}: {round_['images_per_s']:.2f} img/s, batches {round_['histogram']}, "
                             f"failures {round_['failures']}")
@@ -412,19 +311,17 @@ def main(argv=None) -> int:
     import torch
 
     header = (f"card: {card}, torch {torch.__version__}, {args.speed}, {args.size}x{args.size}, {args.steps} steps, {args.repeats} repeats "
-              f"(offline and served interleaved), {date.today().isoformat()}")
-    stem = args.out / (f"gpu_bench_{card.replace(' ', '_')}_{date.today().isoformat()}_{args.archs.replace(',', '+')}_{args.speed}"
-                       f"{'_' + args.tag if args.tag else ''}")
+              f"(offline and served interleaved), {today()}")
+    stem = (f"gpu_bench_{card.replace(' ', '_')}_{today()}_{args.archs.replace(',', '+')}_{args.speed}"
+            f"{'_' + args.tag if args.tag else ''}")
     results = []
     log(header)
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
             results.append(bench_arch(arch, args, prompts, Path(tmp) / arch))
-            stem.with_suffix(".json").write_text(json.dumps(
-                {"card": card, "date": date.today().isoformat(), "args": {k: str(v) for k, v in vars(args).items()},
-                 "results": results}, indent=1))
+            write_results(args.out, stem, {"args": vars(args), "results": results})  # after each architecture
     table = summarize(results, header)
-    stem.with_suffix(".txt").write_text(table + "\n")
+    write_results(args.out, stem, {"args": vars(args), "results": results}, table)
     print(table)
     return 0
 

@@ -25,12 +25,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import DiffusionClient, GenerationRequest  # noqa: E402
-from perf.prompts import vbench_prompts  # noqa: E402
-from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer, free_port  # noqa: E402
-from triton_diffusion.tiny import ensure_tiny_model  # noqa: E402
+from client import DiffusionClient, GenerationRequest
+from perf.prompts import vbench_prompts
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer, free_port
+from triton_diffusion.tiny import ensure_tiny_model
 
 
 def one_round(url: str, model: str, prompts, seeds, concurrency: int, size: int) -> list[float]:

@@ -18,9 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testing.harness import Stats, serve  # noqa: E402
+from testing.harness import Stats, serve
 
 HERE = Path(__file__).resolve().parent
 
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="128x128,64x64")
     parser.add_argument("--i2i-ratio", type=float, default=0.25)
     parser.add_argument("--think-time", default="0,0.5")
-    parser.add_argument("--soak", action="store_true", help="fail if server RSS grows more than 20%")
+    parser.add_argument("--soak", action="store_true", help="fail if server RSS grows more than 20%%")
     parser.add_argument("--out", type=Path, default=Path("perf/out"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

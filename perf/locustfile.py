@@ -19,12 +19,11 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()  # make grpcio cooperate with locust's gevent loop
 
-from locust import User, between, events, task  # noqa: E402
+from locust import User, between, events, task
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import DiffusionClient, GenerationRequest  # noqa: E402
-from perf.prompts import vbench_prompts  # noqa: E402
+from client import DiffusionClient, GenerationRequest
+from perf.prompts import vbench_prompts
 
 
 @events.quit.add_listener

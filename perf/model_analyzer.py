@@ -28,10 +28,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from triton_diffusion import security  # noqa: E402
-from triton_diffusion.launcher import free_port, install_python_stub, server_environment, triton_home  # noqa: E402
+from triton_diffusion import security
+from triton_diffusion.launcher import free_port, install_python_stub, server_environment, triton_home
 
 VENV = ROOT / ".cache" / "model-analyzer-venv"
 VERSION = "1.58.0"

@@ -27,18 +27,15 @@ import random
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from client import GenerationRequest  # noqa: E402
-from client.aio import AsyncDiffusionClient  # noqa: E402
-from client.cli import percentile  # noqa: E402
-from perf.gpu_bench import SPEEDS, base_parameters, card_name, log, speed_parameters  # noqa: E402
-from perf.prompts import vbench_prompts  # noqa: E402
-from testing import harness  # noqa: E402
-from triton_diffusion import families, model_config  # noqa: E402
+from client import GenerationRequest
+from client.aio import AsyncDiffusionClient
+from perf.gpu_bench import SPEEDS, base_parameters, speed_parameters
+from perf.lib import card_name, log, percentile, serve, today, write_results
+from perf.prompts import vbench_prompts
+from testing import harness
+from triton_diffusion import families, model_config
 
 MODES = ("dynamic", "continuous")
 
@@ -53,14 +50,14 @@ def base_model(arch: str, mode: str) -> str:
     return family.test_model if mode == "dynamic" else f"{family.test_model}_continuous"
 
 
-def write_mode(arch: str, mode: str, args, repository: Path) -> str:
+def mode_config(arch: str, mode: str, args) -> tuple:
+    """``(config, base)`` of ``arch`` served in ``mode``."""
     name = f"{arch}_{mode}".replace("-", "_").replace(".", "_")
     parameters = {**base_parameters(arch, args, args.max_rows), "max_pixels": None, "max_steps": "100",
                   "default_steps": str(args.steps[0]), **speed_parameters(arch, args)}
     batching = f"max_queue_delay_microseconds: {args.delay_us}" if mode == "dynamic" else ""
     config = model_config.variant(name, parameters, batching, max_batch_size=args.max_rows, base=base_model(arch, mode))
-    model_config.write_model(repository, config, base=base_model(arch, mode))
-    return name
+    return config, base_model(arch, mode)
 
 
 def requests_for(prompts: list[str], count: int, offset: int, steps: list[int]) -> list[GenerationRequest]:
@@ -128,13 +125,6 @@ def admissions(server, name: str) -> dict[str, float]:
             for when in ("idle", "mid_flight")}
 
 
-def start_server(names: list[str], workdir: Path):
-    started = time.perf_counter()
-    server = harness.serve(names, workdir / "repo", log_path=workdir / f"{'+'.join(names)}.log", ready_timeout=900)
-    log(f"{', '.join(names)}: READY in {time.perf_counter() - started:.1f}s")
-    return server
-
-
 def bench_mode(server, name: str, args, prompts, rates: list[float] | None) -> dict:
     """Saturation, then the open-loop points (``rates``, or ``--fractions`` of this mode's saturation)."""
     async def run() -> dict:
@@ -166,13 +156,13 @@ def bench_mode(server, name: str, args, prompts, rates: list[float] | None) -> d
 
 def bench_both(arch: str, args, prompts, workdir: Path) -> dict:
     """Dynamic first (its saturation sets the rates), then continuous at the same rates."""
-    names = {mode: write_mode(arch, mode, args, workdir / "repo") for mode in MODES}
+    configs = {mode: mode_config(arch, mode, args) for mode in MODES}
     servers = [list(MODES)] if args.together else [[mode] for mode in MODES]
     results, rates = {}, None
     for modes in servers:
-        with start_server([names[mode] for mode in modes], workdir) as server:
+        with serve([configs[mode] for mode in modes], workdir) as server:
             for mode in modes:
-                results[mode] = bench_mode(server, names[mode], args, prompts, rates)
+                results[mode] = bench_mode(server, configs[mode][0].name, args, prompts, rates)
                 rates = [point["rate"] for point in results[mode]["points"]]
     return results
 
@@ -257,22 +247,19 @@ def main(argv=None) -> int:
     card = card_name() if args.device.startswith("cuda") else "CPU"
     with tempfile.TemporaryDirectory() as workdir:
         results = bench_both(args.arch, args, prompts, Path(workdir))
-    header = (f"card: {card}, {args.speed}, {date.today()}, random weights; command: perf/open_loop.py "
+    header = (f"card: {card}, {args.speed}, {today()}, random weights; command: perf/open_loop.py "
               + " ".join(sys.argv[1:]))
     text = header + "\n" + table(args.arch, results, args)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     mix = "" if len(args.steps) == 1 else "_mixed-steps"
     speed = "" if args.speed == "eager" else f"_{args.speed}"
-    stem = args.out / f"open_loop_{card.replace(' ', '_')}_{date.today()}_{args.arch}{speed}{mix}"
-    title = f"{args.arch} {args.size}px, {'/'.join(map(str, args.steps))} steps, {args.speed}, {card}, {date.today()}"
-    stem.with_suffix(".txt").write_text(text + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({"card": card, "title": title, "args": vars(args) | {"out": str(args.out)},
-                                                     "results": results}, indent=1, default=str))
+    stem = f"open_loop_{card.replace(' ', '_')}_{today()}_{args.arch}{speed}{mix}"
+    title = f"{args.arch} {args.size}px, {'/'.join(map(str, args.steps))} steps, {args.speed}, {card}, {today()}"
+    saved = write_results(args.out, stem, {"card": card, "title": title, "args": vars(args), "results": results}, text)
     try:
-        plot(results, stem.with_suffix(".png"), title)
+        plot(results, saved.with_suffix(".png"), title)
     except ImportError:  # the GPU host has no matplotlib: redraw here with --plot-from
-        log("no matplotlib: plot with --plot-from " + str(stem.with_suffix(".json")))
+        log("no matplotlib: plot with --plot-from " + str(saved))
     return 0
 
 

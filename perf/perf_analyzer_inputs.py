@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf.prompts import vbench_prompts  # noqa: E402
+from perf.prompts import vbench_prompts
 
 OUT = Path(__file__).resolve().parent / "inputs"
 TEXT_TO_IMAGE_ENTRIES, IMAGE_TO_IMAGE_ENTRIES, SOURCE_SIDE = 64, 8, 64

@@ -10,12 +10,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import DiffusionClient, GenerationRequest  # noqa: E402
-from testing import harness  # noqa: E402
-from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY  # noqa: E402
-from testing.shapes import judge, parse_caption  # noqa: E402
+from client import DiffusionClient, GenerationRequest
+from testing import harness
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
+from testing.shapes import judge, parse_caption
 
 CAPTIONS = [
     "a red circle on a blue background", "a white circle on a green background", "a black triangle on a red background",

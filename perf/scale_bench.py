@@ -21,18 +21,17 @@ import json
 import re
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import DiffusionClient  # noqa: E402
-from client.cli import percentile  # noqa: E402
-from perf.gpu_bench import ProcessMemory, base_parameters, card_name, log, served_round, stub_pids  # noqa: E402
-from perf.prompts import vbench_prompts  # noqa: E402
-from testing import harness  # noqa: E402
-from triton_diffusion import model_config  # noqa: E402
+from client import DiffusionClient
+from client.cli import percentile
+from perf.gpu_bench import base_parameters
+from perf.lib import ProcessMemory, card_name, closed_loop, log, serve, stub_pids
+from perf.prompts import vbench_prompts
+from testing import harness
+from triton_diffusion import model_config
 
 
 def parse_layout(text: str) -> tuple[int, int]:
@@ -71,10 +70,8 @@ def serve_layout(arch: str, layout: str, args, workdir: Path):
     else:  # CPU check: the same number of instances
         group.kind = group.KIND_CPU
         group.count = gpus * per_gpu
-    model_config.write_model(workdir / "repo", config)
-    started = time.perf_counter()
-    server = harness.serve([name], workdir / "repo", log_path=workdir / f"{name}.log", ready_timeout=900)
-    log(f"{name}: READY in {time.perf_counter() - started:.1f}s ({gpus} GPU(s) x {per_gpu} instance(s))")
+    server = serve([(config, model_config.BASE_MODEL)], workdir)
+    log(f"{name}: {gpus} GPU(s) x {per_gpu} instance(s)")
     return server, name, gpus * per_gpu
 
 
@@ -83,10 +80,10 @@ def bench(arch: str, layout: str, args, prompts, workdir: Path) -> dict:
     concurrency = instances * args.per_gpu
     try:
         with DiffusionClient(f"grpc://{server.grpc_url}", name, timeout_s=1800) as client:
-            served_round(client, server, name, concurrency, 2 * concurrency, prompts, offset=900_000)  # warm-up: every instance
+            closed_loop(client, server, name, concurrency, 2 * concurrency, prompts, offset=900_000)  # warm-up: every instance
             calls_before = instance_calls(server, name)
             with ProcessMemory(stub_pids(server)) as memory:
-                level = served_round(client, server, name, concurrency, args.rounds * concurrency, prompts, offset=10_000)
+                level = closed_loop(client, server, name, concurrency, args.rounds * concurrency, prompts, offset=10_000)
             calls = {k: v - calls_before.get(k, 0.0) for k, v in instance_calls(server, name).items()}
     finally:
         server.stop()

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testing import harness  # noqa: E402
-from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY  # noqa: E402
-from triton_diffusion.overrides import BatchingOverrides, derived_repository  # noqa: E402
+from testing import harness
+from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
+from triton_diffusion.overrides import BatchingOverrides, derived_repository
 
 MODEL = "stable_diffusion_tiny_continuous"
 

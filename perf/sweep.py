@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import tritonclient.http as httpclient  # noqa: E402
+import tritonclient.http as httpclient
 
-from client.api import GenerationRequest, ServedSchema  # noqa: E402
-from perf.prompts import vbench_prompts  # noqa: E402
-from triton_diffusion import model_config  # noqa: E402
-from testing.harness import Stats, serve  # noqa: E402
+from client.api import GenerationRequest, ServedSchema
+from perf.prompts import vbench_prompts
+from triton_diffusion import model_config
+from testing.harness import Stats, serve
 
 VARIANTS = {
     "tiny_none": None,

@@ -1,0 +1,173 @@
+"""What every benchmark script shares, defined once: the served model's parameters for an
+architecture, serving a variant, the closed loop (c clients in flight), GPU memory of the serving
+processes, one percentile and one spread statistic, the card's name, and the results writer
+(``perf/results/<stem>.json`` and ``.txt``, with the card, date and command).
+
+The scripts import it as ``perf.lib`` (the project installs ``perf`` and ``testing`` as packages:
+no ``sys.path`` edits).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+from typing import Optional, Sequence
+
+from client import GenerationRequest
+from client.cli import percentile  # the one percentile definition (nearest rank), also the CLI's
+from testing import harness
+from triton_diffusion import families, model_config
+
+__all__ = ["ProcessMemory", "card_name", "closed_loop", "log", "model_parameters", "percentile", "serve", "spread",
+           "stub_pids", "today", "write_results"]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def today() -> str:
+    return date.today().isoformat()
+
+
+def card_name() -> str:
+    """The GPU's name (nvidia-smi), or ``cpu``."""
+    try:
+        return subprocess.check_output(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                       text=True).splitlines()[0].strip()
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "cpu"
+
+
+def spread(values: Sequence[float]) -> dict:
+    """The statistic every repeated measurement reports: median, min, max and count."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def model_parameters(arch: str, device: str, size: tuple[int, int], steps: int = 0, images_per_call: int = 1,
+                     frames: int = 0) -> dict[str, str]:
+    """``config.pbtxt`` parameters serving random weights of ``arch`` on ``device`` at ``size`` (height,
+    width), in the architecture's published dtype (float32 off the GPU) and guidance, ``steps``
+    (0: the architecture's), with calls of up to ``images_per_call`` images (``frames`` each, video)."""
+    _, architecture = families.architecture(arch)
+    height, width = size
+    parameters = {
+        "pretrained_model": f"random:{arch}", "device": device,
+        "torch_dtype": architecture.dtype if device.startswith("cuda") else "float32",
+        "default_height": str(height), "default_width": str(width), "default_steps": str(steps or architecture.steps),
+        "default_guidance_scale": str(architecture.guidance), "size_multiple": "16", "min_side": "32",
+        "max_side": "2048", "max_steps": "100", "max_images_per_call": str(images_per_call),
+        "max_pixels_per_call": str(images_per_call * height * width * max(1, frames)),
+    }
+    if frames:
+        parameters.update(default_num_frames=str(frames), max_num_frames=str(max(frames, 17)))
+    return parameters
+
+
+def serve(configs: Sequence[tuple[model_config.ModelConfig, str]], workdir: Path, ready_timeout: float = 900):
+    """Write each ``(config, base model)`` into ``workdir/repo`` and serve them all; returns the
+    started server (a context manager that stops it) and logs how long READY took."""
+    repository = workdir / "repo"
+    for config, base in configs:
+        model_config.write_model(repository, config, base=base)
+    names = [config.name for config, _ in configs]
+    started = time.perf_counter()
+    server = harness.serve(names, repository, log_path=workdir / f"{names[0]}.log", ready_timeout=ready_timeout)
+    log(f"{', '.join(names)}: READY in {time.perf_counter() - started:.1f}s")
+    return server
+
+
+def stub_pids(server) -> list[int]:
+    """The Python-backend stubs (the processes holding the models) of a served tritonserver."""
+    import psutil
+
+    return [child.pid for child in psutil.Process(server.process.pid).children(recursive=True)
+            if "triton_python_backend_stub" in " ".join(child.cmdline()[:1])]
+
+
+class ProcessMemory:
+    """Peak GPU memory (MiB) of some processes, sampled with nvidia-smi while a phase runs.
+
+    The same measurement for both sides of a comparison: an offline side is this process, the
+    served side the Python-backend stub(s) holding the model.
+    """
+
+    def __init__(self, pids, interval: float = 0.25):
+        self.pids, self.interval, self.peak, self.available = set(pids), interval, 0, True
+        self._stop = threading.Event()
+
+    def _sample(self) -> int:
+        out = subprocess.check_output(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"], text=True)
+        used = 0
+        for line in out.strip().splitlines():
+            pid, memory = (part.strip() for part in line.split(","))
+            if int(pid) in self.pids:
+                used += int(memory)
+        return used
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self._sample())
+            except (OSError, subprocess.CalledProcessError, ValueError):
+                self.available = False
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> Optional[int]:
+        return self.peak if self.available and self.peak else None
+
+
+def closed_loop(client, server, name: str, concurrency: int, count: int, prompts: Sequence[str], offset: int) -> dict:
+    """One round of the closed loop: ``count`` requests (VBench prompts, distinct seeds) with
+    ``concurrency`` in flight; throughput, latencies and what the server did (batches formed,
+    execution seconds per batch size, steps, cancellation polls, peak GPU memory of the stubs)."""
+    requests = [GenerationRequest(prompts[(7 * (offset + i)) % len(prompts)], seed=offset + i) for i in range(count)]
+    before = harness.Stats.read(server, name)
+    steps_before = harness.metric(server, "diffusion_denoising_steps_total", name)
+    poll_before = harness.metric(server, "diffusion_cancellation_poll_seconds_total", name)
+    with ProcessMemory(stub_pids(server)) as memory:
+        started = time.perf_counter()
+        results = client.generate_many(requests, concurrency=concurrency)
+        wall = time.perf_counter() - started
+    delta = harness.wait_until(lambda: (d := harness.Stats.read(server, name) - before).inferences >= count and d,
+                               "all requests counted")
+    failures = [r for r in results if isinstance(r, Exception)]
+    return {
+        "images_per_s": (count - len(failures)) / wall,
+        "latencies": [r.seconds for r in results if not isinstance(r, Exception)],
+        "failures": len(failures), "histogram": delta.histogram,
+        "exec_seconds": {b: s.seconds_per_execution for b, s in delta.batches.items()},
+        "steps": harness.metric(server, "diffusion_denoising_steps_total", name) - steps_before,
+        "poll_seconds": harness.metric(server, "diffusion_cancellation_poll_seconds_total", name) - poll_before,
+        "gpu_mem_mib": memory.peak_mib,
+    }
+
+
+def write_results(out: Path, stem: str, payload: dict, table: str = "") -> Path:
+    """``out/<stem>.json`` (``payload`` with the card, date and command) and, with a table,
+    ``out/<stem>.txt``; returns the JSON's path. Docs quote these files, never retyped numbers."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"card": card_name(), "date": today(), "command": " ".join(sys.argv), **payload}
+    path = out / f"{stem}.json"  # not with_suffix: architecture names such as "wan2.1-..." have dots
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    if table:
+        (out / f"{stem}.txt").write_text(table.rstrip("\n") + "\n")
+    return path
