@@ -30,19 +30,19 @@ PAIRS = {f"{family.test_model}_continuous": family.test_model for family in FAMI
 LONG_STEPS = 300  # a long request: many steps of the tiny model, so others can join it mid-flight
 
 
-def limits(model: str) -> ModelSettings:
+def settings_of(model: str) -> ModelSettings:
     return ModelSettings.from_parameters(model_config.parameters(model_config.shipped(model)))
 
 
 def long_steps(model: str) -> int:
     """A long request within the model's step limit (the tiny SD model allows 50, at a default size
     where 50 of its steps take as long as 300 of the others')."""
-    return min(LONG_STEPS, limits(model).max_steps)
+    return min(LONG_STEPS, settings_of(model).limits.max_steps)
 
 
 def sides(model: str) -> list[int]:
     """Two heights the model accepts, so rows of two sizes share the running batch."""
-    low = max(48, limits(model).min_side)
+    low = max(48, settings_of(model).limits.min_side)
     return [low, 2 * low if low >= 64 else 64]
 
 

@@ -148,7 +148,6 @@ def test_broken_configs_fail_to_load_with_a_message_naming_the_problem_and_other
         "missing_weights": ({"pretrained_model": str(tmp_path / "nowhere")}, "does not exist"),
         "unknown_parameter": ({"max_step": "5"}, "'max_step' is not a known parameter (did you mean 'max_steps'?)"),
         "pixels_never_bind": ({"max_pixels": str(768 * 768)}, "max_pixels=589824 can never reject a request"),
-        "continuous_not_decoupled": ({"batching": "continuous"}, "model_transaction_policy { decoupled: true } go together"),
     }
     for name, (parameters, _) in broken.items():
         model_config.write_model(repository, model_config.variant(name, parameters))
@@ -156,8 +155,12 @@ def test_broken_configs_fail_to_load_with_a_message_naming_the_problem_and_other
     unknown_input.input.add(name="COLOUR", data_type=model_config.model_config_pb2.TYPE_STRING, dims=[1], optional=True)
     model_config.write_model(repository, unknown_input)
     broken["unknown_input"] = ({}, "declares input 'COLOUR', which this backend does not understand")
+    # batching: continuous makes a model decoupled (auto_complete_config); the converse is refused
+    decoupled_dynamic = model_config.variant("decoupled_dynamic")
+    decoupled_dynamic.model_transaction_policy.decoupled = True
+    model_config.write_model(repository, decoupled_dynamic)
+    broken["decoupled_dynamic"] = ({}, "model_transaction_policy { decoupled: true } go together")
     no_step_model = model_config.variant("continuous_sdxl", {"batching": "continuous"}, base="sdxl_tiny")
-    no_step_model.model_transaction_policy.decoupled = True
     model_config.write_model(repository, no_step_model, base="sdxl_tiny")
     broken["continuous_sdxl"] = ({}, f"continuous batching has no step model for {sdxl.FAMILY.pipelines[0]}")
 
