@@ -75,6 +75,10 @@ class Family:
     # and benchmarks' config base (its ``<name>_continuous`` twin where the family has a step adapter).
     test_model: str = ""
 
+    def __post_init__(self):
+        if self.steps is not None:
+            self.steps.family = self  # the step adapter reads its family's rules (when CFG runs, schedulers)
+
     @property
     def video(self) -> bool:
         return self.output == VIDEO_OUTPUT

@@ -118,4 +118,3 @@ FAMILY = Family(
     ),
     test_model="flux_tiny",
 )
-FluxSteps.family = FAMILY

@@ -164,4 +164,3 @@ FAMILY = Family(
     ),
     test_model="qwen_image_tiny",
 )
-QwenImageSteps.family = FAMILY

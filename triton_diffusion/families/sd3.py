@@ -115,4 +115,3 @@ FAMILY = Family(
     ),
     test_model="sd3_tiny",
 )
-StableDiffusion3Steps.family = FAMILY

@@ -144,4 +144,3 @@ FAMILY = Family(
     ),
     test_model="stable_diffusion_tiny",
 )
-StableDiffusionSteps.family = FAMILY

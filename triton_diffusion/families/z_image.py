@@ -111,4 +111,3 @@ FAMILY = Family(
     ),
     test_model="z_image_tiny",
 )
-ZImageSteps.family = FAMILY
