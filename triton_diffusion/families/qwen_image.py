@@ -158,6 +158,7 @@ FAMILY = Family(
     steps=QwenImageSteps,
     step_pipelines=("QwenImagePipeline",),
     schedulers=("FlowMatchEulerDiscreteScheduler",),
+    speed={"compile": "regional"},  # the repeated transformer blocks (docs/benchmarks.md)
     architectures=(
         Architecture("qwen-image", lambda: build(tiny=False), guidance=4.0),
         Architecture("qwen-image-tiny", lambda: build(tiny=True), guidance=4.0, tiny=True),

@@ -105,6 +105,7 @@ FAMILY = Family(
     steps=ZImageSteps,
     step_pipelines=("ZImagePipeline",),
     schedulers=("FlowMatchEulerDiscreteScheduler",),
+    speed={"compile": "regional"},  # the repeated transformer blocks (docs/benchmarks.md)
     architectures=(
         Architecture("z-image-turbo", lambda: build(tiny=False), guidance=0.0, steps=9),
         Architecture("z-image-turbo-tiny", lambda: build(tiny=True), guidance=0.0, steps=9, tiny=True),
