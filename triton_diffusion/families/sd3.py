@@ -109,6 +109,7 @@ FAMILY = Family(
     steps=StableDiffusion3Steps,
     step_pipelines=("StableDiffusion3Pipeline",),
     schedulers=("FlowMatchEulerDiscreteScheduler",),
+    speed={"compile": "full"},  # its transformer declares no repeated blocks (docs/benchmarks.md)
     architectures=(
         Architecture("sd35-large", lambda: build(tiny=False), guidance=3.5),
         Architecture("sd35-large-tiny", lambda: build(tiny=True), guidance=3.5, tiny=True),

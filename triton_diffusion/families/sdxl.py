@@ -50,6 +50,7 @@ FAMILY = Family(
     "stable-diffusion-xl",
     pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
     cfg_above=1.0,
+    speed={"compile": "full", "compile_vae": "true", "channels_last": "true"},  # as SD's, measured (docs/benchmarks.md)
     architectures=(
         Architecture("sdxl", lambda: build(tiny=False), dtype="float16", guidance=5.0),
         Architecture("sdxl-tiny", lambda: build(tiny=True), dtype="float16", guidance=5.0, tiny=True),
