@@ -29,7 +29,7 @@ from .families import ContinuousUnsupported, step_model_for
 from .metrics import BackendMetrics
 from .pipeline import ModelLoadError, PipelineRunner, is_out_of_memory, resolve_device
 from .requests import ParseResult, RequestError, parse_request
-from .schema import Schema, SchemaError, declaration
+from .schema import Schema, SchemaError, complete
 from .settings import ModelSettings, SettingsError
 
 
@@ -239,21 +239,11 @@ class TritonPythonModel:
         """The schema a ``config.pbtxt`` leaves out (``schema.declaration``: image or video,
         continuous or not), so a model's file holds only what is specific to it and the served
         config still shows the whole schema. Declared lists are kept as they are."""
+        # ``schema.complete`` is what ``model_config.load`` applies to files; as_dict() is the config
+        # Triton takes back, so updating it in place serves the same schema (allow_ragged_batch and
+        # the transaction policy included, which add_input/add_output cannot set).
         config = auto_complete_model_config.as_dict()
-        parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
-        inputs, outputs, decoupled = declaration(parameters)
-        if not config.get("input"):
-            for entry in inputs:
-                entry = dict(entry)
-                ragged = entry.pop("allow_ragged_batch", False)
-                auto_complete_model_config.add_input(entry)
-                if ragged:  # add_input takes no allow_ragged_batch; the config it returns does
-                    config["input"][-1]["allow_ragged_batch"] = True
-        if not config.get("output"):
-            for entry in outputs:
-                auto_complete_model_config.add_output({key: entry[key] for key in ("name", "data_type", "dims")})
-        if decoupled:  # batching: continuous decides (Triton's JSON may carry a default decoupled: false)
-            config.setdefault("model_transaction_policy", {})["decoupled"] = True
+        config.update(complete(config))
         return auto_complete_model_config
 
     def initialize(self, args: dict) -> None:
