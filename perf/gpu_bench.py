@@ -74,19 +74,23 @@ def speed_parameters(arch: str, args) -> dict[str, str]:
     """The config.pbtxt speed parameters of ``--speed`` for ``arch``, plus what the bench adds."""
     parameters = dict(families.architecture(arch)[0].speed) if args.speed == "compiled" else {}
     if args.device == "cpu" and parameters.get("compile"):
-        # a CPU check of the code path, not of inductor
+        # a CPU check of the code path, not of inductor (nor of fp8 GEMMs: float8 weights only)
         parameters.update(compile_backend="eager", speed_devices="cpu")
+        if parameters.get("quantization") == "fp8":
+            parameters["quantization"] = "fp8_weight_only"
     if args.compile_mode and parameters:
         parameters["compile_mode"] = args.compile_mode
     if args.step_cache:
         parameters["step_cache"] = args.step_cache
-    if parameters or args.warm_up:
-        # Warm exactly what the sweep sends: the batch sizes it measures, at its size and guidance.
+    if parameters or args.set or args.warm_up:
+        # Warm exactly what the sweep sends: the batch sizes it measures (padded to buckets: the
+        # buckets, the warm-up's default), at its size and guidance.
         biggest = largest_call(args)
-        parameters["warmup_batch_sizes"] = ",".join(map(str, sorted({1, 2, *args.batch_sizes, *(min(c, biggest) for c in args.concurrency)})))
+        if "batch_buckets" not in args.set:
+            parameters["warmup_batch_sizes"] = ",".join(map(str, sorted({1, 2, *args.batch_sizes, *(min(c, biggest) for c in args.concurrency)})))
         parameters["warmup_guidance_scales"] = str(guidance_for(arch))
     parameters["cancellation_poll_interval_ms"] = str(args.poll_interval_ms)
-    return parameters
+    return {**parameters, **args.set}  # --set has the last word
 
 
 def items_for(prompts, count, args, arch, offset=0):
@@ -203,6 +207,8 @@ def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
                             f"failures {round_['failures']}")
             # Every shape the sweep sent was warmed before READY: anything compiled since is a miss.
             startup[mode]["compilations_while_serving"] = harness.metric(server, "diffusion_compilations_while_serving_total", name)
+            startup[mode]["cuda_graph_recordings_while_serving"] = harness.metric(
+                server, "diffusion_cuda_graph_recordings_while_serving_total", name)
         finally:
             server.stop()
     # Offline at every batch size that formed, with as many repeats as the others.
@@ -212,7 +218,8 @@ def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
             offline.measure(batch)
     result = {"arch": arch, "dtype": dtype_for(arch, args), "speed": args.speed, "speed_parameters": speed_parameters(arch, args),
               "offline_startup": {"load_s": offline.load_seconds, "warmup_s": offline.warmup.seconds,
-                                  "warmup_graphs": offline.warmup.compiled_graphs},
+                                  "warmup_graphs": offline.warmup.compiled_graphs, "warmup_cuda_graphs": offline.warmup.cuda_graphs,
+                                  "speed": list(offline.runner.speed)},
               "served_startup": startup, "offline": {}, "served": {}}
     for batch, times in sorted(offline.times.items()):
         result["offline"][batch] = {"seconds": spread(times), "images_per_s": batch / statistics.median(times),
@@ -253,9 +260,12 @@ def summarize(results: list[dict], header: str) -> str:
     for result in results:
         lines.append(f"\n== {result['arch']} ({result['dtype']}, {result['speed']}: {result['speed_parameters']}) ==")
         start = result["offline_startup"]
-        lines.append(f"offline: load {start['load_s']:.1f}s, warm-up {start['warmup_s']:.1f}s ({start['warmup_graphs']} graphs); served: "
-                     + "; ".join(f"{mode} READY {s['ready_s']:.1f}s (warm-up {s['warmup_s']:.1f}s), compilations while serving "
-                                 f"{s.get('compilations_while_serving', '-')}" for mode, s in result["served_startup"].items()))
+        lines.append(f"offline: load {start['load_s']:.1f}s, warm-up {start['warmup_s']:.1f}s ({start['warmup_graphs']} graphs, "
+                     f"{start.get('warmup_cuda_graphs', 0)} CUDA graphs); {'; '.join(start.get('speed', []))}")
+        lines.append("served: " + "; ".join(
+            f"{mode} READY {s['ready_s']:.1f}s (warm-up {s['warmup_s']:.1f}s), while serving: compilations "
+            f"{s.get('compilations_while_serving', '-')}, CUDA-graph recordings {s.get('cuda_graph_recordings_while_serving', '-')}"
+            for mode, s in result["served_startup"].items()))
         lines.append("offline | batch | s/call median (min-max) | img/s | GPU MiB (process)")
         for batch, row in result["offline"].items():
             lines.append(f"  | {batch} | {fmt_spread(row['seconds'], 3)} | {row['images_per_s']:.2f} | {row['gpu_mem_mib'] or '-'}")
@@ -295,11 +305,14 @@ def main(argv=None) -> int:
     parser.add_argument("--speed", choices=SPEEDS, default="eager")
     parser.add_argument("--compile-mode", default="", help="torch.compile mode for --speed compiled")
     parser.add_argument("--step-cache", default="", help='e.g. "FirstBlockCache threshold=0.05" (changes images)')
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config.pbtxt parameter for both sides, e.g. quantization=fp8 or batch_buckets=1,2,4,8,16")
     parser.add_argument("--warm-up", action="store_true", help="warm up before READY with --speed eager too")
     parser.add_argument("--poll-interval-ms", type=int, default=100)
     parser.add_argument("--tag", default="", help="added to the result file names")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
     args = parser.parse_args(argv)
+    args.set = dict(pair.split("=", 1) for pair in args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     import diffusers
     import transformers

@@ -87,7 +87,7 @@ async def open_loop(client: AsyncDiffusionClient, requests: list[GenerationReque
 
     async def one(arrival: float, request: GenerationRequest):
         await asyncio.sleep(max(0.0, started + arrival - time.perf_counter()))
-        result = await client.generate(request)
+        await client.generate(request)
         return time.perf_counter() - started - arrival, time.perf_counter() - started
 
     outcomes = await asyncio.gather(*(one(a, r) for a, r in zip(arrivals, requests)), return_exceptions=True)

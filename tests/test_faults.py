@@ -148,6 +148,10 @@ def test_broken_configs_fail_to_load_with_a_message_naming_the_problem_and_other
         "missing_weights": ({"pretrained_model": str(tmp_path / "nowhere")}, "does not exist"),
         "unknown_parameter": ({"max_step": "5"}, "'max_step' is not a known parameter (did you mean 'max_steps'?)"),
         "pixels_never_bind": ({"max_pixels": str(768 * 768)}, "max_pixels=589824 can never reject a request"),
+        # the fp8 fidelity guard with a bound no quantization meets (fp8 weights: runs on the CPU too)
+        "fp8_bound_zero": ({"quantization": "fp8_weight_only", "speed_devices": "cpu", "fp8_max_relative_error": "0"},
+                           "failed its fidelity check: the latents of a fixed-seed call differ from the unquantized "
+                           "model's by"),
     }
     for name, (parameters, _) in broken.items():
         model_config.write_model(repository, model_config.variant(name, parameters))

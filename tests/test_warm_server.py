@@ -37,6 +37,10 @@ def test_warm_up_runs_before_ready_and_a_padded_batch_compiles_nothing(compiled_
         assert batch_histogram(server, MODEL) == {3: 1}
         assert metric(server, "diffusion_padding_rows_total", MODEL) == 1  # 3 rows ran as the bucket of 4
         assert metric(server, "diffusion_compilations_while_serving_total", MODEL) == 0
+        # exported, at 0 (no CUDA graphs on a CPU): what dashboards and the alert read
+        assert any(line.startswith("diffusion_cuda_graph_recordings_while_serving_total{") and f'model="{MODEL}"' in line
+                   for line in harness.metrics_text(server).splitlines())
+        assert metric(server, "diffusion_cuda_graph_recordings_while_serving_total", MODEL) == 0
         for request, result in zip(requests, results):
             assert_same_image(result.array, client.generate(request).array)  # alone: the bucket of 1
 

@@ -12,21 +12,25 @@ Each knob calls what diffusers or torch already offer; nothing here reimplements
   ``TaylorSeerCache``...) on the denoiser. It skips computation, so images change, and a cache
   that decides per call from the whole batch makes a batched image differ from the same request
   served alone.
+- ``quantization``: torchao fp8 on the denoiser's linear layers, kept only if a fixed-seed call
+  passes the fidelity guard (quantization.py).
 - ``compile``: ``torch.compile`` of the denoiser, ``regional`` (diffusers'
   ``compile_repeated_blocks``: the repeated transformer blocks, compiled once and reused) or
   ``full`` (the whole module); ``compile_vae`` adds the VAE decoder.
 
 Compiled graphs are specialised to shapes. ``warm_up`` (pipeline.py) runs every planned batch size
-and size before the model reports READY, and ``compiled_graphs()`` counts graphs so that a
-compilation while serving shows on the metrics port.
+and size before the model reports READY; ``compiled_graphs()`` counts graphs and
+``cuda_graph_recordings()`` the CUDA graphs ``compile_mode: reduce-overhead`` records, so that either
+happening while serving shows on the metrics port.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
+from .quantization import Fidelity, QuantizationRefused, quantize, relative_error
 from .settings import SpeedSettings
 
 log = logging.getLogger(__name__)
@@ -99,11 +103,44 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def apply_speed_settings(pipe, speed: SpeedSettings) -> list[str]:
+_cuda_graphs_recorded = 0
+_counting_cuda_graphs = False
+
+
+def cuda_graph_recordings() -> int:
+    """CUDA graphs torch.compile has recorded in this process so far (``mode=reduce-overhead``: one per
+    new shape or new path through the graph tree; each costs a capture and pins its memory pool).
+
+    Counted through dynamo's compile-start callbacks, which torch's CUDA-graph trees fire with the
+    ``CUDAGRAPH_RECORDING`` trigger before every recording; the count starts at the first call."""
+    global _counting_cuda_graphs
+    if not _counting_cuda_graphs:
+        try:
+            from torch._dynamo.callback import CallbackTrigger, callback_handler
+        except ImportError:
+            return 0
+
+        def count(args) -> None:
+            global _cuda_graphs_recorded
+            if args.callback_trigger == CallbackTrigger.CUDAGRAPH_RECORDING:
+                _cuda_graphs_recorded += 1
+
+        callback_handler.register_start_callback(count)
+        _counting_cuda_graphs = True
+    return _cuda_graphs_recorded
+
+
+def apply_speed_settings(pipe, speed: SpeedSettings, probe: Optional[Callable[[], object]] = None,
+                         fp8_skip: Sequence[str] = ()) -> list[str]:
     """Apply the model's speed knobs to ``pipe`` in place; returns what was applied, for the log.
 
-    Order matters: memory format and fused projections change the modules that compile traces,
-    and a cache hook must be in place before compiling so that the graphs include it.
+    ``probe`` runs one fixed-seed call and returns its latents (the fidelity guard of ``quantization``);
+    ``fp8_skip``: the family's layers kept unquantized. Raises ``QuantizationRefused`` when the
+    quantized model fails the guard or the device cannot run it.
+
+    Order matters: memory format and fused projections change the modules that quantization and
+    compile see; the guard's calls run eager, before compiling; a cache hook must be in place
+    before compiling so that the graphs include it.
     """
     import torch
 
@@ -140,6 +177,8 @@ def apply_speed_settings(pipe, speed: SpeedSettings) -> list[str]:
         if speed.vae_tiling:
             vae.enable_tiling()
             applied.append("VAE tiling")
+    if speed.quantization:
+        applied.append(_quantize_guarded(denoiser, speed, probe, tuple(fp8_skip) + speed.fp8_skip))
     if speed.step_cache:
         if not hasattr(denoiser, "enable_cache"):
             raise SpeedSettingError(f"step_cache: {type(denoiser).__name__} takes no diffusers cache hooks")
@@ -152,6 +191,26 @@ def apply_speed_settings(pipe, speed: SpeedSettings) -> list[str]:
     if speed.compiles:
         applied += _compile(denoiser, vae, speed)
     return applied
+
+
+def _quantize_guarded(denoiser, speed: SpeedSettings, probe, skip: tuple[str, ...]) -> str:
+    """Quantize the denoiser, judged by the guard when there is a probe; what was done, for the log."""
+    reference = probe() if probe is not None else None
+    try:
+        layers = quantize(denoiser, speed.quantization, skip)
+    except QuantizationRefused:
+        raise
+    except ValueError as exc:
+        raise SpeedSettingError(str(exc)) from None
+    done = (f"{speed.quantization} on {layers} linear layers of {type(denoiser).__name__}"
+            + (f" (kept unquantized: {', '.join(skip)})" if skip else ""))
+    if reference is None:
+        return done + ", no fidelity check"
+    fidelity = Fidelity(relative_error(reference, probe()), speed.fp8_max_relative_error)
+    problem = fidelity.problem(speed.quantization)
+    if problem:
+        raise QuantizationRefused(problem, fidelity)
+    return f"{done}, {fidelity.describe()}"
 
 
 def _compile(denoiser, vae, speed: SpeedSettings) -> list[str]:

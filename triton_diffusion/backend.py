@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .acceleration import compiled_graphs
+from .acceleration import compiled_graphs, cuda_graph_recordings
 from .batching import CallBudget
 from .continuous import ContinuousBatcher, Job
 from .core import Failed, Outcome, Rejected, admit, response_error
@@ -66,12 +66,14 @@ class ServedModel:
                                       self.runner.device)
         if self.runner.speed:
             pb_utils.Logger.log_info(f"{self.model_name}: speed settings: {'; '.join(self.runner.speed)}")
+        for warning in self.runner.warnings:
+            pb_utils.Logger.log_warn(f"{self.model_name}: {warning}")
         warmup = self._warm_up()  # before READY: serving must not compile
         self.metrics.warmup_seconds.set(warmup.seconds)
         if warmup.calls:
             pb_utils.Logger.log_info(f"{self.model_name}: warm-up ran {warmup.calls} calls in {warmup.seconds:.1f}s, "
-                                     f"{warmup.compiled_graphs} graphs compiled")
-        self.graphs_seen, self.padded_rows_seen = compiled_graphs(), 0
+                                     f"{warmup.compiled_graphs} graphs compiled, {warmup.cuda_graphs} CUDA graphs recorded")
+        self.graphs_seen, self.recordings_seen, self.padded_rows_seen = compiled_graphs(), cuda_graph_recordings(), 0
         self.budget = CallBudget(settings.calls.max_images_per_call, settings.calls.max_pixels_per_call)
         self._serve()
         pb_utils.Logger.log_info(f"{self.model_name}: {type(self.runner.text_to_image).__name__} from "
@@ -125,6 +127,12 @@ class ServedModel:
                                      "(a batch size or size the warm-up did not cover)")
             self.metrics.compilations.increment(graphs - self.graphs_seen)
             self.graphs_seen = graphs
+        recordings = cuda_graph_recordings()
+        if recordings > self.recordings_seen:
+            pb_utils.Logger.log_warn(f"{self.model_name}: recorded {recordings - self.recordings_seen} new CUDA graph(s) while "
+                                     "serving (a shape or path the warm-up did not record)")
+            self.metrics.cuda_graph_recordings.increment(recordings - self.recordings_seen)
+            self.recordings_seen = recordings
         if self.runner.padded_rows > self.padded_rows_seen:
             self.metrics.padding_rows.increment(self.runner.padded_rows - self.padded_rows_seen)
             self.padded_rows_seen = self.runner.padded_rows

@@ -44,6 +44,10 @@ class BackendMetrics:
             pb_utils.MetricFamily(
                 "diffusion_compilations_while_serving_total",
                 "Graphs torch.compile built after the warm-up (a shape no warm-up covered; 0 when warm)", counter),
+            pb_utils.MetricFamily(
+                "diffusion_cuda_graph_recordings_while_serving_total",
+                "CUDA graphs recorded after the warm-up (compile_mode reduce-overhead: a shape no warm-up recorded; 0 when warm)",
+                counter),
             pb_utils.MetricFamily("diffusion_padding_rows_total", "Filler rows run to pad calls to a batch bucket", counter),
             # continuous batching (batching: continuous)
             pb_utils.MetricFamily("diffusion_continuous_live_rows", "Rows denoised together per step of the running batch",
@@ -56,7 +60,7 @@ class BackendMetrics:
             pb_utils.MetricFamily("diffusion_continuous_row_cap", "Most rows the running batch admits (lowered after out-of-memory)",
                                   gauge),
         ]
-        (batch, groups, stages, calls, images, errors, cancelled, dropped, steps, poll, warmup, compilations, padding,
+        (batch, groups, stages, calls, images, errors, cancelled, dropped, steps, poll, warmup, compilations, recordings, padding,
          live_rows, step_seconds, admissions, row_cap) = self._families
         self.pipeline_batch_size = batch.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.groups_per_execute = groups.Metric(labels=labels, buckets=_GROUP_BUCKETS)
@@ -74,6 +78,7 @@ class BackendMetrics:
         self.poll_seconds = poll.Metric(labels=labels)
         self.warmup_seconds = warmup.Metric(labels=labels)
         self.compilations = compilations.Metric(labels=labels)
+        self.cuda_graph_recordings = recordings.Metric(labels=labels)
         self.padding_rows = padding.Metric(labels=labels)
         self.live_rows = live_rows.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.step_seconds = step_seconds.Metric(labels=labels, buckets=_STEP_BUCKETS)

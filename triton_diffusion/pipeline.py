@@ -7,6 +7,7 @@ arguments are fixed per task and checked against the pipeline's ``__call__`` at 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
@@ -15,10 +16,12 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .acceleration import SpeedSettingError, apply_speed_settings, bucket_for, compiled_graphs, reset_step_cache
+from .acceleration import (SpeedSettingError, apply_speed_settings, bucket_for, compiled_graphs, cuda_graph_recordings,
+                           reset_step_cache)
+from .quantization import QuantizationRefused
 from .cancellation import RowCancellation, never_cancelled
 from .families import RANDOM_PREFIX, Family, build_random_pipeline, family_of, frame_step
-from .requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, CallParams, GenerationItem
+from .requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, CallParams, GenerationItem, text_to_image
 from .settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,16 @@ def to_uint8(images) -> np.ndarray:
 
     channels_last = (0, 1, 3, 4, 2) if images.dim() == 5 else (0, 2, 3, 1)
     return images.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(*channels_last).cpu().numpy()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class ModelLoadError(RuntimeError):
@@ -128,6 +141,72 @@ def check_output(pipe, settings: ModelSettings, declared_output: str) -> None:
         raise ModelLoadError(f"config.pbtxt parameters: {need}")
 
 
+def call_kwargs(pipe, family: Family, settings: ModelSettings, arguments: frozenset, params: CallParams,
+                items: Sequence[GenerationItem], generators: list) -> dict:
+    """The keyword arguments of one pipeline call for rows sharing ``params`` (images as tensors in [0, 1])."""
+    from PIL import Image
+
+    kwargs = {
+        "prompt": [item.prompt for item in items],
+        "num_inference_steps": params.num_inference_steps,
+        family.guidance_argument: params.guidance_scale,
+        "generator": generators,
+        "output_type": "pt",
+    }
+    if params.with_negative_prompt:
+        kwargs["negative_prompt"] = [item.negative_prompt for item in items]
+    elif family.cfg_negative_prompt is not None and family.guided(params.guidance_scale):
+        kwargs["negative_prompt"] = [family.cfg_negative_prompt] * len(items)
+    if params.num_frames:
+        kwargs["num_frames"] = params.num_frames
+    if settings.load.max_sequence_length and "max_sequence_length" in arguments:
+        kwargs["max_sequence_length"] = settings.load.max_sequence_length
+    size = (params.height, params.width)
+    if params.task == IMAGE_TO_IMAGE:
+        kwargs["image"] = [
+            Image.fromarray(item.image).convert("RGB").resize(size[::-1], Image.LANCZOS)
+            if item.image.shape[:2] != size
+            else Image.fromarray(item.image)
+            for item in items
+        ]
+        kwargs["strength"] = params.strength
+    if "height" in arguments:
+        kwargs["height"], kwargs["width"] = size
+    return kwargs
+
+
+# Warm-up passes at most (compile_mode reduce-overhead: until a pass records no new CUDA graph).
+_MAX_WARMUP_PASSES = 4
+
+# The fidelity guard's call (quantization.py): one image at the default size, steps and guidance.
+FIDELITY_PROMPT = "a lighthouse on a rocky coast at dusk, photograph"
+FIDELITY_SEED = 0
+
+
+def latents_probe(pipe, settings: ModelSettings) -> Callable[[], object]:
+    """A call that returns the final latents of one fixed-seed request at the model's defaults (before
+    the VAE), on the CPU in float32: what the fidelity guard compares."""
+    import torch
+
+    family = family_of(pipe)
+    defaults = settings.defaults
+    item = text_to_image(FIDELITY_PROMPT, FIDELITY_SEED, defaults.default_steps, defaults.default_guidance_scale,
+                         defaults.default_height, defaults.default_width, num_frames=defaults.default_num_frames)
+    params = item.params
+    arguments = call_arguments(pipe, TEXT_TO_IMAGE)
+
+    def probe():
+        kwargs = call_kwargs(pipe, family, settings, arguments, params, [item],
+                             [torch.Generator("cpu").manual_seed(FIDELITY_SEED)])
+        kwargs["output_type"] = "latent"
+        with torch.inference_mode():
+            output = pipe(**kwargs)
+        latents = output.frames if family.video else output.images
+        return latents.float().cpu()
+
+    return probe
+
+
 @dataclass(frozen=True)
 class WarmupReport:
     """What a warm-up (``PipelineRunner.warm_up``, a step adapter's ``warm_up``) ran before READY."""
@@ -135,27 +214,30 @@ class WarmupReport:
     calls: int
     seconds: float
     compiled_graphs: int  # graphs torch.compile built during the warm-up
+    cuda_graphs: int = 0  # CUDA graphs recorded during the warm-up (compile_mode: reduce-overhead)
 
 
 def run_warm_up(plan: Sequence[tuple[CallParams, int]], run: Callable[[list[GenerationItem]], object]) -> WarmupReport:
     """``run`` once per (params, rows) of ``plan``, on that many "warm-up" rows; timed, and the
-    graphs torch.compile built meanwhile counted."""
-    started, graphs_before = time.perf_counter(), compiled_graphs()
+    graphs torch.compile built and the CUDA graphs it recorded meanwhile counted."""
+    started, graphs_before, recordings_before = time.perf_counter(), compiled_graphs(), cuda_graph_recordings()
     for params, rows in plan:
         run([GenerationItem("warm-up", row, params) for row in range(rows)])
-    return WarmupReport(len(plan), time.perf_counter() - started, compiled_graphs() - graphs_before)
+    return WarmupReport(len(plan), time.perf_counter() - started, compiled_graphs() - graphs_before,
+                        cuda_graph_recordings() - recordings_before)
 
 
 class PipelineRunner:
     """Holds the loaded pipelines of one model instance and runs chunks through them."""
 
     def __init__(self, text_to_image, image_to_image, device: str, settings: Optional[ModelSettings] = None,
-                 speed: Sequence[str] = ()):
+                 speed: Sequence[str] = (), warnings: Sequence[str] = ()):
         self.text_to_image = text_to_image
         self.image_to_image = image_to_image
         self.device = device
         self.settings = settings or ModelSettings.build(pretrained_model="(in memory)")
         self.speed = tuple(speed)  # the speed knobs applied at load, for the log
+        self.warnings = tuple(warnings)  # what the load gave up on (a quantization that failed its guard), for the log
         self.family: Family = family_of(text_to_image)
         self.pipelines = {TEXT_TO_IMAGE: text_to_image, IMAGE_TO_IMAGE: image_to_image}
         self.arguments = {task: call_arguments(pipe, task) for task, pipe in self.pipelines.items() if pipe is not None}
@@ -196,10 +278,25 @@ class PipelineRunner:
         pipe.set_progress_bar_config(disable=True)
         check_output(pipe, settings, output or family_of(pipe).output)
         effective = settings.for_device(device)
+        probe = latents_probe(pipe, effective) if effective.speed.quantization else None
+        failed_guard = None
         try:
-            speed = apply_speed_settings(pipe, effective.speed)
+            speed = apply_speed_settings(pipe, effective.speed, probe, family_of(pipe).fp8_skip)
         except SpeedSettingError as exc:
             raise ModelLoadError(f"config.pbtxt speed parameters: {exc}") from None
+        except QuantizationRefused as exc:
+            if not effective.speed.fp8_fallback:
+                raise ModelLoadError(f"config.pbtxt speed parameters: {exc}") from None
+            failed_guard = str(exc)  # (outside this block the traceback, which holds the pipeline, is gone)
+        if failed_guard is not None:
+            # The quantized layers cannot be restored in place: load again, unquantized.
+            del pipe, probe
+            _free_memory()
+            unquantized = dataclasses.replace(settings, speed=dataclasses.replace(settings.speed, quantization=""))
+            runner = cls.load(unquantized, device, output)
+            runner.warnings = (f"WARNING: {failed_guard}; fp8_fallback is set, so the model serves unquantized",
+                               *runner.warnings)
+            return runner
         if effective is not settings:
             speed = [f"speed knobs ignored on {device} (speed_devices={','.join(settings.speed.speed_devices)})"]
         image_to_image = None
@@ -219,6 +316,16 @@ class PipelineRunner:
                  batch)
                 for height, width in sizes for guidance_scale in guidance_scales for batch in batch_sizes]
         report = run_warm_up(plan, lambda items: self.run(items[0].params, items))
+        # CUDA-graph trees run a new shape once un-recorded and record it on its next call: a graph
+        # called once per pipeline call (the VAE decoder) records only on a second pass. With CUDA
+        # graphs, repeat until a pass records nothing, so that serving records nothing.
+        recording = "reduce-overhead" in self.settings.speed.compile_mode
+        last, passes = report, 1
+        while recording and passes < _MAX_WARMUP_PASSES and (passes == 1 or last.cuda_graphs):
+            last = run_warm_up(plan, lambda items: self.run(items[0].params, items))
+            passes += 1
+            report = WarmupReport(report.calls + last.calls, report.seconds + last.seconds,
+                                  report.compiled_graphs + last.compiled_graphs, report.cuda_graphs + last.cuda_graphs)
         self.padded_rows = 0
         return report
 
@@ -250,7 +357,6 @@ class PipelineRunner:
         cancelled; those rows leave the call where the pipeline allows it, and their output is None.
         """
         import torch
-        from PIL import Image
 
         pipe = self.pipelines[params.task]
         arguments = self.arguments[params.task]
@@ -262,34 +368,8 @@ class PipelineRunner:
         # One CPU generator per row: its noise does not depend on its batch-mates or the device.
         generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
         rows = RowCancellation(len(items), cancelled_rows, generators, fillers, self.can_shrink)
-        kwargs = {
-            "prompt": [item.prompt for item in items],
-            "num_inference_steps": params.num_inference_steps,
-            self.family.guidance_argument: params.guidance_scale,
-            "generator": generators,
-            "output_type": "pt",
-            "callback_on_step_end": rows,
-            "callback_on_step_end_tensor_inputs": rows.tensor_inputs(pipe),
-        }
-        if params.with_negative_prompt:
-            kwargs["negative_prompt"] = [item.negative_prompt for item in items]
-        elif self.family.cfg_negative_prompt is not None and self.family.guided(params.guidance_scale):
-            kwargs["negative_prompt"] = [self.family.cfg_negative_prompt] * len(items)
-        if params.num_frames:
-            kwargs["num_frames"] = params.num_frames
-        if self.settings.load.max_sequence_length and "max_sequence_length" in arguments:
-            kwargs["max_sequence_length"] = self.settings.load.max_sequence_length
-        size = (params.height, params.width)
-        if params.task == IMAGE_TO_IMAGE:
-            kwargs["image"] = [
-                Image.fromarray(item.image).convert("RGB").resize(size[::-1], Image.LANCZOS)
-                if item.image.shape[:2] != size
-                else Image.fromarray(item.image)
-                for item in items
-            ]
-            kwargs["strength"] = params.strength
-        if "height" in arguments:
-            kwargs["height"], kwargs["width"] = size
+        kwargs = call_kwargs(pipe, self.family, self.settings, arguments, params, items, generators)
+        kwargs.update(callback_on_step_end=rows, callback_on_step_end_tensor_inputs=rows.tensor_inputs(pipe))
         unexpected = set(kwargs) - arguments
         if unexpected:  # a request the backend should have rejected in parsing (unsupported())
             raise ValueError(f"{type(pipe).__name__} does not take {sorted(unexpected)}")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .quantization import QUANTIZATION_CHOICES
+
 
 def default_cache_dir() -> Path:
     """Where generated tiny models (and other local artefacts) live."""
@@ -63,7 +65,11 @@ def _parse_floats(text: str) -> tuple[float, ...]:
     return tuple(float(part) for part in text.replace(";", ",").split(",") if part.strip())
 
 
-_LIST_PARSERS = {"speed_devices": lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
+def _parse_names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+_LIST_PARSERS = {"speed_devices": _parse_names, "fp8_skip": _parse_names,
                  "allowed_sizes": _parse_sizes, "warmup_sizes": _parse_sizes, "batch_buckets": _parse_ints,
                  "warmup_batch_sizes": _parse_ints, "warmup_guidance_scales": _parse_floats}
 COMPILE_CHOICES = ("off", "regional", "full")
@@ -164,6 +170,11 @@ class SpeedSettings:
     vae_slicing: bool = False
     vae_tiling: bool = False
     step_cache: str = ""  # a diffusers cache config, e.g. "FirstBlockCache threshold=0.05" (changes images)
+    quantization: str = ""  # "" | fp8 | fp8_weight_only: the denoiser's linear layers through torchao (quantization.py)
+    # the fidelity guard at load: a fixed-seed call's latents, quantized against unquantized
+    fp8_max_relative_error: float = 0.05
+    fp8_fallback: bool = False  # failing the guard (or no fp8 on this device): load unquantized with a WARNING
+    fp8_skip: tuple[str, ...] = ()  # name patterns of layers kept unquantized, beyond the family's own
 
     @property
     def compiles(self) -> bool:
@@ -340,6 +351,11 @@ def _problems(settings: ModelSettings) -> list[str]:
         problems.append(f"compile={speed.compile!r} must be one of {', '.join(COMPILE_CHOICES)}")
     if speed.compile_dynamic not in COMPILE_DYNAMIC_CHOICES:
         problems.append(f"compile_dynamic={speed.compile_dynamic!r} must be one of {', '.join(COMPILE_DYNAMIC_CHOICES)}")
+    if speed.quantization not in QUANTIZATION_CHOICES:
+        problems.append(f"quantization={speed.quantization!r} must be empty or one of "
+                        f"{', '.join(choice for choice in QUANTIZATION_CHOICES if choice)}")
+    if not speed.fp8_max_relative_error >= 0:
+        problems.append(f"fp8_max_relative_error={speed.fp8_max_relative_error} must be 0 or more")
     if speed.vae_slicing and speed.compile_vae:
         problems.append("vae_slicing decodes one image at a time, so compile_vae would compile batch 1 only; choose one")
     if any(size < 1 for size in calls.batch_buckets + warm.warmup_batch_sizes):
@@ -417,6 +433,13 @@ PARAMETER_DOCS = {
     "vae_slicing": "Decode one image at a time (memory).",
     "vae_tiling": "Decode in tiles (memory at large sizes).",
     "step_cache": "A diffusers step cache, e.g. `\"FirstBlockCache threshold=0.05\"`; changes images, and batched may differ from alone.",
+    "quantization": "`fp8` (torchao float8 weights and activations, per-row scales: the denoiser's linear layers; CUDA "
+                    "compute capability 8.9+), `fp8_weight_only` (float8 weights, any device; memory, not speed), or empty.",
+    "fp8_max_relative_error": "The fidelity guard at load: a fixed-seed call at the default size and steps, quantized against "
+                              "unquantized; a relative L2 difference of the latents above this (or NaN/inf) fails the load.",
+    "fp8_fallback": "A model failing the fidelity guard, or on a device that cannot run `quantization`, loads unquantized "
+                    "with a WARNING instead of failing to load.",
+    "fp8_skip": "Comma-separated name patterns of denoiser layers kept unquantized, beyond the family's own list.",
     "batch_buckets": "Pad each call up to the nearest of these batch sizes (static or CUDA-graph shapes); empty: no padding.",
     "warmup_batch_sizes": "Batch sizes run before READY; default: `batch_buckets`, or 1, 2 and `max_images_per_call` when compiling (continuous: every row count up to `max_images_per_call`).",
     "warmup_sizes": "Sizes run before READY; default: the default size and `allowed_sizes`.",

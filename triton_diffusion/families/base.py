@@ -70,6 +70,9 @@ class Family:
     schedulers: tuple[str, ...] = ()
     # Speed knobs that measured fastest for this family (benchmarks' ``--speed compiled``; docs/benchmarks.md).
     speed: Mapping[str, str] = field(default_factory=dict)
+    # Name patterns of denoiser layers that stay unquantized under ``quantization`` (measured to
+    # overflow or to lose too much; quantization.py, docs/benchmarks.md).
+    fp8_skip: tuple[str, ...] = ()
     architectures: tuple[Architecture, ...] = ()
     # The shipped model (``model_repository/<name>``) with this family's tiny weights: the tests'
     # and benchmarks' config base (its ``<name>_continuous`` twin where the family has a step adapter).
