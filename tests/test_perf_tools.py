@@ -107,3 +107,21 @@ def test_the_open_loop_benchmark_compares_both_batching_modes_on_the_same_arriva
     assert continuous["points"][0]["running_batch"]["steps"] > 0 and len(continuous["points"][0]["latencies_s"]) == 6
     assert "p50 ratio" in completed.stdout
     assert next(tmp_path.glob("open_loop_*.png")).stat().st_size > 0
+
+
+def test_the_headline_tables_are_generated_from_the_results_and_show_the_shipped_knobs():
+    """README's and docs/benchmarks.md's headline tables equal what perf/headline.py makes of the
+    results files, and each measured row ran exactly the speed knobs its shipped config has."""
+    import json
+
+    from perf import headline
+    from triton_diffusion import model_config
+
+    assert headline.main(["--check"]) == 0, "stale headline table: python perf/headline.py"
+    for model, stem in headline.ROWS.items():
+        shipped = model_config.parameters(model_config.shipped(model))
+        if stem is None:
+            continue
+        measured = json.loads((headline.RESULTS / f"{stem}.json").read_text())["results"][0]["speed_parameters"]
+        knobs = set(headline._KNOBS)
+        assert ({k: v for k, v in measured.items() if k in knobs} == {k: v for k, v in shipped.items() if k in knobs}), model

@@ -111,7 +111,7 @@ FAMILY = Family(
     schedulers=("FlowMatchEulerDiscreteScheduler",),
     # no fuse_qkv: diffusers keeps the unfused weights too (+4 GB), and two copies (offline and
     # served) of the 12B model must fit one 80 GB card
-    speed={"compile": "regional"},
+    speed={"compile": "regional", "quantization": "fp8"},
     architectures=(
         Architecture("flux-dev", lambda: build(tiny=False), guidance=3.5),
         Architecture("flux-dev-tiny", lambda: build(tiny=True), guidance=3.5, tiny=True),

@@ -1,0 +1,112 @@
+"""The headline table: each shipped GPU model's served speed with its shipped knobs, generated from
+the results files that measured it (never retyped).
+
+It writes the table between ``<!-- headline:begin -->`` and ``<!-- headline:end -->`` in
+``docs/benchmarks.md`` and ``README.md``; ``tests/test_perf_tools.py`` fails when either is stale.
+A cell no results file holds says "not measured".
+
+    python perf/headline.py            # rewrite both tables
+    python perf/headline.py --check    # exit 1 if either is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "perf" / "results"
+TARGETS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")
+BEGIN, END = "<!-- headline:begin -->", "<!-- headline:end -->"
+
+# shipped model -> the gpu_bench results file that measured its architecture with its shipped knobs
+# (None: not measured yet). Random weights of the real architectures.
+ROWS: dict[str, Optional[str]] = {
+    "sd_turbo": "gpu_bench_NVIDIA_H200_2026-12-01_sd15_compiled_cudagraphs",
+    "flux_dev": "gpu_bench_NVIDIA_H200_2026-12-01_flux-dev_compiled_fp8",
+    "z_image_turbo": "gpu_bench_NVIDIA_H200_2026-12-01_z-image-turbo_compiled_fp8",
+    "qwen_image": "gpu_bench_NVIDIA_H200_2026-12-01_qwen-image_compiled",
+    "sd35_large": "gpu_bench_NVIDIA_H200_2026-12-01_sd35-large_compiled",
+    "sdxl": "gpu_bench_NVIDIA_H200_2026-12-01_sdxl_compiled",
+    "wan_t2v": None,
+}
+# the speed parameters a row names (the bench's own bookkeeping, e.g. warm-up sizes, is left out)
+_KNOBS = ("compile", "compile_mode", "compile_dynamic", "compile_vae", "quantization", "batch_buckets", "channels_last",
+          "fuse_qkv", "step_cache")
+
+
+def _level(result: dict, concurrency: int) -> Optional[dict]:
+    for levels in result["served"].values():
+        if str(concurrency) in levels:
+            return levels[str(concurrency)]
+    return None
+
+
+def row(model: str, stem: Optional[str]) -> str:
+    if stem is None:
+        return f"| `{model}` | not measured | not measured | not measured | - | - | - | - |"
+    data = json.loads((RESULTS / f"{stem}.json").read_text())
+    result = data["results"][0]
+    args = data["args"]
+    knobs = ", ".join(f"{key}={value}" for key, value in result["speed_parameters"].items() if key in _KNOBS)
+    setting = f"{result['arch']} {args['size']}x{args['size']}, {args['steps']} steps ({knobs})"
+    one, sixteen = _level(result, 1), _level(result, 16)
+    c1 = f"{one['latency_s']['p50']:.2f} s" if one else "not measured"
+    c16 = "not measured"
+    if sixteen:
+        formed = ", ".join(f"{calls} of {size}" for size, calls in sorted(sixteen["histogram"].items(), key=lambda kv: int(kv[0])))
+        c16 = f"{sixteen['images_per_s']['median']:.2f} img/s (calls formed: {formed})"
+    taxes = {size: tax for level in (one, sixteen) if level for size, tax in level["server_tax"].items()}
+    tax = ", ".join(f"{size}: {value:.2f}" for size, value in sorted(taxes.items(), key=lambda kv: int(kv[0])))
+    startup = next(iter(result["served_startup"].values()))
+    while_serving = (f"{startup.get('compilations_while_serving', 0):.0f} / "
+                     + (f"{startup['cuda_graph_recordings_while_serving']:.0f}"
+                        if "cuda_graph_recordings_while_serving" in startup else "-"))
+    ready = f"{startup['ready_s']:.0f} s ({startup['warmup_s']:.0f} s warm-up)"
+    return (f"| `{model}` | {setting}; {data['card']}, {data['date']} | {c1} | {c16} | {tax} | {while_serving} | {ready} | "
+            f"`{stem}.json` |")
+
+
+def table() -> str:
+    lines = ["| shipped model | measured as (random weights, served; card, date) | c=1 p50 | c=16 | server tax per batch "
+             "formed | compilations / CUDA-graph recordings while serving | READY after start (inductor cache filled by the offline side) | results file |",
+             "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(lines + [row(model, stem) for model, stem in ROWS.items()])
+
+
+def replaced(text: str, generated: str) -> str:
+    """``text`` with what lies between the markers replaced by ``generated``."""
+    head, _, rest = text.partition(BEGIN)
+    _, found, tail = rest.partition(END)
+    if not found:
+        raise SystemExit(f"{BEGIN} without {END}")
+    return f"{head}{BEGIN}\n{generated}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    generated = table()
+    stale = []
+    for path in TARGETS:
+        text = path.read_text()
+        if BEGIN not in text:
+            raise SystemExit(f"{path} has no {BEGIN} marker")
+        new = replaced(text, generated)
+        if new != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"stale headline table in {', '.join(map(str, stale))}: run python perf/headline.py", file=sys.stderr)
+        return 1
+    print(generated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
