@@ -165,3 +165,40 @@ def test_the_continuous_warm_up_covers_every_row_count_and_an_unguided_row_alone
             steps.step(rows)
         steps.decode(rows)
     assert compiled_graphs() == graphs
+
+
+def test_cuda_graph_recordings_are_counted_from_torchs_recording_callbacks():
+    """The counter listens where torch's CUDA-graph trees announce each recording (no GPU here to record)."""
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    from triton_diffusion.acceleration import cuda_graph_recordings
+
+    before = cuda_graph_recordings()
+    with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "0/0"):
+        pass
+    with callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "0/1"):  # a compilation is not a recording
+        pass
+    assert cuda_graph_recordings() == before + 1
+
+
+def test_the_warm_up_runs_its_plan_again_while_a_pass_records_cuda_graphs():
+    """CUDA-graph trees record a shape on its second call: a module called once per pipeline call
+    records in the second pass, and the warm-up stops after the first pass that records nothing."""
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    from triton_diffusion.pipeline import run_warm_up
+
+    plan = [(batch(1)[0].params, 1), (batch(2)[0].params, 2)]
+    recordings_per_pass = iter([3, 1, 0, 0])
+    calls = []
+
+    def run(items):
+        calls.append(len(items))
+        if len(calls) % len(plan) == 0:  # the pass's last call: as many recordings as this pass makes
+            for _ in range(next(recordings_per_pass)):
+                with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "0/0"):
+                    pass
+
+    report = run_warm_up(plan, run)
+    assert calls == [1, 2] * 3 and report.calls == 6 and report.cuda_graphs == 4
+    assert run_warm_up(plan, lambda items: None).calls == 2  # nothing recorded: one pass

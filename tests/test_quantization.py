@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from triton_diffusion.acceleration import cuda_graph_recordings, denoiser_of
+from triton_diffusion.acceleration import denoiser_of
 from triton_diffusion.pipeline import ModelLoadError, PipelineRunner
 from triton_diffusion.quantization import Fidelity, quantizable_layers, relative_error, skipped
 from triton_diffusion.requests import text_to_image
@@ -125,13 +125,19 @@ def test_a_family_skip_list_that_leaves_nothing_to_quantize_is_a_load_error():
         load(**WEIGHT_ONLY, fp8_skip=("down_blocks", "mid_block", "up_blocks", "time_embedding", "add_embedding"))
 
 
-def test_cuda_graph_recordings_are_counted_from_torchs_recording_callbacks():
-    """The counter listens where torch's CUDA-graph trees announce each recording (no GPU here to record)."""
-    from torch._dynamo.callback import CallbackTrigger, callback_handler
+def test_continuous_mode_steps_the_quantized_denoiser(unquantized_image):
+    """The running batch (continuous mode) takes the pipeline apart but keeps its modules: a row it
+    denoises with the quantized model equals the quantized pipeline's own image, not the bf16 one."""
+    from triton_diffusion.families import step_model_for
 
-    before = cuda_graph_recordings()
-    with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "0/0"):
-        pass
-    with callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "0/1"):  # a compilation is not a recording
-        pass
-    assert cuda_graph_recordings() == before + 1
+    from .conftest import assert_same_image
+
+    runner = load(**WEIGHT_ONLY, fp8_max_relative_error=0.5, batching="continuous")
+    item = text_to_image("a red circle", 7, STEPS, 5.0, SIZE, SIZE)
+    steps = step_model_for(runner.text_to_image, runner.device)
+    rows = steps.prepare([item])
+    while not rows[0].finished:
+        steps.step(rows)
+    (image,) = steps.decode(rows)
+    assert_same_image(image, runner.run(item.params, [item])[0])
+    assert (image != unquantized_image).any()

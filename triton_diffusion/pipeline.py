@@ -175,7 +175,7 @@ def call_kwargs(pipe, family: Family, settings: ModelSettings, arguments: frozen
     return kwargs
 
 
-# Warm-up passes at most (compile_mode reduce-overhead: until a pass records no new CUDA graph).
+# Warm-up passes at most (while a pass records CUDA graphs, the plan runs again).
 _MAX_WARMUP_PASSES = 4
 
 # The fidelity guard's call (quantization.py): one image at the default size, steps and guidance.
@@ -219,12 +219,22 @@ class WarmupReport:
 
 def run_warm_up(plan: Sequence[tuple[CallParams, int]], run: Callable[[list[GenerationItem]], object]) -> WarmupReport:
     """``run`` once per (params, rows) of ``plan``, on that many "warm-up" rows; timed, and the
-    graphs torch.compile built and the CUDA graphs it recorded meanwhile counted."""
-    started, graphs_before, recordings_before = time.perf_counter(), compiled_graphs(), cuda_graph_recordings()
-    for params, rows in plan:
-        run([GenerationItem("warm-up", row, params) for row in range(rows)])
-    return WarmupReport(len(plan), time.perf_counter() - started, compiled_graphs() - graphs_before,
-                        cuda_graph_recordings() - recordings_before)
+    graphs torch.compile built and the CUDA graphs it recorded meanwhile counted.
+
+    CUDA-graph trees (``compile_mode: reduce-overhead``) run a new shape once un-recorded and record
+    it on its next call, so a module called once per call (the VAE decoder) records only in a second
+    pass: while a pass records CUDA graphs, the plan runs again, so that serving records none."""
+    calls, seconds, graphs, recordings = 0, 0.0, 0, 0
+    for _ in range(_MAX_WARMUP_PASSES):
+        started, graphs_before, recordings_before = time.perf_counter(), compiled_graphs(), cuda_graph_recordings()
+        for params, rows in plan:
+            run([GenerationItem("warm-up", row, params) for row in range(rows)])
+        recorded = cuda_graph_recordings() - recordings_before
+        calls, seconds = calls + len(plan), seconds + time.perf_counter() - started
+        graphs, recordings = graphs + compiled_graphs() - graphs_before, recordings + recorded
+        if not recorded:
+            break
+    return WarmupReport(calls, seconds, graphs, recordings)
 
 
 class PipelineRunner:
@@ -316,16 +326,6 @@ class PipelineRunner:
                  batch)
                 for height, width in sizes for guidance_scale in guidance_scales for batch in batch_sizes]
         report = run_warm_up(plan, lambda items: self.run(items[0].params, items))
-        # CUDA-graph trees run a new shape once un-recorded and record it on its next call: a graph
-        # called once per pipeline call (the VAE decoder) records only on a second pass. With CUDA
-        # graphs, repeat until a pass records nothing, so that serving records nothing.
-        recording = "reduce-overhead" in self.settings.speed.compile_mode
-        last, passes = report, 1
-        while recording and passes < _MAX_WARMUP_PASSES and (passes == 1 or last.cuda_graphs):
-            last = run_warm_up(plan, lambda items: self.run(items[0].params, items))
-            passes += 1
-            report = WarmupReport(report.calls + last.calls, report.seconds + last.seconds,
-                                  report.compiled_graphs + last.compiled_graphs, report.cuda_graphs + last.cuda_graphs)
         self.padded_rows = 0
         return report
 
