@@ -73,7 +73,16 @@ class ServedModel:
         if warmup.calls:
             pb_utils.Logger.log_info(f"{self.model_name}: warm-up ran {warmup.calls} calls in {warmup.seconds:.1f}s, "
                                      f"{warmup.compiled_graphs} graphs compiled, {warmup.cuda_graphs} CUDA graphs recorded")
-        self.graphs_seen, self.recordings_seen, self.padded_rows_seen = compiled_graphs(), cuda_graph_recordings(), 0
+        # what happens after READY and should not (a warning each), and the padding rows: the
+        # process-wide count, the metric it moves, the warning
+        self._while_serving = [
+            (compiled_graphs, self.metrics.compilations,
+             "compiled {} new graph(s) while serving (a batch size or size the warm-up did not cover)"),
+            (cuda_graph_recordings, self.metrics.cuda_graph_recordings,
+             "recorded {} new CUDA graph(s) while serving (a shape or path the warm-up did not record)"),
+            (lambda: self.runner.padded_rows, self.metrics.padding_rows, None),
+        ]
+        self._seen = [count() for count, _, _ in self._while_serving]
         self.budget = CallBudget(settings.calls.max_images_per_call, settings.calls.max_pixels_per_call)
         self._serve()
         pb_utils.Logger.log_info(f"{self.model_name}: {type(self.runner.text_to_image).__name__} from "
@@ -120,22 +129,15 @@ class ServedModel:
         return pb_utils.InferenceResponse(output_tensors=[],
                                           error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
 
-    def _count_compilations_and_padding(self) -> None:
-        graphs = compiled_graphs()
-        if graphs > self.graphs_seen:
-            pb_utils.Logger.log_warn(f"{self.model_name}: compiled {graphs - self.graphs_seen} new graph(s) while serving "
-                                     "(a batch size or size the warm-up did not cover)")
-            self.metrics.compilations.increment(graphs - self.graphs_seen)
-            self.graphs_seen = graphs
-        recordings = cuda_graph_recordings()
-        if recordings > self.recordings_seen:
-            pb_utils.Logger.log_warn(f"{self.model_name}: recorded {recordings - self.recordings_seen} new CUDA graph(s) while "
-                                     "serving (a shape or path the warm-up did not record)")
-            self.metrics.cuda_graph_recordings.increment(recordings - self.recordings_seen)
-            self.recordings_seen = recordings
-        if self.runner.padded_rows > self.padded_rows_seen:
-            self.metrics.padding_rows.increment(self.runner.padded_rows - self.padded_rows_seen)
-            self.padded_rows_seen = self.runner.padded_rows
+    def _count_while_serving(self) -> None:
+        """Move the while-serving metrics by what the process counted since the last look."""
+        for index, (count, metric, warning) in enumerate(self._while_serving):
+            now = count()
+            if now > self._seen[index]:
+                if warning:
+                    pb_utils.Logger.log_warn(f"{self.model_name}: " + warning.format(now - self._seen[index]))
+                metric.increment(now - self._seen[index])
+                self._seen[index] = now
 
 
 class DynamicModel(ServedModel):
@@ -157,7 +159,7 @@ class DynamicModel(ServedModel):
         parsed = [self._parse(request) for request in requests]
         self.metrics.observe_stage("validate", time.perf_counter() - started)
         outcomes = self.executor.run(parsed, [request.is_cancelled for request in requests])
-        self._count_compilations_and_padding()
+        self._count_while_serving()
         started = time.perf_counter()
         responses = [self._respond(outcome) for outcome in outcomes]
         self.metrics.observe_stage("respond", time.perf_counter() - started)
@@ -229,7 +231,7 @@ class ContinuousModel(ServedModel):
 
     def _observe_running_step(self, report) -> None:
         self.metrics.observe_running_step(report)
-        self._count_compilations_and_padding()
+        self._count_while_serving()
 
     def _send_final(self, sender, outcome: Outcome) -> None:
         sender.send(self._respond(outcome), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
