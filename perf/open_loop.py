@@ -232,8 +232,11 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", type=lambda t: [float(x) for x in t.split(",")], default=[0.5, 0.75, 0.9],
                         help="request rates as fractions of the dynamic mode's saturation throughput")
     parser.add_argument("--requests", type=int, default=40, help="requests per rate point")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config.pbtxt parameter for both modes, e.g. quantization= to measure bf16")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
+    args.set = dict(pair.split("=", 1) for pair in args.set)
     if args.plot_from:
         saved = json.loads(args.plot_from.read_text())
         plot(saved["results"], args.plot_from.with_suffix(".png"), saved["title"])
