@@ -18,9 +18,9 @@ import numpy as np
 
 from .acceleration import (SpeedSettingError, apply_speed_settings, bucket_for, compiled_graphs, cuda_graph_recordings,
                            reset_step_cache)
-from .quantization import QuantizationRefused
 from .cancellation import RowCancellation, never_cancelled
 from .families import RANDOM_PREFIX, Family, build_random_pipeline, family_of, frame_step
+from .quantization import QuantizationRefused
 from .requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, CallParams, GenerationItem, text_to_image
 from .settings import ModelSettings
 
