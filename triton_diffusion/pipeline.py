@@ -17,9 +17,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .acceleration import (SpeedSettingError, apply_speed_settings, bucket_for, compiled_graphs, cuda_graph_recordings,
-                           reset_step_cache)
+                           denoiser_of, reset_step_cache)
 from .cancellation import RowCancellation, never_cancelled
 from .families import RANDOM_PREFIX, Family, build_random_pipeline, family_of, frame_step
+from .paired_cfg import PairedGuidance, why_unpaired
+from .paired_cfg import install as install_pairing
 from .quantization import QuantizationRefused
 from .requests import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, CallParams, GenerationItem, text_to_image
 from .settings import ModelSettings
@@ -207,6 +209,18 @@ def latents_probe(pipe, settings: ModelSettings) -> Callable[[], object]:
     return probe
 
 
+def pair_guidance_passes(pipe, settings: ModelSettings) -> tuple[Optional[PairedGuidance], str]:
+    """Install batched guidance on the denoiser where the family runs CFG as two calls per step;
+    returns it (or None) and what to log (empty where the family has nothing to pair)."""
+    family = family_of(pipe)
+    if family.cfg_pairing is None:
+        return None, ""
+    reason = why_unpaired(family.cfg_pairing, settings.calls.batched_cfg, settings.speed.step_cache, settings.speed.compile)
+    if reason:
+        return None, f"guidance passes run apart ({reason})"
+    return install_pairing(denoiser_of(pipe), family.cfg_pairing), "guidance passes batched into one denoiser call"
+
+
 @dataclass(frozen=True)
 class WarmupReport:
     """What a warm-up (``PipelineRunner.warm_up``, a step adapter's ``warm_up``) ran before READY."""
@@ -255,6 +269,7 @@ class PipelineRunner:
         self.can_shrink = not self.settings.calls.batch_buckets and not (
             self.settings.speed.compiles and self.settings.speed.compile_dynamic == "false")
         self.padded_rows = 0  # filler rows run so far to reach a bucket
+        self.pairing: Optional[PairedGuidance] = None  # batched guidance passes (paired_cfg.py), where installed
 
     @classmethod
     def load(cls, settings: ModelSettings, device: Optional[str] = None, output: Optional[str] = None) -> "PipelineRunner":
@@ -309,6 +324,11 @@ class PipelineRunner:
             return runner
         if effective is not settings:
             speed = [f"speed knobs ignored on {device} (speed_devices={','.join(settings.speed.speed_devices)})"]
+        pairing = None
+        if not settings.calls.continuous:  # (the step models batch their guidance rows themselves)
+            pairing, described = pair_guidance_passes(pipe, effective)
+            if described:
+                speed.append(described)
         image_to_image = None
         if settings.load.enable_image_to_image:
             try:
@@ -316,7 +336,9 @@ class PipelineRunner:
                 image_to_image.set_progress_bar_config(disable=True)
             except (ValueError, KeyError) as exc:
                 log.warning("%s has no image-to-image variant (%s); serving text-to-image only", type(pipe).__name__, exc)
-        return cls(pipe, image_to_image, device, effective, speed)
+        runner = cls(pipe, image_to_image, device, effective, speed)
+        runner.pairing = pairing
+        return runner
 
     def warm_up(self) -> WarmupReport:
         """Run every (batch size, size, guidance) of ``settings.warmup_plan()`` once, two steps each,
@@ -374,12 +396,16 @@ class PipelineRunner:
         if unexpected:  # a request the backend should have rejected in parsing (unsupported())
             raise ValueError(f"{type(pipe).__name__} does not take {sorted(unexpected)}")
         reset_step_cache(pipe)
+        if self.pairing is not None:
+            self.pairing.reset()
         try:
             with torch.inference_mode():
                 output = pipe(**kwargs)
                 images = output.frames if self.family.video else output.images  # [B, (F,) C, H, W] in [0, 1]
         finally:
             rows.close()
+            if self.pairing is not None:
+                self.pairing.reset()  # (drops the call's tensors it held)
         wanted = rows.wanted()
         outputs: list[Optional[np.ndarray]] = [None] * requested
         if wanted:

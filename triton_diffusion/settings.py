@@ -148,6 +148,10 @@ class CallSettings:
     batching: str = "dynamic"
     # calls are padded up to the nearest bucket (warmed shapes; static compiled graphs); empty: no padding
     batch_buckets: tuple[int, ...] = ()
+    # where a pipeline runs classifier-free guidance as two denoiser calls per step (Qwen-Image, Wan),
+    # run them as one call of twice the rows (paired_cfg.py); off by default: compiled Qwen-Image
+    # measured slower paired (docs/benchmarks.md)
+    batched_cfg: bool = False
 
     @property
     def continuous(self) -> bool:
@@ -440,6 +444,9 @@ PARAMETER_DOCS = {
     "fp8_fallback": "A model failing the fidelity guard, or on a device that cannot run `quantization`, loads unquantized "
                     "with a WARNING instead of failing to load.",
     "fp8_skip": "Comma-separated name patterns of denoiser layers kept unquantized, beyond the family's own list.",
+    "batched_cfg": "Where the pipeline runs classifier-free guidance as two denoiser calls per step (Qwen-Image, Wan), "
+                   "run them as one call of twice the rows from the second step on (not under a step cache or "
+                   "`compile: full`). Off by default: measured slower for compiled Qwen-Image, see docs/benchmarks.md.",
     "batch_buckets": "Pad each call up to the nearest of these batch sizes (static or CUDA-graph shapes); empty: no padding.",
     "warmup_batch_sizes": "Batch sizes run before READY; default: `batch_buckets`, or 1, 2 and `max_images_per_call` when compiling (continuous: every row count up to `max_images_per_call`).",
     "warmup_sizes": "Sizes run before READY; default: the default size and `allowed_sizes`.",

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
+from ..paired_cfg import CfgPairing
+
 IMAGE_OUTPUT, VIDEO_OUTPUT = "IMAGE", "VIDEO"
 
 
@@ -61,6 +63,9 @@ class Family:
     # Why NEGATIVE_PROMPT is refused, where the call signature takes one that would have no effect.
     negative_prompt_refusal: Optional[str] = None
     output: str = IMAGE_OUTPUT  # IMAGE: output.images [B, C, H, W]; VIDEO: output.frames [B, F, C, H, W]
+    # Where the pipeline runs classifier-free guidance as two denoiser calls per step: what differs
+    # between them, so that they run as one call of twice the rows (paired_cfg.py).
+    cfg_pairing: Optional[CfgPairing] = None
     # How a cancelled row leaves a running pipeline call, per pipeline class (absent: it rides to the end).
     shrink: Mapping[str, ShrinkSpec] = field(default_factory=dict)
     # The continuous-batching step adapter (a ``stepping.StepModel``) and the pipeline classes it takes apart.

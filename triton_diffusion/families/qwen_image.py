@@ -4,9 +4,33 @@ negative prompt, so the family's default one is sent when a request has none."""
 
 from __future__ import annotations
 
+from ..paired_cfg import CfgPairing
 from .base import Architecture, ContinuousUnsupported, Family
 from .stepping import FlowMatchSteps, RowState
 from .weights import WAN_LATENTS_MEAN, WAN_LATENTS_STD, qwen_tokenizer
+
+
+def _unpadded(embeds, mask) -> list:
+    """[B, tokens, D] captions and their mask (None: none padded) -> one unpadded [1, tokens, D] per row."""
+    lengths = [embeds.shape[1]] * embeds.shape[0] if mask is None else mask.sum(dim=1).tolist()
+    return [embeds[index:index + 1, :length] for index, length in enumerate(lengths)]
+
+
+def _padded(captions: list):
+    """Captions padded to the longest, and their mask (None when none is padded, as the pipeline)."""
+    import torch
+
+    longest = max(caption.shape[1] for caption in captions)
+    embeds = torch.cat([torch.nn.functional.pad(caption, (0, 0, 0, longest - caption.shape[1])) for caption in captions])
+    mask = torch.stack([torch.arange(longest, device=embeds.device) < caption.shape[1] for caption in captions]).long()
+    return embeds, None if bool(mask.all()) else mask
+
+
+def _merge_captions(cond: dict, uncond: dict) -> dict:
+    """The prompts' and the negative prompts' captions (different lengths) as one padded batch."""
+    embeds, mask = _padded(_unpadded(cond["encoder_hidden_states"], cond["encoder_hidden_states_mask"])
+                           + _unpadded(uncond["encoder_hidden_states"], uncond["encoder_hidden_states_mask"]))
+    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
 
 
 class QwenImageSteps(FlowMatchSteps):
@@ -23,8 +47,7 @@ class QwenImageSteps(FlowMatchSteps):
         """One unpadded [1, tokens, D] caption per prompt."""
         embeds, mask = self.pipe.encode_prompt(prompt=prompts, device=self.device,
                                                max_sequence_length=self.max_sequence_length)
-        lengths = [embeds.shape[1]] * len(prompts) if mask is None else mask.sum(dim=1).tolist()
-        return [embeds[index:index + 1, :length] for index, length in enumerate(lengths)]
+        return _unpadded(embeds, mask)
 
     def prepare(self, items):
         import numpy as np
@@ -47,16 +70,6 @@ class QwenImageSteps(FlowMatchSteps):
             rows.append(RowState(item, latents, condition, timesteps, all_sigmas))
         return rows
 
-    @staticmethod
-    def _padded(captions: list):
-        """Captions padded to the longest, and their mask (None when none is padded, as the pipeline)."""
-        import torch
-
-        longest = max(caption.shape[1] for caption in captions)
-        embeds = torch.cat([torch.nn.functional.pad(caption, (0, 0, 0, longest - caption.shape[1])) for caption in captions])
-        mask = torch.stack([torch.arange(longest, device=embeds.device) < caption.shape[1] for caption in captions]).long()
-        return embeds, None if bool(mask.all()) else mask
-
     def step(self, rows):
         import torch
 
@@ -67,7 +80,7 @@ class QwenImageSteps(FlowMatchSteps):
         height, width = rows[0].size
         scale = pipe.vae_scale_factor * 2
         captions = [row.condition["caption"] for row in rows] + [rows[index].condition["negative_caption"] for index in guided]
-        embeds, mask = self._padded(captions)
+        embeds, mask = _padded(captions)
         count = len(rows) + len(guided)
         output = pipe.transformer(
             hidden_states=torch.cat([latents, latents[guided]]),
@@ -155,6 +168,8 @@ FAMILY = Family(
     guidance_argument="true_cfg_scale",
     cfg_above=1.0,
     cfg_negative_prompt=" ",
+    # diffusers runs true CFG as two transformer calls per step: paired into one (paired_cfg.py)
+    cfg_pairing=CfgPairing(("encoder_hidden_states", "encoder_hidden_states_mask"), _merge_captions),
     steps=QwenImageSteps,
     step_pipelines=("QwenImagePipeline",),
     schedulers=("FlowMatchEulerDiscreteScheduler",),

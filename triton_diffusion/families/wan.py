@@ -3,6 +3,7 @@ outputs videos (``num_frames`` of 4k+1). Dynamic batching only."""
 
 from __future__ import annotations
 
+from ..paired_cfg import CfgPairing
 from .base import VIDEO_OUTPUT, Architecture, Family
 from .weights import WAN_LATENTS_MEAN, WAN_LATENTS_STD, byte_level_tokenizer, t5_encoder
 
@@ -39,7 +40,11 @@ FAMILY = Family(
     "wan",
     pipelines=("WanPipeline",),
     cfg_above=1.0,
+    # diffusers runs CFG as two transformer calls per step: paired into one (paired_cfg.py); the
+    # captions are padded to max_sequence_length by the pipeline, so they concatenate as they are
+    cfg_pairing=CfgPairing(("encoder_hidden_states",)),
     output=VIDEO_OUTPUT,
+    speed={"compile": "regional"},  # the repeated transformer blocks (docs/benchmarks.md)
     architectures=(
         Architecture("wan2.1-t2v-1.3b", lambda: build(tiny=False), guidance=5.0),
         Architecture("wan2.1-t2v-1.3b-tiny", lambda: build(tiny=True), guidance=5.0, tiny=True),
