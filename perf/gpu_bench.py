@@ -93,10 +93,19 @@ def speed_parameters(arch: str, args) -> dict[str, str]:
     return {**parameters, **args.set}  # --set has the last word
 
 
+def shape_of(args) -> tuple[int, int, int]:
+    """(height, width, frames) from ``--size`` (a side, or HEIGHTxWIDTH) and ``--frames`` (the other
+    benchmarks that share these helpers pass a square ``size`` and no frames)."""
+    height, _, width = str(args.size).partition("x")
+    return int(height), int(width or height), getattr(args, "frames", 0)
+
+
 def items_for(prompts, count, args, arch, offset=0):
     from triton_diffusion.requests import text_to_image
 
-    return [text_to_image(prompts[(offset + i) % len(prompts)], offset + i, args.steps, guidance_for(arch), args.size, args.size)
+    height, width, frames = shape_of(args)
+    return [text_to_image(prompts[(offset + i) % len(prompts)], offset + i, args.steps, guidance_for(arch), height, width,
+                          num_frames=frames)
             for i in range(count)]
 
 
@@ -164,7 +173,9 @@ class Offline:
 def base_parameters(arch: str, args, images_per_call: Optional[int] = None) -> dict[str, str]:
     """config.pbtxt parameters serving random weights of ``arch`` at ``args``' device, size and steps,
     with calls of up to ``images_per_call`` images (default: ``largest_call``)."""
-    return model_parameters(arch, args.device, (args.size, args.size), args.steps, images_per_call or largest_call(args))
+    height, width, frames = shape_of(args)
+    return model_parameters(arch, args.device, (height, width), args.steps, images_per_call or largest_call(args),
+                            frames=frames)
 
 
 def serve_mode(arch: str, mode: str, args, workdir: Path):
@@ -173,9 +184,11 @@ def serve_mode(arch: str, mode: str, args, workdir: Path):
     batching = MODES[mode]
     max_batch = args.max_batch or max(args.concurrency)
     batching = None if batching is None else batching.format(delay_us=args.delay_us, max_batch=max_batch)
-    config = model_config.variant(name, parameters, batching, max_batch_size=max_batch)
+    family = families.architecture(arch)[0]
+    base = family.test_model if family.video else model_config.BASE_MODEL  # (a video model declares a VIDEO output)
+    config = model_config.variant(name, parameters, batching, max_batch_size=max_batch, base=base)
     started = time.perf_counter()
-    server = serve([(config, model_config.BASE_MODEL)], workdir)
+    server = serve([(config, base)], workdir)
     ready = time.perf_counter() - started
     warmup = harness.metric(server, "diffusion_warmup_seconds", name)
     log(f"{name}: warm-up {warmup:.1f}s of it")
@@ -292,7 +305,8 @@ def main(argv=None) -> int:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument("--archs", default="sd15")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", default="512", help="a side (square) or HEIGHTxWIDTH")
+    parser.add_argument("--frames", type=int, default=0, help="video architectures: frames per clip")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-sizes", type=ints, default=[1, 2, 4, 8, 16])
     parser.add_argument("--concurrency", type=ints, default=[1, 2, 4, 8, 16])
@@ -323,7 +337,9 @@ def main(argv=None) -> int:
     card = card_name()
     import torch
 
-    header = (f"card: {card}, torch {torch.__version__}, {args.speed}, {args.size}x{args.size}, {args.steps} steps, {args.repeats} repeats "
+    height, width, frames = shape_of(args)
+    shape = f"{height}x{width}" + (f"x{frames} frames" if frames else "")
+    header = (f"card: {card}, torch {torch.__version__}, {args.speed}, {shape}, {args.steps} steps, {args.repeats} repeats "
               f"(offline and served interleaved), {today()}")
     stem = (f"gpu_bench_{card.replace(' ', '_')}_{today()}_{args.archs.replace(',', '+')}_{args.speed}"
             f"{'_' + args.tag if args.tag else ''}")

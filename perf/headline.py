@@ -15,7 +15,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
+
+from perf.gpu_bench import shape_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "perf" / "results"
@@ -52,7 +55,9 @@ def row(model: str, stem: Optional[str]) -> str:
     result = data["results"][0]
     args = data["args"]
     knobs = ", ".join(f"{key}={value}" for key, value in result["speed_parameters"].items() if key in _KNOBS)
-    setting = f"{result['arch']} {args['size']}x{args['size']}, {args['steps']} steps ({knobs})"
+    height, width, frames = shape_of(SimpleNamespace(**args))
+    shape = f"{height}x{width}" + (f"x{frames} frames" if frames else "")
+    setting = f"{result['arch']} {shape}, {args['steps']} steps ({knobs})"
     one, sixteen = _level(result, 1), _level(result, 16)
     c1 = f"{one['latency_s']['p50']:.2f} s" if one else "not measured"
     c16 = "not measured"
