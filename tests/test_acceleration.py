@@ -202,3 +202,18 @@ def test_the_warm_up_runs_its_plan_again_while_a_pass_records_cuda_graphs():
     report = run_warm_up(plan, run)
     assert calls == [1, 2] * 3 and report.calls == 6 and report.cuda_graphs == 4
     assert run_warm_up(plan, lambda items: None).calls == 2  # nothing recorded: one pass
+
+
+def test_a_video_model_warms_every_listed_clip_length_and_refuses_one_it_cannot_make():
+    video = {**COMPILED, "pretrained_model": "random:wan2.1-t2v-1.3b-tiny", "default_num_frames": 5,
+             "max_num_frames": 9, "warmup_batch_sizes": (1,)}
+    runner = PipelineRunner.load(ModelSettings.build(**video, warmup_num_frames=(5, 9)))
+    before = compiled_graphs()
+    report = runner.warm_up()
+    assert report.calls == 2 and report.compiled_graphs == compiled_graphs() - before > 0
+    clip = text_to_image("a red barn in snow", 1, 2, 5.0, SIZE, SIZE, num_frames=9)
+    before = compiled_graphs()
+    assert runner.run(clip.params, [clip])[0].shape == (9, SIZE, SIZE, 3)
+    assert compiled_graphs() == before  # the 9-frame clip was warmed
+    with pytest.raises(ModelLoadError, match="warmup_num_frames: 6 frames: WanPipeline makes 4k\\+1 frames"):
+        PipelineRunner.load(ModelSettings.build(**video, warmup_num_frames=(6,))).warm_up()

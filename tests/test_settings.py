@@ -57,6 +57,9 @@ def test_missing_model_and_bad_values_are_reported_with_the_key():
         ({"batching": "continuous", "batch_buckets": "16"}, "batching=continuous takes neither batch_buckets"),
         ({"batching": "continuous", "compile": "full", "compile_dynamic": "false"},
          "compile_dynamic=false would compile a graph per row count"),
+        ({"warmup_num_frames": "17"}, "warmup_num_frames is for video models"),
+        ({"default_num_frames": "17", "max_num_frames": "33", "warmup_num_frames": "17,81"},
+         "warmup_num_frames must be within \\[1, max_num_frames=33\\]"),
     ],
 )
 def test_contradictory_limits_fail(parameters, message):

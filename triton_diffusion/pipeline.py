@@ -341,11 +341,16 @@ class PipelineRunner:
         return runner
 
     def warm_up(self) -> WarmupReport:
-        """Run every (batch size, size, guidance) of ``settings.warmup_plan()`` once, two steps each,
+        """Run every (clip length,) batch size, size and guidance of ``settings.warmup_plan()`` once, two steps each,
         so that the shapes serving will use are compiled (and allocated) before READY."""
         batch_sizes, sizes, guidance_scales = self.settings.warmup_plan()
-        plan = [(CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale, num_frames=self.settings.defaults.default_num_frames),
-                 batch)
+        step = frame_step(self.text_to_image)
+        for frames in self.settings.warmup_frames():
+            if frames and (frames - 1) % step:
+                raise ModelLoadError(f"config.pbtxt parameter warmup_num_frames: {frames} frames: "
+                                     f"{type(self.text_to_image).__name__} makes {step}k+1 frames")
+        plan = [(CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale, num_frames=frames), batch)
+                for frames in self.settings.warmup_frames()
                 for height, width in sizes for guidance_scale in guidance_scales for batch in batch_sizes]
         report = run_warm_up(plan, lambda items: self.run(items[0].params, items))
         self.padded_rows = 0

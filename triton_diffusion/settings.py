@@ -71,7 +71,8 @@ def _parse_names(text: str) -> tuple[str, ...]:
 
 _LIST_PARSERS = {"speed_devices": _parse_names, "fp8_skip": _parse_names,
                  "allowed_sizes": _parse_sizes, "warmup_sizes": _parse_sizes, "batch_buckets": _parse_ints,
-                 "warmup_batch_sizes": _parse_ints, "warmup_guidance_scales": _parse_floats}
+                 "warmup_batch_sizes": _parse_ints, "warmup_guidance_scales": _parse_floats,
+                 "warmup_num_frames": _parse_ints}
 COMPILE_CHOICES = ("off", "regional", "full")
 COMPILE_DYNAMIC_CHOICES = ("auto", "true", "false")
 BATCHING_CHOICES = ("dynamic", "continuous")
@@ -192,6 +193,7 @@ class WarmupSettings:
     warmup_batch_sizes: tuple[int, ...] = ()
     warmup_sizes: tuple[tuple[int, int], ...] = ()
     warmup_guidance_scales: tuple[float, ...] = ()
+    warmup_num_frames: tuple[int, ...] = ()  # video models: clip lengths (default: default_num_frames)
 
 
 # record name -> record class; every config.pbtxt parameter key is a field of exactly one record
@@ -291,6 +293,10 @@ class ModelSettings:
             ((defaults.default_height, defaults.default_width),) + self.limits.allowed_sizes))
         return tuple(batch_sizes), sizes, self.warmup.warmup_guidance_scales or (defaults.default_guidance_scale,)
 
+    def warmup_frames(self) -> tuple[int, ...]:
+        """Clip lengths the warm-up runs each plan entry at (0: an image model)."""
+        return self.warmup.warmup_num_frames or (self.defaults.default_num_frames,)
+
     def batching_warnings(self, max_batch_size: int) -> list[str]:
         """What a ``max_batch_size`` of the same config silently does to pipeline calls."""
         calls, defaults = self.calls, self.defaults
@@ -378,6 +384,10 @@ def _problems(settings: ModelSettings) -> list[str]:
             problems.append(f"warmup_sizes {height}x{width} breaks the model's own size limits")
     if any(not 0 <= scale <= lim.max_guidance_scale for scale in warm.warmup_guidance_scales):
         problems.append(f"warmup_guidance_scales must be within [0, max_guidance_scale={lim.max_guidance_scale}]")
+    if warm.warmup_num_frames and not d.default_num_frames:
+        problems.append("warmup_num_frames is for video models (default_num_frames > 0)")
+    elif any(not 1 <= frames <= lim.max_num_frames for frames in warm.warmup_num_frames):
+        problems.append(f"warmup_num_frames must be within [1, max_num_frames={lim.max_num_frames}]")
     if calls.cancellation_poll_interval_ms < 0:
         problems.append("cancellation_poll_interval_ms must be 0 or more")
     if calls.progress_interval_ms < 10:
@@ -451,6 +461,8 @@ PARAMETER_DOCS = {
     "warmup_batch_sizes": "Batch sizes run before READY; default: `batch_buckets`, or 1, 2 and `max_images_per_call` when compiling (continuous: every row count up to `max_images_per_call`).",
     "warmup_sizes": "Sizes run before READY; default: the default size and `allowed_sizes`.",
     "warmup_guidance_scales": "Guidance scales run before READY; default: the default guidance.",
+    "warmup_num_frames": "Video models: clip lengths run before READY (each a compiled shape); default: `default_num_frames`. "
+                         "A request with another NUM_FRAMES compiles while serving.",
 }
 
 
