@@ -9,9 +9,9 @@ Each knob calls what diffusers or torch already offer; nothing here reimplements
   ``_native_cudnn``, ``flash``..., whatever the installed torch and packages offer).
 - ``vae_slicing`` / ``vae_tiling``: decode one image / one tile at a time (memory at 1024 and up).
 - ``step_cache``: one of diffusers' step-cache configs (``FirstBlockCache``, ``MagCache``,
-  ``TaylorSeerCache``...) on the denoiser. It skips computation, so images change, and a cache
-  that decides per call from the whole batch makes a batched image differ from the same request
-  served alone.
+  ``TaylorSeerCache``...) on the denoiser. It skips computation, so images change. ``FirstBlockCache``
+  runs as ``row_cache.py``'s per-row version (a batched image equals the same request alone); the
+  others decide per call from the whole batch, so a batched image can differ from the request alone.
 - ``quantization``: torchao fp8 on the denoiser's linear layers, kept only if a fixed-seed call
   passes the fidelity guard (quantization.py).
 - ``compile``: ``torch.compile`` of the denoiser, ``regional`` (diffusers'
@@ -30,6 +30,7 @@ import inspect
 import logging
 from typing import Callable, Optional, Sequence
 
+from . import row_cache
 from .quantization import Fidelity, QuantizationRefused, quantize, relative_error
 from .settings import SpeedSettings
 
@@ -184,10 +185,14 @@ def apply_speed_settings(pipe, speed: SpeedSettings, probe: Optional[Callable[[]
             raise SpeedSettingError(f"step_cache: {type(denoiser).__name__} takes no diffusers cache hooks")
         config = step_cache_config(speed.step_cache)
         try:
-            denoiser.enable_cache(config)
+            if type(config).__name__ == "FirstBlockCacheConfig":  # decided per row (row_cache.py)
+                row_cache.apply(denoiser, config.threshold)
+            else:
+                denoiser.enable_cache(config)
         except ValueError as exc:
             raise SpeedSettingError(f"step_cache={speed.step_cache!r}: {exc}") from None
-        applied.append(f"step cache {speed.step_cache}")
+        applied.append(f"step cache {speed.step_cache}"
+                       + (" (decided per row)" if type(config).__name__ == "FirstBlockCacheConfig" else ""))
     if speed.compiles:
         applied += _compile(denoiser, vae, speed)
     return applied
@@ -245,5 +250,6 @@ def reset_step_cache(pipe) -> None:
     """Forget a step cache's state: a call that raised or was interrupted never reset it, and the
     next call (another batch size) must not start from it."""
     denoiser = denoiser_of(pipe)
+    row_cache.reset(denoiser)
     if getattr(denoiser, "is_cache_enabled", False) and hasattr(denoiser, "_reset_stateful_cache"):
         denoiser._reset_stateful_cache()

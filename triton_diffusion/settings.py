@@ -446,7 +446,8 @@ PARAMETER_DOCS = {
     "attention_backend": "diffusers' `set_attention_backend` on the denoiser: `native`, `_native_cudnn`, `flash`, ...",
     "vae_slicing": "Decode one image at a time (memory).",
     "vae_tiling": "Decode in tiles (memory at large sizes).",
-    "step_cache": "A diffusers step cache, e.g. `\"FirstBlockCache threshold=0.05\"`; changes images, and batched may differ from alone.",
+    "step_cache": "A diffusers step cache, e.g. `\"FirstBlockCache threshold=0.05\"`; changes images. FirstBlockCache decides "
+                  "per row (a batched request equals itself alone); the other caches decide per batch, so batched may differ from alone.",
     "quantization": "`fp8` (torchao float8 weights and activations, per-row scales: the denoiser's linear layers; CUDA "
                     "compute capability 8.9+), `fp8_weight_only` (float8 weights, any device; memory, not speed), or empty.",
     "fp8_max_relative_error": "The fidelity guard at load: a fixed-seed call at the default size and steps, quantized against "

@@ -1,0 +1,228 @@
+"""First-block cache that decides per row, so that a cached image does not depend on its batch-mates.
+
+diffusers' ``FirstBlockCache`` runs the first transformer block, compares its residual with the one
+kept from the last computed step, and then skips the remaining blocks (reusing their kept residual)
+or runs them, for the whole batch at once, from one number averaged over all rows. A request's
+image then depends on what it was batched with, which breaks this server's first promise (a
+batched request gets the image it would get alone).
+
+Here each row keeps its own residuals and decides alone, with the same rule and threshold:
+
+    skip row i  <=>  mean|r_i - r_i,kept| / mean|r_i,kept| <= threshold
+
+where r_i is row i's first-block residual this step and r_i,kept the one from the last step at which
+row i ran every block. Rows that compute run the remaining blocks together, on only their rows (every
+batch-sized block argument sliced to them); rows that skip pass through and get their kept tail
+residual added at the last block. All rows skipping or all computing take the plain paths.
+
+Per ``cache_context`` (the pipeline's "cond" and "uncond" passes each keep their own residuals, as
+diffusers' does). A call whose batch differs from the kept state's (a new call, a cancelled row)
+computes every row and starts over. ``config.pbtxt``'s ``step_cache: "FirstBlockCache threshold=..."``
+applies this one (acceleration.py); the other diffusers caches still decide per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+HEAD_HOOK, BLOCK_HOOK = "triton_diffusion.row_cache.head", "triton_diffusion.row_cache.block"
+# Block arguments that are never per-row even when their first dimension happens to equal the batch.
+_NOT_PER_ROW = ("rotary", "freqs", "pos_embed", "position")
+
+
+def rows_to_compute(residual, kept, threshold: float):
+    """Bool [B]: which rows run the remaining blocks (their first-block residual moved more than
+    ``threshold``, relative, since the residual kept for them)."""
+    change = (residual - kept).abs().flatten(1).float().mean(dim=1)
+    scale = kept.abs().flatten(1).float().mean(dim=1)
+    return change / scale > threshold
+
+
+class RowState:
+    """One pass's kept residuals, row by row."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.head_residual = None  # [B, ...] first-block residual at each row's last computed step
+        self.tail_residuals: Optional[tuple] = None  # (hidden, encoder hidden or None) added to a skipping row
+        self.head_output: Optional[tuple] = None  # this step's first-block output (hidden, encoder hidden or None)
+        self.compute = None  # bool [B] this step; None: every row
+        self.rows = None  # long [k]: the computing rows, when some skip
+
+
+def _split(output, metadata):
+    """A block's output -> (hidden states, encoder hidden states or None)."""
+    if isinstance(output, tuple):
+        encoder = None if metadata.return_encoder_hidden_states_index is None else output[
+            metadata.return_encoder_hidden_states_index]
+        return output[metadata.return_hidden_states_index], encoder
+    return output, None
+
+
+def _joined(hidden, encoder, like, metadata):
+    """(hidden, encoder hidden) -> a block's output shaped as ``like``."""
+    if not isinstance(like, tuple):
+        return hidden
+    output = list(like)
+    output[metadata.return_hidden_states_index] = hidden
+    if metadata.return_encoder_hidden_states_index is not None:
+        output[metadata.return_encoder_hidden_states_index] = encoder
+    return tuple(output)
+
+
+def _rows_of(value, batch: int, rows, name: str = ""):
+    """``value`` with only ``rows`` where it is per-row (a tensor whose first dimension is the batch)."""
+    import torch
+
+    if any(part in name for part in _NOT_PER_ROW):
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.index_select(0, rows)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_of(item, batch, rows) for item in value)
+    if isinstance(value, dict):
+        return {key: _rows_of(item, batch, rows, key) for key, item in value.items()}
+    return value
+
+
+def _per_row(mask, like):
+    """A bool [B] mask shaped to broadcast over ``like`` [B, ...]."""
+    return mask.view(-1, *[1] * (like.dim() - 1))
+
+
+def apply(denoiser, threshold: float) -> None:
+    """Register the per-row first-block cache on ``denoiser``'s transformer blocks (diffusers hooks)."""
+    import torch
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+    from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+
+    class _State(RowState, BaseState):
+        pass
+
+    passes = StateManager(_State)
+    skipped = [0]  # row-steps skipped so far (never reset: diffusers resets the states after each call)
+    blocks = [block for name, child in denoiser.named_children()
+              if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList) for block in child]
+    if len(blocks) < 2:
+        raise ValueError(f"{type(denoiser).__name__} has {len(blocks)} transformer blocks; a first-block cache needs 2 or more")
+
+    class _Head(ModelHook):
+        _is_stateful = True
+
+        def __init__(self):
+            super().__init__()
+            self.passes = passes
+
+        def initialize_hook(self, module):
+            self.metadata = TransformerBlockRegistry.get(type(module))
+            return module
+
+        def new_forward(self, module, *args, **kwargs):
+            hidden_in = self.metadata._get_parameter_from_args_kwargs(self.metadata.hidden_states_argument_name, args, kwargs)
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            hidden, encoder = _split(output, self.metadata)
+            residual = hidden - hidden_in
+            state = self.passes.get_state()
+            state.head_output = (hidden, encoder)
+            state.rows = None
+            if state.tail_residuals is None or state.head_residual is None or state.head_residual.shape != residual.shape:
+                state.compute, state.head_residual, state.tail_residuals = None, residual, None
+                return output
+            compute, every, none = _decide(residual, state.head_residual, threshold)
+            if every:
+                state.compute, state.head_residual = None, residual
+                return output
+            state.compute = compute
+            state.head_residual = torch.where(_per_row(compute, residual), residual, state.head_residual)
+            if none:  # every row skips: the rest of the blocks pass it through
+                tail_hidden, tail_encoder = state.tail_residuals
+                return _joined(hidden + tail_hidden, encoder if tail_encoder is None else encoder + tail_encoder,
+                               output, self.metadata)
+            state.rows = compute.nonzero().flatten()
+            return output
+
+        def reset_state(self, module):
+            self.passes.reset()
+            return module
+
+    class _Block(ModelHook):
+        def __init__(self, tail: bool):
+            super().__init__()
+            self.tail = tail
+
+        def initialize_hook(self, module):
+            self.metadata = TransformerBlockRegistry.get(type(module))
+            return module
+
+        def new_forward(self, module, *args, **kwargs):
+            state = passes.get_state()
+            if state.compute is None:  # every row computes
+                output = self.fn_ref.original_forward(*args, **kwargs)
+                if self.tail:
+                    self._keep_tail(state, *_split(output, self.metadata), None)
+                return output
+            metadata = self.metadata
+            hidden_in = metadata._get_parameter_from_args_kwargs(metadata.hidden_states_argument_name, args, kwargs)
+            encoder_in = (None if metadata.return_encoder_hidden_states_index is None else
+                          metadata._get_parameter_from_args_kwargs(metadata.encoder_hidden_states_argument_name, args, kwargs))
+            like = hidden_in if encoder_in is None else _joined(hidden_in, encoder_in, (None, None), self.metadata)
+            if state.rows is None:  # every row skips: the head already added the kept residual
+                return like
+            batch, rows = hidden_in.shape[0], state.rows
+            output = self.fn_ref.original_forward(*_rows_of(args, batch, rows),
+                                                  **_rows_of(kwargs, batch, rows))
+            computed_hidden, computed_encoder = _split(output, self.metadata)
+            hidden = hidden_in.index_copy(0, rows, computed_hidden)
+            encoder = None if encoder_in is None or computed_encoder is None else encoder_in.index_copy(0, rows, computed_encoder)
+            if self.tail:
+                hidden, encoder = self._keep_tail(state, hidden, encoder, rows)
+            return _joined(hidden, encoder, output if isinstance(output, tuple) else hidden, self.metadata)
+
+        @staticmethod
+        def _keep_tail(state, hidden, encoder, rows):
+            """At the last block: keep the computing rows' tail residuals; the skipping rows' output is
+            their first-block output plus their kept residual."""
+            head_hidden, head_encoder = state.head_output
+            hidden_residual = hidden - head_hidden
+            encoder_residual = None if encoder is None else encoder - head_encoder
+            if rows is None:
+                state.tail_residuals = (hidden_residual, encoder_residual)
+                return hidden, encoder
+            kept_hidden, kept_encoder = state.tail_residuals
+            compute = state.compute
+            state.tail_residuals = (torch.where(_per_row(compute, hidden), hidden_residual, kept_hidden),
+                                    None if encoder is None else torch.where(_per_row(compute, encoder), encoder_residual,
+                                                                             kept_encoder))
+            hidden = torch.where(_per_row(compute, hidden), hidden, head_hidden + kept_hidden)
+            if encoder is not None:
+                encoder = torch.where(_per_row(compute, encoder), encoder, head_encoder + kept_encoder)
+            return hidden, encoder
+
+    @torch.compiler.disable
+    def _decide(residual, kept, limit):
+        """(bool [B] on the residual's device, every row computes, no row computes): decided on the
+        host, as diffusers' ``.item()``, outside any compiled graph; counts the skips."""
+        decided = rows_to_compute(residual, kept, limit).cpu()
+        skipped[0] += int((~decided).sum())
+        return decided.to(residual.device), bool(decided.all()), not bool(decided.any())
+
+    HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(_Head(), HEAD_HOOK)
+    for index, block in enumerate(blocks[1:], start=1):
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_Block(index == len(blocks) - 1), BLOCK_HOOK)
+    denoiser._row_cache = (passes, skipped)  # reset_step_cache resets the passes; tests read skipped_rows
+
+
+def reset(denoiser) -> None:
+    """Forget every pass's kept residuals (a call that raised or was interrupted never reset them)."""
+    cache = getattr(denoiser, "_row_cache", None)
+    if cache is not None:
+        cache[0].reset()
+
+
+def skipped_rows(denoiser) -> int:
+    """Row-steps that skipped the remaining blocks (every pass) since the cache was applied."""
+    cache = getattr(denoiser, "_row_cache", None)
+    return 0 if cache is None else cache[1][0]
