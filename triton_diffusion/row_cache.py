@@ -109,16 +109,17 @@ def apply(denoiser, threshold: float) -> None:
     if len(blocks) < 2:
         raise ValueError(f"{type(denoiser).__name__} has {len(blocks)} transformer blocks; a first-block cache needs 2 or more")
 
-    class _Head(ModelHook):
+    class _OnBlock(ModelHook):
+        def initialize_hook(self, module):
+            self.metadata = TransformerBlockRegistry.get(type(module))  # where the block's outputs are
+            return module
+
+    class _Head(_OnBlock):
         _is_stateful = True
 
         def __init__(self):
             super().__init__()
             self.passes = passes
-
-        def initialize_hook(self, module):
-            self.metadata = TransformerBlockRegistry.get(type(module))
-            return module
 
         def new_forward(self, module, *args, **kwargs):
             hidden_in = self.metadata._get_parameter_from_args_kwargs(self.metadata.hidden_states_argument_name, args, kwargs)
@@ -148,14 +149,10 @@ def apply(denoiser, threshold: float) -> None:
             self.passes.reset()
             return module
 
-    class _Block(ModelHook):
+    class _Block(_OnBlock):
         def __init__(self, tail: bool):
             super().__init__()
             self.tail = tail
-
-        def initialize_hook(self, module):
-            self.metadata = TransformerBlockRegistry.get(type(module))
-            return module
 
         def new_forward(self, module, *args, **kwargs):
             state = passes.get_state()
