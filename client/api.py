@@ -114,6 +114,7 @@ class GenerationRequest:
     init_image: Optional[object] = None  # PIL image or uint8 HxWx3 array (image-to-image)
     strength: Optional[float] = None
     num_frames: Optional[int] = None  # video models; None: the model's default
+    step_cache: bool = False  # models with a per-row step cache: skip blocks where it allows (images change)
     priority: int = 0
     timeout_us: int = 0
     # continuous models: called with each progress message, an int32 [rows, 2] array of
@@ -131,6 +132,9 @@ class GenerationRequest:
         """
         if self.num_frames and "NUM_FRAMES" not in schema.inputs:
             raise ValueError("num_frames is for video models; this model declares no NUM_FRAMES input")
+        if self.step_cache and "STEP_CACHE" not in schema.inputs:
+            raise ValueError("step_cache: this model declares no STEP_CACHE input (its config has no per-row "
+                             "step_cache, e.g. \"FirstBlockCache threshold=0.1\")")
         if self.init_image is not None and "IMAGE" not in schema.inputs:
             raise ValueError("this model serves text-to-image only; it declares no IMAGE input for a source image")
         image = None
@@ -146,6 +150,7 @@ class GenerationRequest:
             "WIDTH": self.width or 0,
             "STRENGTH": _or(self.strength, schema.defaults.get("default_strength")),
             "NUM_FRAMES": self.num_frames or 0,
+            "STEP_CACHE": int(bool(self.step_cache)),
         }
         tensors = {}
         for name, dtype in schema.inputs.items():

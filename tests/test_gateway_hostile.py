@@ -126,6 +126,7 @@ def corpus(key: str) -> list[tuple]:
         "guidance_scale": ["NaN", "Infinity", -1, 1e300, "7", 1001, 51],
         "negative_prompt": [5, [], "x" * 40000],
         "strength": [0.5],  # generations take no strength
+        "step_cache": ["yes", 5, [], True],  # True: this model has no per-row step cache
         "foo": [1], "mask": ["x"], "background": ["transparent"],
     }
     for field, values in hostile.items():

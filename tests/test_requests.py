@@ -144,3 +144,13 @@ def test_num_frames_belongs_to_video_models_and_splits_groups():
     assert "NUM_FRAMES=65 is outside the allowed range [1, 33]" in str(error)
     error = parse_request({"PROMPT": text("a", "b"), "NUM_FRAMES": np.array([[5], [9]], np.int32)}, VIDEO)
     assert "must share NUM_FRAMES" in str(error)
+
+
+def test_step_cache_is_a_per_row_opt_in_of_zero_or_one():
+    rows = np.array([[1], [0]], dtype=np.int32)
+    result = parse(PROMPT=text("a cat", "a dog"), STEP_CACHE=rows)
+    assert [item.step_cache for item in result.items] == [True, False]
+    assert result.items[0].params == result.items[1].params  # an exact row and a cached row share a call
+    assert not parse(PROMPT=text("a cat")).items[0].step_cache  # default: exact
+    error = parse(PROMPT=text("a cat"), STEP_CACHE=scalar(2, np.int32))
+    assert isinstance(error, RequestError) and "STEP_CACHE must be 0 (exact) or 1" in str(error)

@@ -5,6 +5,8 @@ fail."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -92,3 +94,115 @@ def test_rows_of_one_batch_decide_differently_and_diffusers_whole_batch_cache_wo
         solo = final_latents(theirs, [index], {"guidance_scale": 3.5})[0]
         their_differences.append(float((together[index] - solo).abs().max() / solo.abs().max()))
     assert max(their_differences) > DIFFERENT, their_differences
+
+
+def test_exact_and_cached_requests_share_a_call_and_each_gets_its_own_image():
+    """STEP_CACHE per request: rows that asked for the cache skip where it allows, a row that did not
+    runs every block, in one call; each equals the same request alone (cached alone, or uncached)."""
+    import numpy as np
+
+    from triton_diffusion.requests import text_to_image
+
+    cached, plain = runner("flux-dev-tiny", "FirstBlockCache threshold=0.5"), runner("flux-dev-tiny")
+    denoiser = denoiser_of(cached.text_to_image)
+
+    def items(indices, flags):
+        return [dataclasses.replace(text_to_image(ROWS[i][0], ROWS[i][1], STEPS, 3.5, 64, 64), step_cache=flag)
+                for i, flag in zip(indices, flags)]
+
+    before = row_cache.skipped_rows(denoiser)
+    mixed = items(range(3), [True, False, True])
+    together = cached.run(mixed[0].params, mixed)
+    assert row_cache.skipped_rows(denoiser) > before
+    for index, image in enumerate(together):
+        one = items([index], [mixed[index].step_cache])
+        alone = (cached if mixed[index].step_cache else plain).run(one[0].params, one)[0]
+        assert np.abs(image.astype(int) - alone.astype(int)).max() <= 1, index
+    # nobody asked: the cache skips nothing
+    before = row_cache.skipped_rows(denoiser)
+    exact = items(range(3), [False] * 3)
+    cached.run(exact[0].params, exact)
+    assert row_cache.skipped_rows(denoiser) == before
+
+
+def test_a_cancelled_batch_mate_does_not_change_a_cached_rows_decisions():
+    """FLUX drops a cancelled row from the running call (cancellation.py); the row cache drops its
+    residuals with it, so the cached rows left go on deciding as they would alone."""
+    from testing.rows import CancelAfter
+    from triton_diffusion.cancellation import per_row_checks
+
+    loaded = runner("flux-dev-tiny", "FirstBlockCache threshold=0.5")
+    denoiser = denoiser_of(loaded.text_to_image)
+    before = row_cache.skipped_rows(denoiser)
+    alone = [final_latents(loaded, [index], {"guidance_scale": 3.5})[0] for index in (0, 2)]
+    skipped_alone = row_cache.skipped_rows(denoiser) - before
+    captured = []
+    original = loaded.text_to_image.vae.decode
+    loaded.text_to_image.vae.decode = lambda latents, **kw: (captured.append(latents.clone()), original(latents, **kw))[1]
+    try:
+        from triton_diffusion.requests import text_to_image
+
+        row_cache.allow(denoiser, None)
+        items = [text_to_image(ROWS[i][0], ROWS[i][1], STEPS, 3.5, 64, 64) for i in range(3)]
+        items = [dataclasses.replace(item, step_cache=True) for item in items]
+        never = lambda: False  # noqa: E731
+        before = row_cache.skipped_rows(denoiser)
+        outputs = loaded.run(items[0].params, items, per_row_checks([never, CancelAfter(1), never]))
+        assert row_cache.skipped_rows(denoiser) - before >= skipped_alone > 0  # (rows 0 and 2 skipped as alone)
+    finally:
+        del loaded.text_to_image.vae.decode
+    assert outputs[1] is None and outputs[0] is not None and outputs[2] is not None
+    pipe = loaded.text_to_image
+    reference = torch.stack(alone)
+    unpacked = pipe._unpack_latents(reference[:, None] if reference.dim() == 2 else reference, 64, 64, pipe.vae_scale_factor)
+    kept = captured[-1].float()
+    expected = (unpacked / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+    assert float((kept - expected).abs().max() / expected.abs().max()) < SAME
+
+
+# -- served ----------------------------------------------------------------------------------------
+
+def test_served_exact_and_cached_requests_batch_together_and_bad_step_cache_fails_alone(tmp_path_factory):
+    """Through tritonserver: a FLUX model with the per-row cache declares STEP_CACHE; three requests
+    (two cached, one exact) form one execution and each equals itself served alone; STEP_CACHE=2 is
+    INVALID_ARG for that request alone."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from client import DiffusionClient, GenerationRequest
+    from triton_diffusion import model_config
+
+    from .conftest import batch_histogram, start_server
+
+    root, name = tmp_path_factory.mktemp("row_cache"), "flux_tiny_cached"
+    model_config.write_model(root / "repo", model_config.variant(
+        name, {"step_cache": "FirstBlockCache threshold=0.5", "default_steps": "8", "speed_devices": "cpu"},
+        base="flux_tiny"))
+    server = start_server(root, [name], {"TRITONSERVER_DELAY_SCHEDULER": "3"}, repository=root / "repo",
+                          require_ready=True)
+    try:
+        url = f"grpc://{server.grpc_url}"
+        requests = [GenerationRequest(prompt, seed=seed, step_cache=index != 1) for index, (prompt, seed) in enumerate(ROWS)]
+        with DiffusionClient(url, name) as client:
+            together = client.generate_many(requests, concurrency=3)
+            assert batch_histogram(server, name) == {3: 1}
+            for request, result in zip(requests, together):
+                alone = client.generate(request).array
+                assert np.abs(result.array.astype(int) - alone.astype(int)).max() <= 1, request
+            schema = client.schema
+            bad = GenerationRequest("x", seed=1).tensors(schema)
+        bad["STEP_CACHE"] = np.array([[2]], dtype=np.int32)
+        triton = grpcclient.InferenceServerClient(server.grpc_url)
+        inputs = []
+        for input_name, array in bad.items():
+            datatype = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+                        np.dtype(np.float32): "FP32", np.dtype(np.uint8): "UINT8"}[array.dtype]
+            tensor = grpcclient.InferInput(input_name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        with pytest.raises(InferenceServerException, match="STEP_CACHE must be 0 \\(exact\\) or 1"):
+            triton.infer(name, inputs)
+        triton.close()
+    finally:
+        server.stop()

@@ -135,3 +135,15 @@ def test_a_config_without_a_schema_gets_the_declared_one_and_a_declared_one_is_k
     own = {"input": [{"name": "PROMPT", "data_type": "TYPE_STRING", "dims": [1]}], "output": outputs[:2]}
     assert complete(own)["input"] == own["input"]  # nothing added to a declared list
     assert list(Schema.from_model_config(complete(own)).inputs) == ["PROMPT"]
+
+
+def test_only_a_per_row_step_cache_declares_the_step_cache_input():
+    from triton_diffusion.schema import declaration
+
+    def names(**parameters):
+        return [entry["name"] for entry in declaration(parameters)[0]]
+
+    assert "STEP_CACHE" in names(step_cache="FirstBlockCache threshold=0.1")
+    assert "STEP_CACHE" not in names(step_cache="TaylorSeerCache")  # decides per batch: every request uses it
+    assert "STEP_CACHE" not in names()
+    assert "STEP_CACHE" not in names(step_cache="FirstBlockCache threshold=0.1", batching="continuous")

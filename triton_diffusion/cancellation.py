@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional, Sequence
 
+from . import row_cache
 from .families import ShrinkSpec, shrink_spec
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class RowCancellation:
             log.warning("cannot drop cancelled rows from %s: %s", type(pipe).__name__, exc)
             return callback_kwargs
         _shrink_scheduler_state(pipe.scheduler, rows, keep, latent_shape)
+        row_cache.keep_rows(getattr(pipe, self.spec.denoiser or "transformer", None), positions, rows)
         self.generators[:] = [self.generators[position] for position in positions]
         for row in gone:
             self.dropped[row] = step

@@ -18,7 +18,8 @@ every field is type- and range-checked before anything reaches Triton; only mode
 are looked up. ``/health`` answers without a key (for probes) and says nothing else.
 
 Extensions to OpenAI's request body: ``seed`` (image i gets seed + i), ``steps``,
-``guidance_scale``, ``negative_prompt``, and ``strength`` for edits. ``response_format: url``
+``guidance_scale``, ``negative_prompt``, ``step_cache`` (models with a per-row step cache: use it
+for this request; images change), and ``strength`` for edits. ``response_format: url``
 returns a ``data:image/png;base64,...`` URL (the gateway stores nothing). ``quality`` takes only
 ``auto``/``standard`` (the model's defaults; ``steps`` is the quality knob) and ``style`` is refused.
 """
@@ -122,6 +123,7 @@ class ImagesBody(BaseModel):
     guidance_scale: Optional[float] = Field(None, ge=0, le=1000, allow_inf_nan=False)
     negative_prompt: Optional[str] = Field(None, max_length=MAX_TEXT)
     strength: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)
+    step_cache: bool = False  # the model's per-row step cache for this request (images change)
 
 
 def parse_body(data: object, strict: bool = True) -> ImagesBody:
@@ -135,7 +137,7 @@ def parse_body(data: object, strict: bool = True) -> ImagesBody:
         field = str(first["loc"][0]) if first["loc"] else None
         if first["type"] == "extra_forbidden":
             raise ApiError(400, f"unknown field {field!r}: this server takes prompt, model, n, size, response_format, "
-                                "quality, user, seed, steps, guidance_scale, negative_prompt and (edits) strength",
+                                "quality, user, seed, steps, guidance_scale, negative_prompt, step_cache and (edits) strength",
                            param=field) from None
         if first["type"] == "missing":
             raise ApiError(400, f"{field} is required", param=field) from None
@@ -276,7 +278,7 @@ class Gateway:
                 GenerationRequest(body.prompt, negative_prompt=body.negative_prompt,
                                   seed=None if body.seed is None else body.seed + index, steps=body.steps,
                                   guidance_scale=body.guidance_scale, height=height, width=width, init_image=image,
-                                  strength=body.strength)
+                                  strength=body.strength, step_cache=body.step_cache)
                 for index in range(body.n)
             ]
             schema = await client.schema()

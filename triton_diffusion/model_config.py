@@ -97,9 +97,10 @@ def variant(
 
     ``dynamic_batching``: ``""`` keeps the base's block, ``None`` serves without batching (every
     request its own execution), any other text replaces the block with that body
-    (e.g. ``"max_queue_delay_microseconds: 1000"``).
+    (e.g. ``"max_queue_delay_microseconds: 1000"``). The inputs and outputs are completed from the
+    variant's own parameters (a ``step_cache`` or ``batching`` changes what the model declares).
     """
-    config = shipped(base)
+    config = parse((DEFAULT_MODEL_REPOSITORY / base / "config.pbtxt").read_text())
     config.name = name
     if max_batch_size is not None:
         config.max_batch_size = max_batch_size
@@ -110,7 +111,7 @@ def variant(
         text_format.Parse(dynamic_batching, config.dynamic_batching)
         config.dynamic_batching.SetInParent()
     set_parameters(config, parameters_ or {})
-    return config
+    return completed(config)
 
 
 def write_model(repository: Path, config: ModelConfig, base: str = BASE_MODEL, header: str = "") -> Path:

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from . import row_cache
 from .acceleration import (SpeedSettingError, apply_speed_settings, bucket_for, compiled_graphs, cuda_graph_recordings,
                            denoiser_of, reset_step_cache)
 from .cancellation import RowCancellation, never_cancelled
@@ -401,6 +402,7 @@ class PipelineRunner:
         if unexpected:  # a request the backend should have rejected in parsing (unsupported())
             raise ValueError(f"{type(pipe).__name__} does not take {sorted(unexpected)}")
         reset_step_cache(pipe)
+        row_cache.allow(denoiser_of(pipe), [item.step_cache for item in items])  # STEP_CACHE=1 rows may skip
         if self.pairing is not None:
             self.pairing.reset()
         try:

@@ -62,6 +62,7 @@ class GenerationItem:
     params: CallParams
     negative_prompt: Optional[str] = None
     image: Optional[np.ndarray] = None  # image-to-image source, uint8 HxWx3
+    step_cache: bool = False  # the model's per-row step cache may skip blocks for this row (STEP_CACHE=1)
 
     @property
     def task(self) -> str:
@@ -274,6 +275,10 @@ def parse_request(
         strengths = _scalar("STRENGTH", inputs, batch, settings.defaults.default_strength)
         for strength in strengths:
             _check_range("STRENGTH", strength, 0.0, 1.0)
+        cached = _scalar("STEP_CACHE", inputs, batch, 0)
+        for flag in cached:
+            if flag not in (0, 1):
+                raise RequestError(f"STEP_CACHE must be 0 (exact) or 1 (use the model's step cache; images change), got {flag}")
         items = []
         for row in range(batch):
             _check_range("NUM_INFERENCE_STEPS", steps[row], 1, settings.limits.max_steps)
@@ -288,7 +293,7 @@ def parse_request(
                 num_inference_steps=int(steps[row]), guidance_scale=float(guidance[row]), strength=strength,
                 with_negative_prompt=negatives[row] is not None, num_frames=num_frames,
             )
-            items.append(GenerationItem(prompts[row], seeds[row], params, negatives[row], images[row]))
+            items.append(GenerationItem(prompts[row], seeds[row], params, negatives[row], images[row], bool(cached[row])))
         return ParsedRequest(items=tuple(items))
     except RequestError as error:
         return error

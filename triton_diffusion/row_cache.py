@@ -104,6 +104,7 @@ def apply(denoiser, threshold: float) -> None:
 
     passes = StateManager(_State)
     skipped = [0]  # row-steps skipped so far (never reset: diffusers resets the states after each call)
+    allowed_rows = [None]  # the call's rows that may skip (``allow``); None: every row
     blocks = [block for name, child in denoiser.named_children()
               if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList) for block in child]
     if len(blocks) < 2:
@@ -132,7 +133,12 @@ def apply(denoiser, threshold: float) -> None:
             if state.tail_residuals is None or state.head_residual is None or state.head_residual.shape != residual.shape:
                 state.compute, state.head_residual, state.tail_residuals = None, residual, None
                 return output
-            compute, every, none = _decide(residual, state.head_residual, threshold)
+            allowed = _allowed(allowed_rows[0], residual.shape[0], residual.device)
+            if allowed is not None and not allowed[1]:  # no row of this call asked for the cache
+                state.compute, state.head_residual = None, residual
+                return output
+            compute, every, none = _decide(residual, state.head_residual, threshold,
+                                           None if allowed is None else allowed[0])
             if every:
                 state.compute, state.head_residual = None, residual
                 return output
@@ -199,17 +205,66 @@ def apply(denoiser, threshold: float) -> None:
             return hidden, encoder
 
     @torch.compiler.disable
-    def _decide(residual, kept, limit):
+    def _decide(residual, kept, limit, allowed):
         """(bool [B] on the residual's device, every row computes, no row computes): decided on the
-        host, as diffusers' ``.item()``, outside any compiled graph; counts the skips."""
+        host, as diffusers' ``.item()``, outside any compiled graph; counts the skips. A row not
+        ``allowed`` to skip computes."""
         decided = rows_to_compute(residual, kept, limit).cpu()
+        if allowed is not None:
+            decided |= ~allowed
         skipped[0] += int((~decided).sum())
         return decided.to(residual.device), bool(decided.all()), not bool(decided.any())
 
     HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(_Head(), HEAD_HOOK)
     for index, block in enumerate(blocks[1:], start=1):
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_Block(index == len(blocks) - 1), BLOCK_HOOK)
-    denoiser._row_cache = (passes, skipped)  # reset_step_cache resets the passes; tests read skipped_rows
+    denoiser._row_cache = (passes, skipped, allowed_rows)  # reset_step_cache resets the passes; tests read skipped_rows
+
+
+def _allowed(flags, batch: int, device):
+    """The call's per-request flags as (bool [batch] on the host, any row allowed), or None (every
+    row may skip). A denoiser batch of twice the rows is [negative; positive] (guidance in one call);
+    any other size than the flags' computes every row."""
+    import torch
+
+    if flags is None:
+        return None
+    if batch == 2 * len(flags):
+        flags = flags + flags
+    if batch != len(flags):
+        return torch.zeros(batch, dtype=torch.bool), False
+    allowed = torch.tensor(flags, dtype=torch.bool)
+    return allowed, bool(allowed.any())
+
+
+def allow(denoiser, flags) -> None:
+    """Which rows of the next call may skip blocks (the requests that sent STEP_CACHE=1); None: all."""
+    cache = getattr(denoiser, "_row_cache", None)
+    if cache is not None:
+        cache[2][0] = None if flags is None else [bool(flag) for flag in flags]
+
+
+def keep_rows(denoiser, positions: list, rows: int) -> None:
+    """A running call dropped rows (cancellation.py): keep each pass's residuals and the flags of
+    the rows at ``positions`` of the ``rows`` it had, so they go on deciding as alone."""
+    cache = getattr(denoiser, "_row_cache", None)
+    if cache is None:
+        return
+    import torch
+
+    from .cancellation import _slice_rows
+
+    passes, _, allowed_rows = cache
+    for state in passes._state_cache.values():
+        if state.head_residual is None:
+            continue
+        keep = torch.tensor(positions, device=state.head_residual.device)
+        state.head_residual = _slice_rows(state.head_residual, rows, keep)
+        if state.tail_residuals is not None:
+            state.tail_residuals = tuple(None if tensor is None else _slice_rows(tensor, rows, keep)
+                                         for tensor in state.tail_residuals)
+    if allowed_rows[0] is not None:
+        allowed_rows[0] = [allowed_rows[0][position] for position in positions]
 
 
 def reset(denoiser) -> None:

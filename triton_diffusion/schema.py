@@ -30,8 +30,12 @@ INPUT_KINDS = {
     "STRENGTH": NUMBER,
     "IMAGE": PIXELS,
     "NUM_FRAMES": INTEGER,  # video models only
+    "STEP_CACHE": INTEGER,  # models whose step cache decides per row: 1 = this request uses it
 }
 REQUIRED_INPUTS = ("PROMPT",)
+# Step caches that decide per row (row_cache.py): a request opts in with STEP_CACHE=1 and shares its
+# call with requests that do not.
+PER_ROW_CACHES = ("FirstBlockCache", "FirstBlockCacheConfig")
 # Every model returns SEED, and either IMAGE ([B, H, W, 3]) or VIDEO ([B, F, H, W, 3]).
 MEDIA_OUTPUTS = {"IMAGE": "TYPE_UINT8", "VIDEO": "TYPE_UINT8"}
 SEED_OUTPUT = ("SEED", "TYPE_INT64")
@@ -61,7 +65,7 @@ def declaration(parameters: Mapping[str, str]) -> tuple[list[dict], list[dict], 
     (Triton's JSON spelling). Video models (``default_num_frames`` > 0) take ``NUM_FRAMES`` and
     return ``VIDEO``; continuous models (``batching: continuous``) are decoupled, text-to-image only,
     and also send ``PROGRESS``; image models with ``enable_image_to_image`` take ``IMAGE`` and
-    ``STRENGTH``."""
+    ``STRENGTH``; models with a per-row ``step_cache`` take ``STEP_CACHE``."""
     video = int(parameters.get("default_num_frames", "0") or 0) > 0
     continuous = parameters.get("batching", "dynamic") == "continuous"
     image_to_image = parameters.get("enable_image_to_image", "true").strip().lower() in ("1", "true", "yes", "on")
@@ -74,6 +78,8 @@ def declaration(parameters: Mapping[str, str]) -> tuple[list[dict], list[dict], 
         _tensor("HEIGHT", "TYPE_INT32", [1]),
         _tensor("WIDTH", "TYPE_INT32", [1]),
     ]
+    if parameters.get("step_cache", "").split(" ")[0] in PER_ROW_CACHES and not continuous:
+        inputs.append(_tensor("STEP_CACHE", "TYPE_INT32", [1]))
     if video:
         inputs.append(_tensor("NUM_FRAMES", "TYPE_INT32", [1]))
     elif image_to_image and not continuous:
