@@ -184,15 +184,15 @@ def apply_speed_settings(pipe, speed: SpeedSettings, probe: Optional[Callable[[]
         if not hasattr(denoiser, "enable_cache"):
             raise SpeedSettingError(f"step_cache: {type(denoiser).__name__} takes no diffusers cache hooks")
         config = step_cache_config(speed.step_cache)
+        per_row = row_cache.decides_per_row(speed.step_cache)
         try:
-            if type(config).__name__ == "FirstBlockCacheConfig":  # decided per row (row_cache.py)
+            if per_row:
                 row_cache.apply(denoiser, config.threshold)
             else:
                 denoiser.enable_cache(config)
         except ValueError as exc:
             raise SpeedSettingError(f"step_cache={speed.step_cache!r}: {exc}") from None
-        applied.append(f"step cache {speed.step_cache}"
-                       + (" (decided per row)" if type(config).__name__ == "FirstBlockCacheConfig" else ""))
+        applied.append(f"step cache {speed.step_cache}" + (" (decided per row)" if per_row else ""))
     if speed.compiles:
         applied += _compile(denoiser, vae, speed)
     return applied

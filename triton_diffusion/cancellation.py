@@ -28,6 +28,7 @@ import logging
 from typing import Callable, Optional, Sequence
 
 from . import row_cache
+from .acceleration import denoiser_of
 from .families import ShrinkSpec, shrink_spec
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class RowCancellation:
             log.warning("cannot drop cancelled rows from %s: %s", type(pipe).__name__, exc)
             return callback_kwargs
         _shrink_scheduler_state(pipe.scheduler, rows, keep, latent_shape)
-        row_cache.keep_rows(getattr(pipe, self.spec.denoiser or "transformer", None), positions, rows)
+        row_cache.keep_rows(denoiser_of(pipe), positions, rows)
         self.generators[:] = [self.generators[position] for position in positions]
         for row in gone:
             self.dropped[row] = step

@@ -256,7 +256,7 @@ class PipelineRunner:
     """Holds the loaded pipelines of one model instance and runs chunks through them."""
 
     def __init__(self, text_to_image, image_to_image, device: str, settings: Optional[ModelSettings] = None,
-                 speed: Sequence[str] = (), warnings: Sequence[str] = ()):
+                 speed: Sequence[str] = (), warnings: Sequence[str] = (), pairing: Optional[PairedGuidance] = None):
         self.text_to_image = text_to_image
         self.image_to_image = image_to_image
         self.device = device
@@ -270,7 +270,7 @@ class PipelineRunner:
         self.can_shrink = not self.settings.calls.batch_buckets and not (
             self.settings.speed.compiles and self.settings.speed.compile_dynamic == "false")
         self.padded_rows = 0  # filler rows run so far to reach a bucket
-        self.pairing: Optional[PairedGuidance] = None  # batched guidance passes (paired_cfg.py), where installed
+        self.pairing = pairing  # batched guidance passes (paired_cfg.py), where installed
 
     @classmethod
     def load(cls, settings: ModelSettings, device: Optional[str] = None, output: Optional[str] = None) -> "PipelineRunner":
@@ -337,19 +337,16 @@ class PipelineRunner:
                 image_to_image.set_progress_bar_config(disable=True)
             except (ValueError, KeyError) as exc:
                 log.warning("%s has no image-to-image variant (%s); serving text-to-image only", type(pipe).__name__, exc)
-        runner = cls(pipe, image_to_image, device, effective, speed)
-        runner.pairing = pairing
-        return runner
+        return cls(pipe, image_to_image, device, effective, speed, pairing=pairing)
 
     def warm_up(self) -> WarmupReport:
         """Run every (clip length,) batch size, size and guidance of ``settings.warmup_plan()`` once, two steps each,
         so that the shapes serving will use are compiled (and allocated) before READY."""
         batch_sizes, sizes, guidance_scales = self.settings.warmup_plan()
-        step = frame_step(self.text_to_image)
         for frames in self.settings.warmup_frames():
-            if frames and (frames - 1) % step:
-                raise ModelLoadError(f"config.pbtxt parameter warmup_num_frames: {frames} frames: "
-                                     f"{type(self.text_to_image).__name__} makes {step}k+1 frames")
+            problem = self._frames_problem(TEXT_TO_IMAGE, frames)
+            if problem:
+                raise ModelLoadError(f"config.pbtxt parameter warmup_num_frames: {frames} frames: {problem}")
         plan = [(CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale, num_frames=frames), batch)
                 for frames in self.settings.warmup_frames()
                 for height, width in sizes for guidance_scale in guidance_scales for batch in batch_sizes]
@@ -366,10 +363,14 @@ class PipelineRunner:
             return f"this model ({type(self.text_to_image).__name__}) does not take NEGATIVE_PROMPT"
         if item.negative_prompt is not None and self.family.negative_prompt_refusal:
             return self.family.negative_prompt_refusal
-        step = frame_step(self.pipelines[item.task])
-        if item.params.num_frames and (item.params.num_frames - 1) % step:
-            return (f"NUM_FRAMES={item.params.num_frames}: {type(self.text_to_image).__name__} makes {step}k+1 frames "
-                    f"(1, {1 + step}, {1 + 2 * step}, ...)")
+        problem = self._frames_problem(item.task, item.params.num_frames)
+        return f"NUM_FRAMES={item.params.num_frames}: {problem}" if problem else None
+
+    def _frames_problem(self, task: str, frames: int) -> Optional[str]:
+        """Why the pipeline cannot make a clip of ``frames`` frames (0: an image), or None."""
+        step = frame_step(self.pipelines[task])
+        if frames and (frames - 1) % step:
+            return f"{type(self.text_to_image).__name__} makes {step}k+1 frames (1, {1 + step}, {1 + 2 * step}, ...)"
         return None
 
     def run(
@@ -403,8 +404,6 @@ class PipelineRunner:
             raise ValueError(f"{type(pipe).__name__} does not take {sorted(unexpected)}")
         reset_step_cache(pipe)
         row_cache.allow(denoiser_of(pipe), [item.step_cache for item in items])  # STEP_CACHE=1 rows may skip
-        if self.pairing is not None:
-            self.pairing.reset()
         try:
             with torch.inference_mode():
                 output = pipe(**kwargs)
@@ -412,7 +411,7 @@ class PipelineRunner:
         finally:
             rows.close()
             if self.pairing is not None:
-                self.pairing.reset()  # (drops the call's tensors it held)
+                self.pairing.reset()  # the next call records its own conditioning; drops this call's tensors
         wanted = rows.wanted()
         outputs: list[Optional[np.ndarray]] = [None] * requested
         if wanted:

@@ -26,8 +26,15 @@ from __future__ import annotations
 from typing import Optional
 
 HEAD_HOOK, BLOCK_HOOK = "triton_diffusion.row_cache.head", "triton_diffusion.row_cache.block"
+# The step caches (``step_cache``'s first word, with or without diffusers' "Config") this module runs.
+PER_ROW_CACHES = ("FirstBlockCache", "FirstBlockCacheConfig")
 # Block arguments that are never per-row even when their first dimension happens to equal the batch.
 _NOT_PER_ROW = ("rotary", "freqs", "pos_embed", "position")
+
+
+def decides_per_row(step_cache: str) -> bool:
+    """Whether a ``step_cache`` setting runs as this per-row cache (and so takes STEP_CACHE per request)."""
+    return (step_cache.split() or [""])[0] in PER_ROW_CACHES
 
 
 def rows_to_compute(residual, kept, threshold: float):
@@ -133,7 +140,7 @@ def apply(denoiser, threshold: float) -> None:
             if state.tail_residuals is None or state.head_residual is None or state.head_residual.shape != residual.shape:
                 state.compute, state.head_residual, state.tail_residuals = None, residual, None
                 return output
-            allowed = _allowed(allowed_rows[0], residual.shape[0], residual.device)
+            allowed = _allowed(allowed_rows[0], residual.shape[0])
             if allowed is not None and not allowed[1]:  # no row of this call asked for the cache
                 state.compute, state.head_residual = None, residual
                 return output
@@ -195,13 +202,14 @@ def apply(denoiser, threshold: float) -> None:
                 state.tail_residuals = (hidden_residual, encoder_residual)
                 return hidden, encoder
             kept_hidden, kept_encoder = state.tail_residuals
-            compute = state.compute
-            state.tail_residuals = (torch.where(_per_row(compute, hidden), hidden_residual, kept_hidden),
-                                    None if encoder is None else torch.where(_per_row(compute, encoder), encoder_residual,
-                                                                             kept_encoder))
-            hidden = torch.where(_per_row(compute, hidden), hidden, head_hidden + kept_hidden)
+            computed = _per_row(state.compute, hidden)
+            hidden, kept_hidden = (torch.where(computed, hidden, head_hidden + kept_hidden),
+                                   torch.where(computed, hidden_residual, kept_hidden))
             if encoder is not None:
-                encoder = torch.where(_per_row(compute, encoder), encoder, head_encoder + kept_encoder)
+                computed = _per_row(state.compute, encoder)
+                encoder, kept_encoder = (torch.where(computed, encoder, head_encoder + kept_encoder),
+                                         torch.where(computed, encoder_residual, kept_encoder))
+            state.tail_residuals = (kept_hidden, kept_encoder)
             return hidden, encoder
 
     @torch.compiler.disable
@@ -221,7 +229,7 @@ def apply(denoiser, threshold: float) -> None:
     denoiser._row_cache = (passes, skipped, allowed_rows)  # reset_step_cache resets the passes; tests read skipped_rows
 
 
-def _allowed(flags, batch: int, device):
+def _allowed(flags, batch: int):
     """The call's per-request flags as (bool [batch] on the host, any row allowed), or None (every
     row may skip). A denoiser batch of twice the rows is [negative; positive] (guidance in one call);
     any other size than the flags' computes every row."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .row_cache import decides_per_row
+
 # What each input means to the backend -> the Triton data types that can carry it.
 TEXT, INTEGER, NUMBER, PIXELS = "text", "integer", "number", "pixels"
 INPUT_KINDS = {
@@ -33,9 +35,7 @@ INPUT_KINDS = {
     "STEP_CACHE": INTEGER,  # models whose step cache decides per row: 1 = this request uses it
 }
 REQUIRED_INPUTS = ("PROMPT",)
-# Step caches that decide per row (row_cache.py): a request opts in with STEP_CACHE=1 and shares its
-# call with requests that do not.
-PER_ROW_CACHES = ("FirstBlockCache", "FirstBlockCacheConfig")
+
 # Every model returns SEED, and either IMAGE ([B, H, W, 3]) or VIDEO ([B, F, H, W, 3]).
 MEDIA_OUTPUTS = {"IMAGE": "TYPE_UINT8", "VIDEO": "TYPE_UINT8"}
 SEED_OUTPUT = ("SEED", "TYPE_INT64")
@@ -78,7 +78,8 @@ def declaration(parameters: Mapping[str, str]) -> tuple[list[dict], list[dict], 
         _tensor("HEIGHT", "TYPE_INT32", [1]),
         _tensor("WIDTH", "TYPE_INT32", [1]),
     ]
-    if parameters.get("step_cache", "").split(" ")[0] in PER_ROW_CACHES and not continuous:
+    # a cache that decides per row (row_cache.py): a request opts in, and shares its call with those that do not
+    if decides_per_row(parameters.get("step_cache", "")) and not continuous:
         inputs.append(_tensor("STEP_CACHE", "TYPE_INT32", [1]))
     if video:
         inputs.append(_tensor("NUM_FRAMES", "TYPE_INT32", [1]))
