@@ -24,15 +24,15 @@ from .shapes import COLOURS, SHAPES, SIZE, TRAINING_SCENES, Scene, render
 WORDS = ["a", "on", "background", *COLOURS, *SHAPES]
 
 
-def word_tokenizer(max_length: int = 16):
-    """A CLIP tokenizer whose BPE merges spell each caption word as one token."""
+def word_tokenizer(max_length: int = 16, words=WORDS):
+    """A CLIP tokenizer whose BPE merges spell each of ``words`` as one token."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     base = list(bytes_to_unicode().values())
     vocab = {token: index for index, token in enumerate(base + [t + "</w>" for t in base])}
     merges = []
-    for word in WORDS:
+    for word in words:
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
             merges.append((parts[0], parts[1]))

@@ -92,7 +92,11 @@ WAN_LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.074
 
 def qwen_tokenizer(max_length: int):
     """Byte-level tokenizer with Qwen's chat markers as single tokens (templates stay short)."""
-    tokenizer = byte_level_tokenizer(max_length)
+    return qwen_chat(byte_level_tokenizer(max_length))
+
+
+def qwen_chat(tokenizer):
+    """``tokenizer`` with Qwen's chat markers as single tokens and its chat template."""
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer

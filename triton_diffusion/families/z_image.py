@@ -69,7 +69,7 @@ class ZImageSteps(FlowMatchSteps):
 def build(tiny: bool):
     """Z-Image-Turbo: 6B single-stream DiT (30 layers + 2+2 refiners, dim 3840, 30 heads), Qwen3-4B text
     encoder, FLUX's 16-ch VAE; 8 denoising steps without CFG."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = qwen_tokenizer(512)
@@ -92,10 +92,17 @@ def build(tiny: bool):
                            num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                            rope_theta=1000000.0, tie_word_embeddings=True)
         vae = kl_vae((128, 256, 512, 512), 16, 2, 32, flux=True)
-    return ZImagePipeline(
+    return assemble(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
         vae=vae, text_encoder=Qwen3Model(text).eval(), tokenizer=tokenizer, transformer=transformer,
     )
+
+
+def assemble(**components):
+    """A Z-Image pipeline of these components (the random architectures' and ``tiny_shapes_dit``'s)."""
+    from diffusers import ZImagePipeline
+
+    return ZImagePipeline(**components)
 
 
 FAMILY = Family(
