@@ -1,11 +1,13 @@
-"""Prompt adherence of the trained tiny model (``tiny_shapes``) next to its speed, per setting.
+"""Prompt adherence of a trained tiny model next to its speed, per setting.
 
-For each number of denoising steps (the knob that trades quality for speed on this model), it
-generates every held-out caption (combinations never rendered for training, ``shapes.HELD_OUT``)
-with several seeds through ``PipelineRunner`` (the served code path, in batches), judges each
-image's colour, shape and background from its pixels (``shapes.judge``) and times the calls.
+For each number of denoising steps, it generates every held-out caption of the model's world
+(combinations never rendered for training) with several seeds through ``PipelineRunner`` (the
+served code path, in batches), judges each image from its pixels and times the calls.
 
-    python perf/adherence.py --steps 20,10,5 --seeds 8
+    python perf/adherence.py --steps 20,10,5 --seeds 8                  # tiny_shapes (one shape)
+    python perf/adherence.py --model tiny_shapes_dit --steps 20,10,5,3 --seeds 2   # two shapes, a relation
+    python perf/adherence.py --docs            # docs/tiny-model.md's tables from the results in TABLES
+    python perf/adherence.py --check-docs      # exit 1 if they are stale
 """
 
 from __future__ import annotations
@@ -17,18 +19,59 @@ import time
 from datetime import date
 from pathlib import Path
 
-
+from testing import pairs, shapes
+from triton_diffusion import model_config
 from triton_diffusion.pipeline import PipelineRunner
 from triton_diffusion.requests import text_to_image
-from triton_diffusion.settings import ModelSettings, resolve_model_location
-from testing.shapes import HELD_OUT, SIZE, Scene, adherence
+from triton_diffusion.settings import ModelSettings
 
-MODEL = "{repo}/models/tiny-shapes"
+# Each trained model's world: its held-out captions and its judge.
+WORLDS = {
+    "tiny_shapes": (lambda: [shapes.Scene(*scene).caption for scene in shapes.HELD_OUT], shapes.adherence),
+    "tiny_shapes_dit": (lambda: [pairs.PairScene(*scene).caption for scene in pairs.HELD_OUT], pairs.adherence),
+}
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "tiny-model.md"
+# model -> the results file (perf/results) its table in DOCS comes from: the served code path on CPU
+TABLES = {"tiny_shapes": "cpu_tiny_shapes_adherence_2026-11-27",
+          "tiny_shapes_dit": "cpu_tiny_shapes_dit_adherence_2026-12-02"}
 
 
-def measure(runner: PipelineRunner, steps: int, seeds: int, guidance: float, batch: int) -> dict:
-    captions = [Scene(*scene).caption for scene in HELD_OUT for _ in range(seeds)]
-    items = [text_to_image(caption, 100 + index, steps, guidance, SIZE, SIZE) for index, caption in enumerate(captions)]
+def markdown(stem: str) -> str:
+    """One results file as a markdown table: steps, speed, then each attribute the judge reads."""
+    results = json.loads((ROOT / "perf" / "results" / f"{stem}.json").read_text())
+    rows = results["rows"]
+    attributes = [key for key in rows[0] if key not in ("steps", "images", "images_per_s")]
+    lines = [f"| steps | img/s (CPU, batches of {results['args']['batch']}) | "
+             + " | ".join(f"{attribute} right" for attribute in attributes) + " |",
+             "|" + "---|" * (2 + len(attributes))]
+    lines += [f"| {row['steps']} | {row['images_per_s']:.1f} | " + " | ".join(f"{100 * row[key]:.0f}%" for key in attributes) + " |"
+              for row in rows]
+    return "\n".join(lines) + f"\n\n(`perf/results/{stem}.*`: {rows[0]['images']} images per row)"
+
+
+def write_docs(check: bool) -> int:
+    """Put each model's table between ``<!-- adherence:MODEL:begin -->`` and its end marker in DOCS;
+    with ``check``, only say whether that would change anything (1: stale)."""
+    text = original = DOCS.read_text()
+    for model, stem in TABLES.items():
+        begin, end = f"<!-- adherence:{model}:begin -->", f"<!-- adherence:{model}:end -->"
+        head, rest = text.split(begin)
+        text = f"{head}{begin}\n{markdown(stem)}\n{end}{rest.split(end, 1)[1]}"
+    if check:
+        if text != original:
+            print(f"stale adherence tables in {DOCS}: python perf/adherence.py --docs", file=sys.stderr)
+        return int(text != original)
+    DOCS.write_text(text)
+    return 0
+
+
+def measure(runner: PipelineRunner, world, steps: int, seeds: int, guidance: float, batch: int) -> dict:
+    held_out, adherence = world
+    captions = [caption for caption in held_out() for _ in range(seeds)]
+    size = shapes.SIZE
+    items = [text_to_image(caption, 100 + index, steps, guidance, size, size) for index, caption in enumerate(captions)]
     images, started = [], time.perf_counter()
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
@@ -37,28 +80,46 @@ def measure(runner: PipelineRunner, steps: int, seeds: int, guidance: float, bat
     return {"steps": steps, "images": len(images), "images_per_s": len(images) / seconds, **adherence(captions, images)}
 
 
+def load(model: str, device: str, pretrained: str = "", **extra: str) -> tuple[PipelineRunner, ModelSettings]:
+    """The shipped model's runner, from its config.pbtxt's parameters (on ``device``, other weights or
+    knobs where given)."""
+    parameters = model_config.parameters(model_config.shipped(model))
+    parameters.update({"device": device, **({"pretrained_model": pretrained} if pretrained else {}), **extra})
+    settings = ModelSettings.from_parameters(parameters)
+    return PipelineRunner.load(settings), settings
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--model", default="tiny_shapes", choices=sorted(WORLDS))
+    parser.add_argument("--pretrained", help="weights other than the shipped ones (a saved pipeline's folder)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", default="20,10,5")
     parser.add_argument("--seeds", type=int, default=8, help="images per held-out caption")
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, help="default: the model's")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--label", default="", help="appended to the results file's name")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
+    parser.add_argument("--docs", action="store_true", help="rewrite docs/tiny-model.md's tables and exit")
+    parser.add_argument("--check-docs", action="store_true", help="exit 1 if docs/tiny-model.md's tables are stale")
     args = parser.parse_args(argv)
-    runner = PipelineRunner.load(ModelSettings.build(pretrained_model=resolve_model_location(args.model), device="cpu",
-                                               torch_dtype="float32", default_height=SIZE, default_width=SIZE))
-    runner.run(*(lambda item: (item.params, [item]))(text_to_image("a red circle on a blue background", 0, 2, args.guidance, SIZE, SIZE)))
-    rows = [measure(runner, int(steps), args.seeds, args.guidance, args.batch) for steps in args.steps.split(",")]
-    lines = [f"tiny_shapes prompt adherence on {len(HELD_OUT)} held-out captions x {args.seeds} seeds, guidance {args.guidance}, "
-             f"CPU, batches of {args.batch}, {date.today().isoformat()}",
-             "steps | img/s | colour | shape | background"]
-    lines += [f"{r['steps']} | {r['images_per_s']:.1f} | {100 * r['colour']:.0f}% | {100 * r['shape']:.0f}% | {100 * r['background']:.0f}%"
+    if args.docs or args.check_docs:
+        return write_docs(check=args.check_docs)
+    runner, settings = load(args.model, args.device, args.pretrained or "")
+    guidance = settings.defaults.default_guidance_scale if args.guidance is None else args.guidance
+    world = WORLDS[args.model]
+    runner.run(*(lambda item: (item.params, [item]))(text_to_image(world[0]()[0], 0, 2, guidance, shapes.SIZE, shapes.SIZE)))
+    rows = [measure(runner, world, int(steps), args.seeds, guidance, args.batch) for steps in args.steps.split(",")]
+    attributes = [key for key in rows[0] if key not in ("steps", "images", "images_per_s")]
+    lines = [f"{args.model} prompt adherence on {len(world[0]())} held-out captions x {args.seeds} seeds, guidance {guidance}, "
+             f"{args.device}, batches of {args.batch}, {date.today().isoformat()}",
+             " | ".join(["steps", "img/s", *attributes])]
+    lines += [" | ".join([str(r["steps"]), f"{r['images_per_s']:.1f}", *(f"{100 * r[key]:.0f}%" for key in attributes)])
               for r in rows]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cpu_tiny_shapes_adherence_{date.today().isoformat()}"
+    stem = args.out / f"{args.device.split(':')[0]}_{args.model}_adherence_{date.today().isoformat()}{args.label}"
     stem.with_suffix(".txt").write_text(table + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     return 0

@@ -109,6 +109,13 @@ def test_the_open_loop_benchmark_compares_both_batching_modes_on_the_same_arriva
     assert next(tmp_path.glob("open_loop_*.png")).stat().st_size > 0
 
 
+def test_the_adherence_tables_are_generated_from_the_results():
+    """docs/tiny-model.md's adherence tables equal what perf/adherence.py makes of the results files."""
+    from perf import adherence
+
+    assert adherence.main(["--check-docs"]) == 0, "stale adherence tables: python perf/adherence.py --docs"
+
+
 def test_the_headline_tables_are_generated_from_the_results_and_show_the_shipped_knobs():
     """README's and docs/benchmarks.md's headline tables equal what perf/headline.py makes of the
     results files, and each measured row ran exactly the speed knobs its shipped config has."""

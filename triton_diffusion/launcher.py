@@ -34,7 +34,7 @@ from . import security
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-DEFAULT_MODELS = ("tiny_shapes", "stable_diffusion_tiny")  # the first is the gateway's default
+DEFAULT_MODELS = ("tiny_shapes", "tiny_shapes_dit", "stable_diffusion_tiny")  # the first is the gateway's default
 
 
 class ServerError(RuntimeError):
