@@ -116,7 +116,7 @@ def test_dynamic_batch_graphs_serve_every_batch_size_after_warm_up(solo_images):
     "knobs, message",
     [
         ({"attention_backend": "native"}, "does not go through diffusers' attention dispatcher"),
-        ({"step_cache": "FirstBlockCache threshold=0.05"}, "UNet2DConditionModel takes no diffusers cache hooks"),
+        ({"step_cache": "FirstBlockCache threshold=0.05"}, "UNet2DConditionModel has 0 transformer blocks"),
     ],
 )
 def test_a_knob_the_pipeline_cannot_take_fails_the_load_with_a_reason(knobs, message):

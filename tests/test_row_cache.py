@@ -33,6 +33,16 @@ def test_each_row_decides_from_its_own_residuals():
     assert row_cache.rows_to_compute(residual, kept, 0.6).tolist() == [False, False, False]
 
 
+def test_the_padding_a_batch_adds_to_a_shorter_row_does_not_count():
+    kept = torch.ones(2, 4, 2)
+    residual = kept.clone()
+    residual[0, 3] += 10  # row 0's last position is padding to the batch's length (alone it has 3 tokens)
+    tokens = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    assert row_cache.rows_to_compute(residual, kept, 0.2, tokens).tolist() == [False, False]
+    assert row_cache.rows_to_compute(residual[:1, :3], kept[:1, :3], 0.2).tolist() == [False]  # as alone
+    assert row_cache.rows_to_compute(residual, kept, 0.2).tolist() == [True, False]  # the padding counted
+
+
 def runner(arch: str, step_cache: str = "", **settings) -> PipelineRunner:
     return PipelineRunner.load(ModelSettings.build(pretrained_model=f"random:{arch}", **CPU, step_cache=step_cache, **settings))
 
@@ -60,14 +70,17 @@ def batched_against_alone(loaded: PipelineRunner, guidance: dict, guidance_alone
     return differences, skipped_together, skipped_alone
 
 
-@pytest.mark.parametrize("arch, guidance, settings", [
-    ("flux-dev-tiny", {"guidance_scale": 3.5}, {}),
+@pytest.mark.parametrize("arch, guidance, settings, threshold", [
+    ("flux-dev-tiny", {"guidance_scale": 3.5}, {}, 0.3),
     # the transformer blocks compiled (the eager backend: dynamo's tracing and guards, without inductor)
-    ("flux-dev-tiny", {"guidance_scale": 3.5}, {"compile": "regional", "compile_backend": "eager"}),
-    ("qwen-image-tiny", {"true_cfg_scale": 4.0, "negative_prompt": [" "] * 3}, {}),  # two passes, each its own residuals
-], ids=["flux", "flux-compiled", "qwen-image"])
-def test_a_cached_row_batched_equals_the_same_request_alone(arch, guidance, settings):
-    loaded = runner(arch, "FirstBlockCache threshold=0.3", **settings)
+    ("flux-dev-tiny", {"guidance_scale": 3.5}, {"compile": "regional", "compile_backend": "eager"}, 0.3),
+    ("qwen-image-tiny", {"true_cfg_scale": 4.0, "negative_prompt": [" "] * 3}, {}, 0.3),  # two passes, each its own residuals
+    # no cache context and no diffusers cache hooks; guidance rows in one call; captions of different
+    # lengths padded to one sequence (the padding must not count). Its random residuals move more per step.
+    ("z-image-turbo-tiny", {"guidance_scale": 4.0}, {}, 1.0),
+], ids=["flux", "flux-compiled", "qwen-image", "z-image"])
+def test_a_cached_row_batched_equals_the_same_request_alone(arch, guidance, settings, threshold):
+    loaded = runner(arch, f"FirstBlockCache threshold={threshold}", **settings)
     assert any("decided per row" in applied for applied in loaded.speed)
     alone = {**guidance, "negative_prompt": [" "]} if "negative_prompt" in guidance else guidance
     differences, skipped_together, skipped_alone = batched_against_alone(loaded, guidance, alone)

@@ -132,11 +132,12 @@ def cuda_graph_recordings() -> int:
 
 
 def apply_speed_settings(pipe, speed: SpeedSettings, probe: Optional[Callable[[], object]] = None,
-                         fp8_skip: Sequence[str] = ()) -> list[str]:
+                         fp8_skip: Sequence[str] = (), cache_block_arguments: tuple = ()) -> list[str]:
     """Apply the model's speed knobs to ``pipe`` in place; returns what was applied, for the log.
 
     ``probe`` runs one fixed-seed call and returns its latents (the fidelity guard of ``quantization``);
-    ``fp8_skip``: the family's layers kept unquantized. Raises ``QuantizationRefused`` when the
+    ``fp8_skip``: the family's layers kept unquantized; ``cache_block_arguments``: its transformer
+    block's hidden-states and token-mask arguments where diffusers' registry has them wrong. Raises ``QuantizationRefused`` when the
     quantized model fails the guard or the device cannot run it.
 
     Order matters: memory format and fused projections change the modules that quantization and
@@ -181,13 +182,14 @@ def apply_speed_settings(pipe, speed: SpeedSettings, probe: Optional[Callable[[]
     if speed.quantization:
         applied.append(_quantize_guarded(denoiser, speed, probe, tuple(fp8_skip) + speed.fp8_skip))
     if speed.step_cache:
-        if not hasattr(denoiser, "enable_cache"):
-            raise SpeedSettingError(f"step_cache: {type(denoiser).__name__} takes no diffusers cache hooks")
         config = step_cache_config(speed.step_cache)
         per_row = row_cache.decides_per_row(speed.step_cache)
+        if not per_row and not hasattr(denoiser, "enable_cache"):
+            raise SpeedSettingError(f"step_cache: {type(denoiser).__name__} takes no diffusers cache hooks "
+                                    f"(only the per-row FirstBlockCache applies to it)")
         try:
             if per_row:
-                row_cache.apply(denoiser, config.threshold)
+                row_cache.apply(denoiser, config.threshold, cache_block_arguments)
             else:
                 denoiser.enable_cache(config)
         except ValueError as exc:

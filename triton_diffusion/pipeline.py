@@ -307,7 +307,8 @@ class PipelineRunner:
         probe = latents_probe(pipe, effective) if effective.speed.quantization else None
         failed_guard = None
         try:
-            speed = apply_speed_settings(pipe, effective.speed, probe, family_of(pipe).fp8_skip)
+            family = family_of(pipe)
+            speed = apply_speed_settings(pipe, effective.speed, probe, family.fp8_skip, family.cache_block_arguments)
         except SpeedSettingError as exc:
             raise ModelLoadError(f"config.pbtxt speed parameters: {exc}") from None
         except QuantizationRefused as exc:

@@ -28,6 +28,7 @@ from typing import Optional
 HEAD_HOOK, BLOCK_HOOK = "triton_diffusion.row_cache.head", "triton_diffusion.row_cache.block"
 # The step caches (``step_cache``'s first word, with or without diffusers' "Config") this module runs.
 PER_ROW_CACHES = ("FirstBlockCache", "FirstBlockCacheConfig")
+ONE_PASS = "all rows"  # the context name where the pipeline names none
 # Block arguments that are never per-row even when their first dimension happens to equal the batch.
 _NOT_PER_ROW = ("rotary", "freqs", "pos_embed", "position")
 
@@ -37,12 +38,16 @@ def decides_per_row(step_cache: str) -> bool:
     return (step_cache.split() or [""])[0] in PER_ROW_CACHES
 
 
-def rows_to_compute(residual, kept, threshold: float):
+def rows_to_compute(residual, kept, threshold: float, tokens=None):
     """Bool [B]: which rows run the remaining blocks (their first-block residual moved more than
-    ``threshold``, relative, since the residual kept for them)."""
-    change = (residual - kept).abs().flatten(1).float().mean(dim=1)
-    scale = kept.abs().flatten(1).float().mean(dim=1)
-    return change / scale > threshold
+    ``threshold``, relative, since the residual kept for them). ``tokens`` (bool [B, L], optional):
+    each row's own tokens, where rows of different lengths are padded to the batch's (the padding
+    differs with the batch-mates, so it must not count)."""
+    change, scale = (residual - kept).abs().float(), kept.abs().float()
+    if tokens is not None:
+        weight = tokens.view(*tokens.shape, *[1] * (residual.dim() - tokens.dim())).float()
+        return (change * weight).flatten(1).sum(dim=1) / (scale * weight).flatten(1).sum(dim=1) > threshold
+    return change.flatten(1).mean(dim=1) / scale.flatten(1).mean(dim=1) > threshold
 
 
 class RowState:
@@ -99,27 +104,40 @@ def _per_row(mask, like):
     return mask.view(-1, *[1] * (like.dim() - 1))
 
 
-def apply(denoiser, threshold: float) -> None:
-    """Register the per-row first-block cache on ``denoiser``'s transformer blocks (diffusers hooks)."""
+def apply(denoiser, threshold: float, block_arguments: tuple = ()) -> None:
+    """Register the per-row first-block cache on ``denoiser``'s transformer blocks (diffusers hooks).
+    ``block_arguments``: (the blocks' hidden-states argument, their token-mask argument), where
+    diffusers' block registry has them wrong (the block's output is then the hidden states alone)."""
     import torch
     from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-    from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
 
     class _State(RowState, BaseState):
         pass
 
-    passes = StateManager(_State)
+    class _Passes(StateManager):
+        def get_state(self):
+            if self._context is None:  # a pipeline that names no cache context (Z-Image: its guidance rows in one call)
+                self.set_context(CacheContext(ONE_PASS))
+            return super().get_state()
+
+    passes = _Passes(_State)
     skipped = [0]  # row-steps skipped so far (never reset: diffusers resets the states after each call)
     allowed_rows = [None]  # the call's rows that may skip (``allow``); None: every row
     blocks = [block for name, child in denoiser.named_children()
               if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList) for block in child]
     if len(blocks) < 2:
         raise ValueError(f"{type(denoiser).__name__} has {len(blocks)} transformer blocks; a first-block cache needs 2 or more")
+    declared, mask_argument = None, None
+    if block_arguments:  # the block's output is its hidden states alone
+        hidden_argument, mask_argument = block_arguments
+        declared = TransformerBlockMetadata(return_hidden_states_index=0, hidden_states_argument_name=hidden_argument)
+        declared._cls = type(blocks[0])
 
     class _OnBlock(ModelHook):
         def initialize_hook(self, module):
-            self.metadata = TransformerBlockRegistry.get(type(module))  # where the block's outputs are
+            self.metadata = declared or TransformerBlockRegistry.get(type(module))  # where the block's outputs are
             return module
 
     class _Head(_OnBlock):
@@ -144,8 +162,9 @@ def apply(denoiser, threshold: float) -> None:
             if allowed is not None and not allowed[1]:  # no row of this call asked for the cache
                 state.compute, state.head_residual = None, residual
                 return output
+            tokens = mask_argument and self.metadata._get_parameter_from_args_kwargs(mask_argument, args, kwargs)
             compute, every, none = _decide(residual, state.head_residual, threshold,
-                                           None if allowed is None else allowed[0])
+                                           None if allowed is None else allowed[0], tokens)
             if every:
                 state.compute, state.head_residual = None, residual
                 return output
@@ -213,11 +232,11 @@ def apply(denoiser, threshold: float) -> None:
             return hidden, encoder
 
     @torch.compiler.disable
-    def _decide(residual, kept, limit, allowed):
+    def _decide(residual, kept, limit, allowed, tokens):
         """(bool [B] on the residual's device, every row computes, no row computes): decided on the
         host, as diffusers' ``.item()``, outside any compiled graph; counts the skips. A row not
         ``allowed`` to skip computes."""
-        decided = rows_to_compute(residual, kept, limit).cpu()
+        decided = rows_to_compute(residual, kept, limit, tokens if tokens is not None and tokens.dim() == 2 else None).cpu()
         if allowed is not None:
             decided |= ~allowed
         skipped[0] += int((~decided).sum())

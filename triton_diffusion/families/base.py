@@ -78,6 +78,10 @@ class Family:
     # Name patterns of denoiser layers that stay unquantized under ``quantization`` (measured to
     # overflow or to lose too much; quantization.py, docs/benchmarks.md).
     fp8_skip: tuple[str, ...] = ()
+    # (The transformer block's hidden-states argument, its token-mask argument), where diffusers'
+    # block registry (which cache hooks read) has them wrong or the rows of a batch are padded to one
+    # length: the per-row step cache (row_cache.py) reads these instead.
+    cache_block_arguments: tuple[str, ...] = ()
     architectures: tuple[Architecture, ...] = ()
     # The shipped model (``model_repository/<name>``) with this family's tiny weights: the tests'
     # and benchmarks' config base (its ``<name>_continuous`` twin where the family has a step adapter).
