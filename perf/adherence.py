@@ -19,6 +19,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from perf.lib import with_table
 from testing import pairs, shapes
 from triton_diffusion import model_config
 from triton_diffusion.pipeline import PipelineRunner
@@ -51,20 +52,23 @@ def markdown(stem: str) -> str:
     return "\n".join(lines) + f"\n\n(`perf/results/{stem}.*`: {rows[0]['images']} images per row)"
 
 
-def write_docs(check: bool) -> int:
-    """Put each model's table between ``<!-- adherence:MODEL:begin -->`` and its end marker in DOCS;
-    with ``check``, only say whether that would change anything (1: stale)."""
+def write_tables(tables: dict[str, str], check: bool, command: str) -> int:
+    """Put each table between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in DOCS; with
+    ``check``, only say whether that would change anything (1: stale, fix with ``command``)."""
     text = original = DOCS.read_text()
-    for model, stem in TABLES.items():
-        begin, end = f"<!-- adherence:{model}:begin -->", f"<!-- adherence:{model}:end -->"
-        head, rest = text.split(begin)
-        text = f"{head}{begin}\n{markdown(stem)}\n{end}{rest.split(end, 1)[1]}"
+    for name, table in tables.items():
+        text = with_table(text, name, table)
     if check:
         if text != original:
-            print(f"stale adherence tables in {DOCS}: python perf/adherence.py --docs", file=sys.stderr)
+            print(f"stale tables in {DOCS}: {command}", file=sys.stderr)
         return int(text != original)
     DOCS.write_text(text)
     return 0
+
+
+def write_docs(check: bool) -> int:
+    return write_tables({f"adherence:{model}": markdown(stem) for model, stem in TABLES.items()}, check,
+                        "python perf/adherence.py --docs")
 
 
 def measure(runner: PipelineRunner, world, steps: int, seeds: int, guidance: float, batch: int) -> dict:

@@ -19,11 +19,11 @@ from types import SimpleNamespace
 from typing import Optional
 
 from perf.gpu_bench import shape_of
+from perf.lib import with_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "perf" / "results"
 TARGETS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")
-BEGIN, END = "<!-- headline:begin -->", "<!-- headline:end -->"
 
 # shipped model -> the gpu_bench results file that measured its architecture with its shipped knobs
 # (None: not measured yet). Random weights of the real architectures.
@@ -82,15 +82,6 @@ def table() -> str:
     return "\n".join(lines + [row(model, stem) for model, stem in ROWS.items()])
 
 
-def replaced(text: str, generated: str) -> str:
-    """``text`` with what lies between the markers replaced by ``generated``."""
-    head, _, rest = text.partition(BEGIN)
-    _, found, tail = rest.partition(END)
-    if not found:
-        raise SystemExit(f"{BEGIN} without {END}")
-    return f"{head}{BEGIN}\n{generated}\n{END}{tail}"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true")
@@ -99,9 +90,7 @@ def main(argv=None) -> int:
     stale = []
     for path in TARGETS:
         text = path.read_text()
-        if BEGIN not in text:
-            raise SystemExit(f"{path} has no {BEGIN} marker")
-        new = replaced(text, generated)
+        new = with_table(text, "headline", generated)
         if new != text:
             stale.append(path)
             if not args.check:

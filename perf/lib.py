@@ -1,7 +1,8 @@
 """What every benchmark script shares, defined once: the served model's parameters for an
 architecture, serving a variant, the closed loop (c clients in flight), GPU memory of the serving
 processes, one percentile and one spread statistic, the card's name, and the results writer
-(``perf/results/<stem>.json`` and ``.txt``, with the card, date and command).
+(``perf/results/<stem>.json`` and ``.txt``, with the card, date and command), and the generated
+tables' place in a document (between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``).
 
 The scripts import it as ``perf.lib`` (the project installs ``perf`` and ``testing`` as packages:
 no ``sys.path`` edits).
@@ -25,7 +26,7 @@ from testing import harness
 from triton_diffusion import families, model_config
 
 __all__ = ["ProcessMemory", "card_name", "closed_loop", "log", "model_parameters", "percentile", "serve", "spread",
-           "stub_pids", "today", "write_results"]
+           "stub_pids", "today", "with_table", "write_results"]
 
 
 def log(message: str) -> None:
@@ -171,3 +172,13 @@ def write_results(out: Path, stem: str, payload: dict, table: str = "") -> Path:
     if table:
         (out / f"{stem}.txt").write_text(table.rstrip("\n") + "\n")
     return path
+
+
+def with_table(text: str, name: str, generated: str) -> str:
+    """``text`` with what lies between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` replaced by ``generated``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    head, found, rest = text.partition(begin)
+    _, closed, tail = rest.partition(end)
+    if not found or not closed:
+        raise SystemExit(f"no {begin} ... {end} markers")
+    return f"{head}{begin}\n{generated}\n{end}{tail}"
