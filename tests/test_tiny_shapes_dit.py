@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from client import DiffusionClient, GenerationRequest
 from testing.pairs import HELD_OUT, PairScene, judge, judged_right, parse_caption, render
 
@@ -48,7 +46,8 @@ def test_the_judge_tells_a_swapped_relation_and_a_wrong_kind():
 def test_the_trainers_batched_transformer_call_equals_the_pipelines_own():
     """``train_pairs.batched_forward`` (what the model was trained with) computes what the served
     pipeline's per-row list call computes, so the trained weights mean the same thing when served."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from testing import train_pairs
 
     pipe = train_pairs.build(seed=0, device="cpu")
