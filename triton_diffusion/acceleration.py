@@ -137,8 +137,8 @@ def apply_speed_settings(pipe, speed: SpeedSettings, probe: Optional[Callable[[]
 
     ``probe`` runs one fixed-seed call and returns its latents (the fidelity guard of ``quantization``);
     ``fp8_skip``: the family's layers kept unquantized; ``cache_block_arguments``: its transformer
-    block's hidden-states and token-mask arguments where diffusers' registry has them wrong. Raises ``QuantizationRefused`` when the
-    quantized model fails the guard or the device cannot run it.
+    block's hidden-states and token-mask arguments where diffusers' registry has them wrong. Raises
+    ``QuantizationRefused`` when the quantized model fails the guard or the device cannot run it.
 
     Order matters: memory format and fused projections change the modules that quantization and
     compile see; the guard's calls run eager, before compiling; a cache hook must be in place

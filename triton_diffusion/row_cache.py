@@ -29,7 +29,8 @@ HEAD_HOOK, BLOCK_HOOK = "triton_diffusion.row_cache.head", "triton_diffusion.row
 # The step caches (``step_cache``'s first word, with or without diffusers' "Config") this module runs.
 PER_ROW_CACHES = ("FirstBlockCache", "FirstBlockCacheConfig")
 ONE_PASS = "all rows"  # the context name where the pipeline names none
-# Block arguments that are never per-row even when their first dimension happens to equal the batch.
+# Block keyword arguments that are never per-row even when their first dimension happens to equal the
+# batch (positional ones go by their shape: Z-Image passes its per-row rotary table positionally).
 _NOT_PER_ROW = ("rotary", "freqs", "pos_embed", "position")
 
 
