@@ -1,17 +1,21 @@
 """The trained flow-matching DiT (``tiny_shapes_dit``): its judge, its trainer's batched transformer
 call, and, through the real server, a batch of different two-object captions in which each request
-gets an image of its own caption, equal to the image it gets alone."""
+gets an image of its own caption, equal to the image it gets alone; and the same with continuous
+batching, for a caption that joins a running batch mid-flight."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
-from client import DiffusionClient, GenerationRequest
+from client import AsyncDiffusionClient, DiffusionClient, GenerationRequest
+from testing import harness
 from testing.pairs import HELD_OUT, PairScene, judge, judged_right, parse_caption, render
 
-from .conftest import assert_same_image, batch_histogram
+from .conftest import STEPS, assert_same_image, batch_histogram, metric, start_server
+from .test_continuous import admitted, timed
 
-MODEL = "tiny_shapes_dit"
+MODEL, CONTINUOUS = "tiny_shapes_dit", "tiny_shapes_dit_continuous"
 # Captions that differ in colours, kinds, relation and background, at a seed where the model (held-out
 # adherence 93-100% per attribute: docs/tiny-model.md) draws each right when served alone; batched, a
 # row that got a batch-mate's prompt or noise would be judged as another scene.
@@ -72,3 +76,34 @@ def test_a_batch_of_different_captions_draws_each_its_own_caption(delayed_server
             judged = judged_right(judge(result.array), parse_caption(request.prompt))
             assert all(judged.values()), (request.prompt, judged)
             assert_same_image(result.array, client.generate(request).array)
+
+
+def test_a_caption_joining_a_running_batch_mid_flight_gets_its_own_image(tmp_path_factory):
+    """Continuous batching: a caption that joins a 50-step request mid-flight finishes first, gets
+    the image the dynamic-batching model gives it alone (judged right), and the long one too."""
+    server = start_server(tmp_path_factory.mktemp("dit-continuous"), [MODEL, CONTINUOUS], name="dit-continuous",
+                          require_ready=True)
+    try:
+        long = GenerationRequest(CAPTIONS[0], seed=SEED, steps=50)
+        joiner = GenerationRequest(CAPTIONS[1], seed=SEED)
+        mid_flight_before = admitted(server, CONTINUOUS, "mid_flight")
+
+        async def scenario():
+            finished: list[str] = []
+            async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", CONTINUOUS, timeout_s=300) as client:
+                steps_before = metric(server, STEPS, CONTINUOUS)
+                long_task = asyncio.create_task(timed(client, long, finished, "long"))
+                await asyncio.to_thread(harness.wait_for_metric, server, STEPS, CONTINUOUS, steps_before + 1)
+                joined = await timed(client, joiner, finished, "joiner")
+                return finished, await long_task, joined
+
+        finished, long_result, joined = asyncio.run(scenario())
+        assert finished == ["joiner", "long"]
+        assert admitted(server, CONTINUOUS, "mid_flight") == mid_flight_before + 1
+        with DiffusionClient(f"grpc://{server.grpc_url}", MODEL, timeout_s=120) as client:
+            assert_same_image(joined.array, client.generate(joiner).array)
+            assert_same_image(long_result.array, client.generate(long).array)
+        judged = judged_right(judge(joined.array), parse_caption(joiner.prompt))
+        assert all(judged.values()), (joiner.prompt, judged)
+    finally:
+        server.stop()
