@@ -4,12 +4,13 @@ model's default setting (20 steps, no cache), the share of row-steps at which a 
 the transformer blocks after the first, and the speed-up, through the served code path (``PipelineRunner``, in batches; every row
 opts in to the cache as STEP_CACHE=1 does).
 
-Knobs: the per-row first-block cache (``step_cache: "FirstBlockCache threshold=..."``, the only step
-cache that applies to a Z-Image transformer: diffusers 0.42 gives ZImageTransformer2DModel none of its
-cache hooks) and fewer steps.
+Knobs: fp8 (``quantization: fp8``, on a GPU), the per-row first-block cache (``step_cache:
+"FirstBlockCache threshold=..."``, the only step cache that applies to a Z-Image transformer:
+diffusers 0.42 gives ZImageTransformer2DModel none of its cache hooks) and fewer steps.
 
-    python perf/quality_speed.py --thresholds 0.05,0.1,0.2,0.4 --steps 10,5 --seeds 1
-    python perf/quality_speed.py --docs          # docs/tiny-model.md's table from RESULTS
+    python perf/quality_speed.py                                             # CPU, the shipped float32
+    python perf/quality_speed.py --device cuda --dtype bfloat16 --fp8 ...   # and fp8 (GPU)
+    python perf/quality_speed.py --docs          # docs/tiny-model.md's tables from RESULTS
     python perf/quality_speed.py --check-docs    # exit 1 if it is stale
 """
 
@@ -26,13 +27,17 @@ from pathlib import Path
 import numpy as np
 
 from perf.adherence import ROOT, WORLDS, load, write_tables
+from perf.lib import card_name
 from testing import shapes
 from triton_diffusion import row_cache
 from triton_diffusion.acceleration import denoiser_of
+from triton_diffusion.pipeline import ModelLoadError
 from triton_diffusion.requests import text_to_image
 
 MODEL = "tiny_shapes_dit"
-RESULTS = "cpu_tiny_shapes_dit_quality_speed_2026-12-02"  # the docs table's source (perf/results)
+# docs/tiny-model.md's tables (their marker names) and the results files (perf/results) they come from
+RESULTS = {f"quality:{MODEL}": "cpu_tiny_shapes_dit_quality_speed_2026-12-02",
+           f"quality:{MODEL}:cuda": "cuda_tiny_shapes_dit_quality_speed_2026-12-02"}
 
 
 def generate(runner, captions, steps: int, guidance: float, batch: int):
@@ -53,13 +58,18 @@ def psnr(images, references) -> float:
     return float("inf") if error == 0 else float(10 * np.log10(255 ** 2 / error))
 
 
-def markdown(stem: str = RESULTS) -> str:
-    results = json.loads((ROOT / "perf" / "results" / f"{stem}.json").read_text())
+def markdown(path: Path) -> str:
+    """A results file (``.json``) as the docs' table."""
+    results, stem = json.loads(path.read_text()), path.stem
     rows, attributes = results["rows"], results["attributes"]
-    lines = ["| setting | img/s (CPU) | speed-up | row-steps that skipped the blocks | "
+    lines = [f"| setting | img/s ({results.get('card', 'cpu')}) | speed-up | row-steps that skipped the blocks | "
              + " | ".join(f"{attribute} right" for attribute in attributes) + " | PSNR vs default |",
              "|" + "---|" * (5 + len(attributes))]
     for index, row in enumerate(rows):
+        if "error" in row:
+            reason = row["error"].removeprefix("config.pbtxt speed parameters: ").split(";")[0]
+            lines.append(f"| {row['setting']} | not served: {reason} |" + " |" * (3 + len(attributes)))
+            continue
         error = "reference" if index == 0 else "identical" if row["psnr"] == float("inf") else f"{row['psnr']:.1f} dB"
         lines.append(f"| {row['setting']} | {row['images_per_s']:.2f} | {row['speed_up']:.2f}x | {100 * row['skipped']:.0f}% | "
                      + " | ".join(f"{100 * row[key]:.0f}%" for key in attributes) + f" | {error} |")
@@ -70,9 +80,11 @@ def markdown(stem: str = RESULTS) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--thresholds", default="0.05,0.1,0.2,0.4", help="FirstBlockCache thresholds (at the default steps)")
+    parser.add_argument("--thresholds", default="0.05,0.1,0.2,0.3", help="FirstBlockCache thresholds (at the default steps)")
     parser.add_argument("--steps", default="10,5", help="fewer steps than the default (no cache)")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--dtype", help="torch_dtype instead of the shipped float32 (e.g. bfloat16 on a GPU)")
+    parser.add_argument("--fp8", action="store_true", help="add a row with quantization: fp8 (a GPU with fp8)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
@@ -80,40 +92,51 @@ def main(argv=None) -> int:
     parser.add_argument("--check-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.docs or args.check_docs:
-        return write_tables({f"quality:{MODEL}": markdown()}, args.check_docs, "python perf/quality_speed.py --docs")
+        return write_tables({name: markdown(ROOT / "perf" / "results" / f"{stem}.json") for name, stem in RESULTS.items()},
+                            args.check_docs,
+                            "python perf/quality_speed.py --docs")
 
     held_out, adherence = WORLDS[MODEL]
     captions = [caption for caption in held_out() for _ in range(args.seeds)]
-    runner, settings = load(MODEL, args.device)
+    base = {"torch_dtype": args.dtype} if args.dtype else {}
+    knobs = {**base, "speed_devices": args.device}
+    runner, settings = load(MODEL, args.device, **base)
     default_steps, guidance = settings.defaults.default_steps, settings.defaults.default_guidance_scale
+    # (setting, steps, the model's parameters changed from its shipped config)
     settings_list = [(f"{default_steps} steps (default)", default_steps, None)]
-    settings_list += [(f"{default_steps} steps, FirstBlockCache {threshold}", default_steps, float(threshold))
+    settings_list += [(f"{default_steps} steps, FirstBlockCache {threshold}", default_steps,
+                       {**knobs, "step_cache": f"FirstBlockCache threshold={threshold}"})
                       for threshold in args.thresholds.split(",") if threshold]
-    settings_list += [(f"{steps} steps", int(steps), None) for steps in args.steps.split(",") if steps]
+    if args.fp8:
+        settings_list.append((f"{default_steps} steps, fp8", default_steps, {**knobs, "quantization": "fp8"}))
+    settings_list += [(f"{steps} steps", int(steps), base) for steps in args.steps.split(",") if steps]
     rows, reference, reference_seconds = [], None, None
-    for name, steps, threshold in settings_list:
-        if threshold is not None:
-            runner, _ = load(MODEL, args.device, step_cache=f"FirstBlockCache threshold={threshold}", speed_devices=args.device)
-        elif rows:
-            runner, _ = load(MODEL, args.device)
+    for name, steps, parameters in settings_list:
+        if parameters is not None:
+            try:
+                runner, _ = load(MODEL, args.device, **parameters)
+            except ModelLoadError as exc:  # e.g. fp8 failing its fidelity guard: a row that says why
+                rows.append({"setting": name, "steps": steps, "parameters": parameters, "error": str(exc)})
+                print(rows[-1], flush=True)
+                continue
         images, seconds, skipped = generate(runner, captions, steps, guidance, args.batch)
         if reference is None:
             reference, reference_seconds = images, seconds
         # row-steps: each image's two rows (guidance) at every step
-        rows.append({"setting": name, "steps": steps, "threshold": threshold, "images": len(images),
+        rows.append({"setting": name, "steps": steps, "parameters": parameters or base, "images": len(images),
                      "images_per_s": len(images) / seconds, "speed_up": reference_seconds / seconds,
                      "skipped": skipped / (len(images) * 2 * steps),
-                     **adherence(captions, images), "psnr": psnr(images, reference)})
+                     **adherence(captions, images), "psnr": psnr(images, reference), "applied": list(runner.speed)})
         print(rows[-1], flush=True)
-    attributes = [key for key in rows[0] if key not in ("setting", "steps", "threshold", "images", "images_per_s",
-                                                        "speed_up", "skipped", "psnr")]
+    attributes = [key for key in rows[0] if key not in ("setting", "steps", "parameters", "images", "images_per_s",
+                                                        "speed_up", "skipped", "psnr", "applied")]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.device.split(':')[0]}_{MODEL}_quality_speed_{date.today().isoformat()}{args.label}"
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "captions": len(held_out()), "seeds": args.seeds,
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "card": card_name() if args.device != "cpu" else "cpu",
+              "captions": len(held_out()), "seeds": args.seeds,
               "guidance": guidance, "attributes": attributes, "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".txt").write_text(markdown(stem.name) + "\n" if args.out.resolve() == (ROOT / "perf" / "results").resolve()
-                                        else json.dumps(rows, indent=1))
+    stem.with_suffix(".txt").write_text(markdown(stem.with_suffix(".json")) + "\n")
     print(stem.with_suffix(".txt").read_text())
     return 0
 
