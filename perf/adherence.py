@@ -13,6 +13,7 @@ served code path, in batches), judges each image from its pixels and times the c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -71,16 +72,23 @@ def write_docs(check: bool) -> int:
                         "python perf/adherence.py --docs")
 
 
+def generate(runner: PipelineRunner, captions: list[str], steps: int, guidance: float, batch: int,
+             step_cache: bool = False) -> tuple[list, float]:
+    """(images, seconds) for every caption (seed 100 + its index), in batches of ``batch`` after one
+    warm-up call; ``step_cache``: every row opts in to the model's per-row cache (STEP_CACHE=1)."""
+    items = [dataclasses.replace(text_to_image(caption, 100 + index, steps, guidance, shapes.SIZE, shapes.SIZE),
+                                 step_cache=step_cache) for index, caption in enumerate(captions)]
+    runner.run(items[0].params, items[:1])
+    images, started = [], time.perf_counter()
+    for start in range(0, len(items), batch):
+        images += runner.run(items[start].params, items[start:start + batch])
+    return images, time.perf_counter() - started
+
+
 def measure(runner: PipelineRunner, world, steps: int, seeds: int, guidance: float, batch: int) -> dict:
     held_out, adherence = world
     captions = [caption for caption in held_out() for _ in range(seeds)]
-    size = shapes.SIZE
-    items = [text_to_image(caption, 100 + index, steps, guidance, size, size) for index, caption in enumerate(captions)]
-    images, started = [], time.perf_counter()
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        images += runner.run(chunk[0].params, chunk)
-    seconds = time.perf_counter() - started
+    images, seconds = generate(runner, captions, steps, guidance, batch)
     return {"steps": steps, "images": len(images), "images_per_s": len(images) / seconds, **adherence(captions, images)}
 
 
@@ -112,7 +120,6 @@ def main(argv=None) -> int:
     runner, settings = load(args.model, args.device, args.pretrained or "")
     guidance = settings.defaults.default_guidance_scale if args.guidance is None else args.guidance
     world = WORLDS[args.model]
-    runner.run(*(lambda item: (item.params, [item]))(text_to_image(world[0]()[0], 0, 2, guidance, shapes.SIZE, shapes.SIZE)))
     rows = [measure(runner, world, int(steps), args.seeds, guidance, args.batch) for steps in args.steps.split(",")]
     attributes = [key for key in rows[0] if key not in ("steps", "images", "images_per_s")]
     lines = [f"{args.model} prompt adherence on {len(world[0]())} held-out captions x {args.seeds} seeds, guidance {guidance}, "

@@ -17,22 +17,19 @@ diffusers 0.42 gives ZImageTransformer2DModel none of its cache hooks) and fewer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 
 from perf.adherence import ROOT, WORLDS, load, write_tables
+from perf.adherence import generate as adherence_generate
 from perf.lib import card_name
-from testing import shapes
 from triton_diffusion import row_cache
 from triton_diffusion.acceleration import denoiser_of
 from triton_diffusion.pipeline import ModelLoadError
-from triton_diffusion.requests import text_to_image
 
 MODEL = "tiny_shapes_dit"
 # docs/tiny-model.md's tables (their marker names) and the results files (perf/results) they come from
@@ -41,15 +38,12 @@ RESULTS = {f"quality:{MODEL}": "cpu_tiny_shapes_dit_quality_speed_2026-12-02",
 
 
 def generate(runner, captions, steps: int, guidance: float, batch: int):
-    """(images, seconds, block-steps skipped) for every caption (seed = its index), in batches."""
-    items = [dataclasses.replace(text_to_image(caption, 100 + index, steps, guidance, shapes.SIZE, shapes.SIZE),
-                                 step_cache=True) for index, caption in enumerate(captions)]
+    """``adherence.generate`` with every row opted in to the cache: (images, seconds, row-steps that
+    skipped the blocks after the first)."""
     denoiser = denoiser_of(runner.text_to_image)
-    runner.run(items[0].params, items[:1])  # warm-up
-    skipped, images, started = row_cache.skipped_rows(denoiser), [], time.perf_counter()
-    for start in range(0, len(items), batch):
-        images += runner.run(items[start].params, items[start:start + batch])
-    return images, time.perf_counter() - started, row_cache.skipped_rows(denoiser) - skipped
+    before = row_cache.skipped_rows(denoiser)
+    images, seconds = adherence_generate(runner, captions, steps, guidance, batch, step_cache=True)
+    return images, seconds, row_cache.skipped_rows(denoiser) - before
 
 
 def psnr(images, references) -> float:
@@ -92,9 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--check-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.docs or args.check_docs:
-        return write_tables({name: markdown(ROOT / "perf" / "results" / f"{stem}.json") for name, stem in RESULTS.items()},
-                            args.check_docs,
-                            "python perf/quality_speed.py --docs")
+        tables = {name: markdown(ROOT / "perf" / "results" / f"{stem}.json") for name, stem in RESULTS.items()}
+        return write_tables(tables, args.check_docs, "python perf/quality_speed.py --docs")
 
     held_out, adherence = WORLDS[MODEL]
     captions = [caption for caption in held_out() for _ in range(args.seeds)]
