@@ -77,6 +77,22 @@ async def timed(client: AsyncDiffusionClient, request: GenerationRequest, finish
     return result
 
 
+def join_mid_flight(server, model: str, long: GenerationRequest, short: GenerationRequest):
+    """Send ``long``; once it is denoising, send ``short``. (labels in the order they finished,
+    long's result, short's result)."""
+    async def scenario():
+        finished: list[str] = []
+        async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", model, timeout_s=300) as client:
+            steps_before = metric(server, STEPS, model)
+            long_task = asyncio.create_task(timed(client, long, finished, "long"))
+            # the long request is denoising: the short one arrives mid-flight
+            await asyncio.to_thread(harness.wait_for_metric, server, STEPS, model, steps_before + 1)
+            short_result = await timed(client, short, finished, "short")
+            return finished, await long_task, short_result
+
+    return asyncio.run(scenario())
+
+
 def test_batching_continuous_alone_makes_a_decoupled_model_with_progress(server):
     """The continuous configs say only ``batching: continuous``; the backend's auto_complete_config
     declares the decoupled policy, the PROGRESS output and no image-to-image inputs."""
@@ -94,18 +110,7 @@ def test_a_short_request_joins_a_running_long_one_finishes_first_and_equals_its_
     long = GenerationRequest("a long walk along a grey beach at dawn", seed=21, steps=long_steps(model))
     short = GenerationRequest("a red circle", seed=22, steps=3, guidance_scale=1.5)
     mid_flight_before = admitted(server, model, "mid_flight")
-
-    async def scenario():
-        finished: list[str] = []
-        async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", model, timeout_s=300) as client:
-            steps_before = metric(server, STEPS, model)
-            long_task = asyncio.create_task(timed(client, long, finished, "long"))
-            # the long request is denoising: the short one arrives mid-flight
-            await asyncio.to_thread(harness.wait_for_metric, server, STEPS, model, steps_before + 1)
-            short_result = await timed(client, short, finished, "short")
-            return finished, await long_task, short_result
-
-    finished, long_result, short_result = asyncio.run(scenario())
+    finished, long_result, short_result = join_mid_flight(server, model, long, short)
     assert finished == ["short", "long"], "the short request must not wait for the long one"
     assert admitted(server, model, "mid_flight") == mid_flight_before + 1
     long_alone, short_alone = served_alone(server, model, [long, short])

@@ -5,15 +5,13 @@ batching, for a caption that joins a running batch mid-flight."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 
-from client import AsyncDiffusionClient, DiffusionClient, GenerationRequest
-from testing import harness
+from client import DiffusionClient, GenerationRequest
 from testing.pairs import HELD_OUT, PairScene, judge, judged_right, parse_caption, render
 
-from .conftest import STEPS, assert_same_image, batch_histogram, metric, start_server
-from .test_continuous import admitted, timed
+from .conftest import assert_same_image, batch_histogram, start_server
+from .test_continuous import admitted, join_mid_flight
 
 MODEL, CONTINUOUS = "tiny_shapes_dit", "tiny_shapes_dit_continuous"
 # Captions that differ in colours, kinds, relation and background, at a seed where the model (held-out
@@ -87,18 +85,8 @@ def test_a_caption_joining_a_running_batch_mid_flight_gets_its_own_image(tmp_pat
         long = GenerationRequest(CAPTIONS[0], seed=SEED, steps=50)
         joiner = GenerationRequest(CAPTIONS[1], seed=SEED)
         mid_flight_before = admitted(server, CONTINUOUS, "mid_flight")
-
-        async def scenario():
-            finished: list[str] = []
-            async with AsyncDiffusionClient(f"grpc://{server.grpc_url}", CONTINUOUS, timeout_s=300) as client:
-                steps_before = metric(server, STEPS, CONTINUOUS)
-                long_task = asyncio.create_task(timed(client, long, finished, "long"))
-                await asyncio.to_thread(harness.wait_for_metric, server, STEPS, CONTINUOUS, steps_before + 1)
-                joined = await timed(client, joiner, finished, "joiner")
-                return finished, await long_task, joined
-
-        finished, long_result, joined = asyncio.run(scenario())
-        assert finished == ["joiner", "long"]
+        finished, long_result, joined = join_mid_flight(server, CONTINUOUS, long, joiner)
+        assert finished == ["short", "long"]
         assert admitted(server, CONTINUOUS, "mid_flight") == mid_flight_before + 1
         with DiffusionClient(f"grpc://{server.grpc_url}", MODEL, timeout_s=120) as client:
             assert_same_image(joined.array, client.generate(joiner).array)
