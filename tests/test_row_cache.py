@@ -89,6 +89,20 @@ def test_a_cached_row_batched_equals_the_same_request_alone(arch, guidance, sett
     assert max(differences) < SAME, differences
 
 
+def test_a_cache_applied_after_a_pipeline_call_still_keeps_the_guidance_passes_apart():
+    """The fp8 guard's probe calls the pipeline before the cache is applied, and diffusers keeps the
+    list of hooked modules it found then; the cache's blocks must still get the "cond" and "uncond"
+    contexts (each pass its own residuals), as on a model that never ran before the cache."""
+    guidance = {"true_cfg_scale": 4.0, "negative_prompt": [" "] * 3}
+    late = runner("qwen-image-tiny")
+    final_latents(late, range(3), guidance)  # a call before the cache exists
+    row_cache.apply(denoiser_of(late.text_to_image), 0.6)
+    fresh = runner("qwen-image-tiny", "FirstBlockCache threshold=0.6")
+    skipped = row_cache.skipped_rows(denoiser_of(late.text_to_image))
+    torch.testing.assert_close(final_latents(late, range(3), guidance), final_latents(fresh, range(3), guidance))
+    assert row_cache.skipped_rows(denoiser_of(late.text_to_image)) > skipped
+
+
 def test_rows_of_one_batch_decide_differently_and_diffusers_whole_batch_cache_would_not_keep_them_apart():
     """At this threshold the rows of one FLUX batch decide differently (one runs every block at every
     step, the others skip): the per-row cache keeps each equal to its solo latents; diffusers'
@@ -171,6 +185,62 @@ def test_a_cancelled_batch_mate_does_not_change_a_cached_rows_decisions():
     kept = captured[-1].float()
     expected = (unpacked / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
     assert float((kept - expected).abs().max() / expected.abs().max()) < SAME
+
+
+# -- continuous batching ----------------------------------------------------------------------------
+
+JOINERS = {2: [1], 3: [2, 3]}  # at loop iteration 2 row 1 joins the running batch, at 3 rows 2 and 3
+
+
+@pytest.mark.parametrize("arch, guidance, threshold", [
+    ("z-image-turbo-tiny", 4.0, 1.0),  # single stream, captions of different lengths under one mask
+    ("flux-dev-tiny", 3.5, 0.6),  # two streams, no classifier-free guidance
+    ("qwen-image-tiny", 4.0, 0.6),  # two streams, captions padded per call, unconditional twins after
+    ("sd35-large-tiny", 4.0, 0.6),  # unconditional twins first; its last block returns no text stream
+], ids=["z-image", "flux", "qwen-image", "sd3"])
+def test_rows_joining_a_running_batch_keep_their_own_residuals(arch, guidance, threshold):
+    """Continuous batching with the per-row cache: rows of different step counts and guidance join a
+    running batch at different steps, one of them exact (STEP_CACHE=0); each skips exactly where it
+    skips alone and ends with its solo image, because its residuals travel with it (``resume``)."""
+    import numpy as np
+
+    from triton_diffusion.families import step_model_for
+    from triton_diffusion.requests import text_to_image
+
+    cache = f"FirstBlockCache threshold={threshold}"
+    rows = [(*ROWS[0], 8, guidance, True), (*ROWS[1], 5, 0.0, True), (*ROWS[2], 6, guidance, False),
+            ("a cat", 4, 6, guidance, True)]
+    items = [dataclasses.replace(text_to_image(prompt, seed, steps, scale, 64, 64), step_cache=flag)
+             for prompt, seed, steps, scale, flag in rows]
+    dynamic, plain = runner(arch, cache), runner(arch)
+    alone, uncached, skipped_alone = [], [], []
+    for item in items:
+        before = row_cache.skipped_rows(denoiser_of(dynamic.text_to_image))
+        alone.append(dynamic.run(item.params, [item])[0])
+        skipped_alone.append(row_cache.skipped_rows(denoiser_of(dynamic.text_to_image)) - before)
+        uncached.append(plain.run(item.params, [item])[0])
+    assert skipped_alone[2] == 0 and min(skipped_alone[:2] + skipped_alone[3:]) > 0, skipped_alone
+
+    running = runner(arch, cache)
+    model = step_model_for(running.text_to_image, "cpu")
+    live = model.prepare(items[:1])
+    every = list(live)
+    for iteration in range(20):
+        for index in JOINERS.get(iteration, []):
+            joined = model.prepare([items[index]])
+            live += joined
+            every += joined
+        model.step(live)
+        live = [row for row in live if not row.finished]
+        if not live:
+            break
+    assert row_cache.skipped_rows(denoiser_of(running.text_to_image)) == sum(skipped_alone)
+    for index, row in enumerate(every):
+        image = model.decode([row])[0].astype(int)
+        assert np.abs(image - alone[index].astype(int)).max() <= 1, index
+    # (the skips show in the images: the equality above is not that of uncached images)
+    assert max(np.abs(model.decode([row])[0].astype(int) - exact.astype(int)).max()
+               for row, exact in zip(every, uncached)) > 1
 
 
 # -- served ----------------------------------------------------------------------------------------

@@ -146,4 +146,5 @@ def test_only_a_per_row_step_cache_declares_the_step_cache_input():
     assert "STEP_CACHE" in names(step_cache="FirstBlockCache threshold=0.1")
     assert "STEP_CACHE" not in names(step_cache="TaylorSeerCache")  # decides per batch: every request uses it
     assert "STEP_CACHE" not in names()
-    assert "STEP_CACHE" not in names(step_cache="FirstBlockCache threshold=0.1", batching="continuous")
+    # a running batch keeps each row's residuals with the row (row_cache.resume): continuous models take it too
+    assert "STEP_CACHE" in names(step_cache="FirstBlockCache threshold=0.1", batching="continuous")

@@ -55,6 +55,7 @@ def test_missing_model_and_bad_values_are_reported_with_the_key():
         ({"warmup_sizes": "4096x4096"}, "warmup_sizes 4096x4096 breaks"),
         ({"vae_slicing": "true", "compile_vae": "true"}, "vae_slicing decodes one image at a time"),
         ({"batching": "continuous", "batch_buckets": "16"}, "batching=continuous takes neither batch_buckets"),
+        ({"batching": "continuous", "step_cache": "TaylorSeerCache"}, "nor a step cache that decides for the whole batch"),
         ({"batching": "continuous", "compile": "full", "compile_dynamic": "false"},
          "compile_dynamic=false would compile a graph per row count"),
         ({"warmup_num_frames": "17"}, "warmup_num_frames is for video models"),
@@ -65,6 +66,12 @@ def test_missing_model_and_bad_values_are_reported_with_the_key():
 def test_contradictory_limits_fail(parameters, message):
     with pytest.raises(SettingsError, match=message):
         ModelSettings.from_parameters({"pretrained_model": "x", **parameters})
+
+
+def test_a_running_batch_takes_the_step_cache_that_decides_per_row():
+    settings = ModelSettings.from_parameters({"pretrained_model": "x", "batching": "continuous",
+                                              "step_cache": "FirstBlockCache threshold=0.1"})
+    assert settings.speed.step_cache == "FirstBlockCache threshold=0.1"
 
 
 def test_a_batch_larger_than_one_call_is_warned_about():

@@ -17,7 +17,14 @@ residual added at the last block. All rows skipping or all computing take the pl
 
 Per ``cache_context`` (the pipeline's "cond" and "uncond" passes each keep their own residuals, as
 diffusers' does). A call whose batch differs from the kept state's (a new call, a cancelled row)
-computes every row and starts over. ``config.pbtxt``'s ``step_cache: "FirstBlockCache threshold=..."``
+computes every row and starts over.
+
+Continuous batching (a running batch whose rows join, leave and sit at different steps) keeps the
+residuals with each row instead: before each denoiser call its step adapter names, in the call's
+order, every denoiser row's own store (``resume``); the head gathers the kept residuals from them
+(zero-padded or cut to this call's sequence length: past a row's own tokens there is only padding)
+and a row without any computes; after the call ``suspend`` puts each opted-in row's residuals back.
+A row's decisions then depend on its own history alone, whatever joined or left around it. ``config.pbtxt``'s ``step_cache: "FirstBlockCache threshold=..."``
 applies this one (acceleration.py); the other diffusers caches still decide per batch.
 """
 
@@ -124,8 +131,7 @@ def apply(denoiser, threshold: float, block_arguments: tuple = ()) -> None:
             return super().get_state()
 
     passes = _Passes(_State)
-    skipped = [0]  # row-steps skipped so far (never reset: diffusers resets the states after each call)
-    allowed_rows = [None]  # the call's rows that may skip (``allow``); None: every row
+    cache = _Cache(passes)
     blocks = [block for name, child in denoiser.named_children()
               if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList) for block in child]
     if len(blocks) < 2:
@@ -156,10 +162,17 @@ def apply(denoiser, threshold: float, block_arguments: tuple = ()) -> None:
             state = self.passes.get_state()
             state.head_output = (hidden, encoder)
             state.rows = None
-            if state.tail_residuals is None or state.head_residual is None or state.head_residual.shape != residual.shape:
+            if cache.resumed is not None:  # continuous: the rows' own stores
+                allowed = _gather(cache, state, residual, hidden, encoder)
+            elif cache.rows_named:
+                raise RuntimeError("the per-row step cache runs in a running batch only with each call's rows named "
+                                   "(row_cache.resume)")
+            elif (state.tail_residuals is None or state.head_residual is None
+                  or state.head_residual.shape != residual.shape):
                 state.compute, state.head_residual, state.tail_residuals = None, residual, None
                 return output
-            allowed = _allowed(allowed_rows[0], residual.shape[0])
+            else:
+                allowed = _allowed(cache.allowed, residual.shape[0])
             if allowed is not None and not allowed[1]:  # no row of this call asked for the cache
                 state.compute, state.head_residual = None, residual
                 return output
@@ -240,13 +253,105 @@ def apply(denoiser, threshold: float, block_arguments: tuple = ()) -> None:
         decided = rows_to_compute(residual, kept, limit, tokens if tokens is not None and tokens.dim() == 2 else None).cpu()
         if allowed is not None:
             decided |= ~allowed
-        skipped[0] += int((~decided).sum())
+        cache.skipped += int((~decided).sum())
         return decided.to(residual.device), bool(decided.all()), not bool(decided.any())
 
     HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(_Head(), HEAD_HOOK)
     for index, block in enumerate(blocks[1:], start=1):
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_Block(index == len(blocks) - 1), BLOCK_HOOK)
-    denoiser._row_cache = (passes, skipped, allowed_rows)  # reset_step_cache resets the passes; tests read skipped_rows
+    denoiser._row_cache = cache  # reset_step_cache resets the passes; tests read skipped_rows
+    # A call before now (the fp8 guard's probe) may have listed the denoiser's hooked modules without
+    # these blocks: the pipeline's cache contexts ("cond", "uncond") would then never reach them.
+    HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
+
+
+class _Cache:
+    """A denoiser's per-row cache: its passes' states and what the next call may do."""
+
+    def __init__(self, passes):
+        self.passes = passes
+        self.skipped = 0  # row-steps skipped so far (never reset: diffusers resets the states after each call)
+        self.allowed = None  # the call's rows that may skip (``allow``); None: every row
+        self.rows_named = False  # continuous batching: every call must name its rows (``resume``)
+        self.resumed = None  # (stores, flags) of the next call's rows (``resume``)
+        self.state = None  # the pass state that call used, for ``suspend``
+
+
+def _fitted(kept: list, like):
+    """The rows' kept tensors (each [1, L_then, ...] or None) as one tensor shaped as ``like`` [B, L_now, ...]:
+    cut or zero-padded along the sequence (past a row's own tokens there is only padding); zeros where
+    a row has none."""
+    import torch
+
+    out = torch.zeros_like(like)
+    for index, tensor in enumerate(kept):
+        if tensor is not None:
+            length = min(tensor.shape[1], like.shape[1])
+            out[index, :length] = tensor[0, :length]
+    return out
+
+
+def _kept_fits(store: dict, residual) -> bool:
+    """Whether a row's store holds residuals that this call can use (the same width)."""
+    head, tail = store.get("head"), store.get("tail")
+    return head is not None and tail is not None and head.shape[2:] == residual.shape[2:]
+
+
+def _gather(cache, state, residual, hidden, encoder):
+    """Continuous batching: this call's kept residuals from the rows' stores, into ``state``; the
+    rows that may skip (opted in and holding residuals), as ``_allowed`` gives them."""
+    import torch
+
+    stores, flags = cache.resumed
+    if len(stores) != residual.shape[0]:
+        raise RuntimeError(f"the step named {len(stores)} rows for a denoiser call of {residual.shape[0]}")
+    cache.state = state
+    usable = [flag and _kept_fits(store, residual) for store, flag in zip(stores, flags)]
+    if not any(usable):  # every row computes (and keeps its residuals)
+        state.head_residual, state.tail_residuals = None, None
+        return torch.zeros(len(stores), dtype=torch.bool), False
+    kept = [store if use else {} for store, use in zip(stores, usable)]
+    state.head_residual = _fitted([store.get("head") for store in kept], residual)
+    tails = [store["tail"] for store in kept if store]
+    # (the last block of some transformers returns no encoder hidden states: then no row keeps any)
+    encoder_kept = encoder is not None and all(tail[1] is not None for tail in tails)
+    state.tail_residuals = (_fitted([store["tail"][0] if store else None for store in kept], hidden),
+                            _fitted([store["tail"][1] if store else None for store in kept], encoder)
+                            if encoder_kept else None)
+    return torch.tensor(usable, dtype=torch.bool), True
+
+
+def name_rows(denoiser) -> None:
+    """From now on every call of ``denoiser`` names its rows (``resume``): a running batch's rows change
+    between calls, so residuals kept by position would be another row's."""
+    cache = getattr(denoiser, "_row_cache", None)
+    if cache is not None:
+        cache.rows_named = True
+
+
+def resume(denoiser, stores: list, flags: list) -> None:
+    """The next call's denoiser rows, in order: each row's own store (a dict that lives with the row
+    across steps) and whether it opted in (STEP_CACHE=1)."""
+    cache = getattr(denoiser, "_row_cache", None)
+    if cache is not None:
+        cache.resumed, cache.state = (list(stores), [bool(flag) for flag in flags]), None
+
+
+def suspend(denoiser, completed: bool = True) -> None:
+    """After the call named by ``resume``: each opted-in row's residuals back into its store (a cut-off
+    copy, so a store never holds its batch's tensors); nothing if the call did not complete."""
+    cache = getattr(denoiser, "_row_cache", None)
+    if cache is None or cache.resumed is None:
+        return
+    (stores, flags), state = cache.resumed, cache.state
+    cache.resumed, cache.state = None, None
+    if not completed or state is None or state.head_residual is None or state.tail_residuals is None:
+        return
+    hidden, encoder = state.tail_residuals
+    for index, (store, flag) in enumerate(zip(stores, flags)):
+        if flag:
+            store["head"] = state.head_residual[index:index + 1].clone()
+            store["tail"] = (hidden[index:index + 1].clone(), None if encoder is None else encoder[index:index + 1].clone())
 
 
 def _allowed(flags, batch: int):
@@ -269,7 +374,7 @@ def allow(denoiser, flags) -> None:
     """Which rows of the next call may skip blocks (the requests that sent STEP_CACHE=1); None: all."""
     cache = getattr(denoiser, "_row_cache", None)
     if cache is not None:
-        cache[2][0] = None if flags is None else [bool(flag) for flag in flags]
+        cache.allowed = None if flags is None else [bool(flag) for flag in flags]
 
 
 def keep_rows(denoiser, positions: list, rows: int) -> None:
@@ -282,8 +387,7 @@ def keep_rows(denoiser, positions: list, rows: int) -> None:
 
     from .cancellation import _slice_rows
 
-    passes, _, allowed_rows = cache
-    for state in passes._state_cache.values():
+    for state in cache.passes._state_cache.values():
         if state.head_residual is None:
             continue
         keep = torch.tensor(positions, device=state.head_residual.device)
@@ -291,18 +395,34 @@ def keep_rows(denoiser, positions: list, rows: int) -> None:
         if state.tail_residuals is not None:
             state.tail_residuals = tuple(None if tensor is None else _slice_rows(tensor, rows, keep)
                                          for tensor in state.tail_residuals)
-    if allowed_rows[0] is not None:
-        allowed_rows[0] = [allowed_rows[0][position] for position in positions]
+    if cache.allowed is not None:
+        cache.allowed = [cache.allowed[position] for position in positions]
 
 
 def reset(denoiser) -> None:
     """Forget every pass's kept residuals (a call that raised or was interrupted never reset them)."""
     cache = getattr(denoiser, "_row_cache", None)
     if cache is not None:
-        cache[0].reset()
+        cache.passes.reset()
 
 
 def skipped_rows(denoiser) -> int:
     """Row-steps that skipped the remaining blocks (every pass) since the cache was applied."""
     cache = getattr(denoiser, "_row_cache", None)
-    return 0 if cache is None else cache[1][0]
+    return 0 if cache is None else cache.skipped
+
+
+def remove(denoiser) -> None:
+    """Take the cache's hooks off ``denoiser`` (a benchmark that tries several thresholds on one model)."""
+    from diffusers.hooks.hooks import HookRegistry
+
+    if getattr(denoiser, "_row_cache", None) is None:
+        return
+    for module in denoiser.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if isinstance(registry, HookRegistry):
+            for name in (HEAD_HOOK, BLOCK_HOOK):
+                if name in registry.hooks:
+                    registry.remove_hook(name, recurse=False)
+    HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
+    del denoiser._row_cache

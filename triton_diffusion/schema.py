@@ -79,7 +79,7 @@ def declaration(parameters: Mapping[str, str]) -> tuple[list[dict], list[dict], 
         _tensor("WIDTH", "TYPE_INT32", [1]),
     ]
     # a cache that decides per row (row_cache.py): a request opts in, and shares its call with those that do not
-    if decides_per_row(parameters.get("step_cache", "")) and not continuous:
+    if decides_per_row(parameters.get("step_cache", "")):
         inputs.append(_tensor("STEP_CACHE", "TYPE_INT32", [1]))
     if video:
         inputs.append(_tensor("NUM_FRAMES", "TYPE_INT32", [1]))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .quantization import QUANTIZATION_CHOICES
+from .row_cache import decides_per_row
 
 
 def default_cache_dir() -> Path:
@@ -349,10 +350,12 @@ def _problems(settings: ModelSettings) -> list[str]:
         problems.append("max_images_per_call and max_pixels_per_call must be positive")
     if calls.batching not in BATCHING_CHOICES:
         problems.append(f"batching={calls.batching!r} must be one of {', '.join(BATCHING_CHOICES)}")
-    elif calls.continuous and (calls.batch_buckets or speed.step_cache):
+    elif calls.continuous and (calls.batch_buckets or (speed.step_cache and not decides_per_row(speed.step_cache))):
         # a running batch changes size at every admission and mixes steps: neither padding to a
-        # bucket nor a step cache (which assumes one step for the whole batch) applies
-        problems.append("batching=continuous takes neither batch_buckets nor step_cache")
+        # bucket nor a step cache that decides for the whole batch applies (the per-row one keeps
+        # its residuals with each row: row_cache.py)
+        problems.append("batching=continuous takes neither batch_buckets nor a step cache that decides for the whole "
+                        "batch (step_cache: FirstBlockCache decides per row and applies)")
     elif calls.continuous and speed.compiles and speed.compile_dynamic == "false":
         # every row count (and guided/unguided mix) of the running batch would be a new static graph
         problems.append("batching=continuous runs any number of rows per step, so compile_dynamic=false would "

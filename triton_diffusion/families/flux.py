@@ -43,6 +43,7 @@ class FluxSteps(FlowMatchSteps):
         if pipe.transformer.config.guidance_embeds:
             guidance = torch.tensor([row.guidance_scale for row in rows], device=latents.device, dtype=torch.float32)
         first = rows[0].condition
+        self._name_rows(rows)
         velocity = pipe.transformer(
             hidden_states=latents,
             timestep=timestep / 1000,

@@ -82,6 +82,7 @@ class QwenImageSteps(FlowMatchSteps):
         captions = [row.condition["caption"] for row in rows] + [rows[index].condition["negative_caption"] for index in guided]
         embeds, mask = _padded(captions)
         count = len(rows) + len(guided)
+        self._name_rows(rows, guided)
         output = pipe.transformer(
             hidden_states=torch.cat([latents, latents[guided]]),
             timestep=torch.cat([timestep, timestep[guided]]) / 1000,

@@ -47,6 +47,7 @@ class StableDiffusion3Steps(FlowMatchSteps):
         def both(key: str, negative_key: str):
             return torch.cat([rows[index].condition[negative_key] for index in guided] + [row.condition[key] for row in rows])
 
+        self._name_rows(rows, guided, negative_first=True)
         output = self.pipe.transformer(
             hidden_states=torch.cat([latents[guided], latents]),
             timestep=torch.cat([timestep[guided], timestep]),

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from ..requests import TEXT_TO_IMAGE, CallParams, GenerationItem
@@ -47,6 +47,23 @@ def _in_inference_mode(stage):
     return wrapped
 
 
+def _keeping_row_caches(step):
+    """A step that, once its denoiser call named its rows (``StepModel._name_rows``), puts each row's
+    step-cache residuals back with the row."""
+    @functools.wraps(step)
+    def wrapped(self, rows):
+        from .. import row_cache
+
+        completed = False
+        try:
+            step(self, rows)
+            completed = True
+        finally:
+            row_cache.suspend(self.denoiser, completed)
+
+    return wrapped
+
+
 @dataclass(eq=False)
 class RowState:
     """One image being denoised: where it is, and everything its next step needs."""
@@ -59,6 +76,7 @@ class RowState:
     step: int = 0
     scheduler: Any = None  # the row's own scheduler instance, for schedulers with per-row history
     generator: Any = None  # the row's generator, where the scheduler draws noise at each step
+    cache: dict = field(default_factory=dict)  # pass ("cond"/"uncond") -> its per-row step-cache residuals
 
     @property
     def size(self) -> tuple[int, int]:
@@ -86,7 +104,8 @@ class StepModel:
         super().__init_subclass__(**kwargs)
         for stage in ("prepare", "step", "decode"):  # called from Triton's thread and the batcher's
             if stage in cls.__dict__:
-                setattr(cls, stage, _in_inference_mode(cls.__dict__[stage]))
+                wrapped = cls.__dict__[stage]
+                setattr(cls, stage, _in_inference_mode(_keeping_row_caches(wrapped) if stage == "step" else wrapped))
 
     def __init__(self, pipe, device: str, max_sequence_length: int = 0):
         scheduler = type(pipe.scheduler).__name__
@@ -101,6 +120,11 @@ class StepModel:
         default = call["max_sequence_length"].default if "max_sequence_length" in call else 0
         self.max_sequence_length = max_sequence_length or default
         self._schedules: dict[tuple[int, Optional[float]], tuple[Any, Any]] = {}
+        from .. import row_cache
+        from ..acceleration import denoiser_of
+
+        self.denoiser = denoiser_of(pipe)
+        row_cache.name_rows(self.denoiser)  # a per-row step cache keeps residuals with each row, not by position
 
     def guided(self, row: RowState) -> bool:
         return self.family.guided(row.guidance_scale)
@@ -150,6 +174,17 @@ class StepModel:
         return None
 
     # -- shared helpers ----------------------------------------------------------------------------
+    def _name_rows(self, rows: Sequence[RowState], guided: Sequence[int] = (), negative_first: bool = False) -> None:
+        """The next denoiser call's rows, for a per-row step cache (``row_cache.resume``): each row's
+        conditional pass, and the unconditional twins of the ``guided`` rows after them (or before them)."""
+        from .. import row_cache
+
+        passes = [(row, "cond") for row in rows]
+        twins = [(rows[index], "uncond") for index in guided]
+        order = twins + passes if negative_first else passes + twins
+        row_cache.resume(self.denoiser, [row.cache.setdefault(name, {}) for row, name in order],
+                         [row.item.step_cache for row, _ in order])
+
     def _noise(self, item: GenerationItem, shape_args: tuple, dtype):
         """The row's initial latents from its own CPU generator, as ``pipe(generator=[...])`` draws them."""
         import torch

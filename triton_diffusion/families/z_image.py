@@ -48,6 +48,7 @@ class ZImageSteps(FlowMatchSteps):
         typed = latents.to(transformer.dtype).unsqueeze(2)
         inputs = list(typed.unbind(dim=0)) + [typed[index] for index in guided]
         captions = [row.condition["embeds"] for row in rows] + [rows[index].condition["negative_embeds"] for index in guided]
+        self._name_rows(rows, guided)
         outputs = transformer(inputs, torch.cat([timestep, timestep[guided]]), captions, joint_attention_kwargs=None,
                               return_dict=False)[0]
         predictions = []
