@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from client import DiffusionClient, GenerationRequest
+from testing import harness
 from testing.pairs import HELD_OUT, PairScene, judge, judged_right, parse_caption, render
 
 from .conftest import assert_same_image, batch_histogram, start_server
 from .test_continuous import admitted, join_mid_flight
 
 MODEL, CONTINUOUS = "tiny_shapes_dit", "tiny_shapes_dit_continuous"
+SKIPPED = "diffusion_step_cache_skipped_rows_total"
 # Captions that differ in colours, kinds, relation and background, at a seed where the model (held-out
 # adherence 93-100% per attribute: docs/tiny-model.md) draws each right when served alone; batched, a
 # row that got a batch-mate's prompt or noise would be judged as another scene.
@@ -63,12 +67,18 @@ def test_the_trainers_batched_transformer_call_equals_the_pipelines_own():
     torch.testing.assert_close(batched, torch.stack(listed))
 
 
-def test_a_batch_of_different_captions_draws_each_its_own_caption(delayed_server):
+@pytest.mark.parametrize("cached", [(False,) * 5, (True, False, True, True, False)], ids=["exact", "cached-and-exact"])
+def test_a_batch_of_different_captions_draws_each_its_own_caption(delayed_server, cached):
+    """Five captions in one execution, each judged right and equal to itself served alone; with some
+    rows opted in to the shipped step cache (STEP_CACHE=1), each cached row skips where it would alone
+    (the per-row cache) and the exact ones stay exact."""
     server = delayed_server(len(CAPTIONS), models=(MODEL,))
-    requests = [GenerationRequest(caption, seed=SEED) for caption in CAPTIONS]
+    requests = [GenerationRequest(caption, seed=SEED, step_cache=flag) for caption, flag in zip(CAPTIONS, cached)]
+    skipped = harness.metric(server, SKIPPED, MODEL)
     with DiffusionClient(f"grpc://{server.grpc_url}", MODEL, timeout_s=120) as client:
         results = client.generate_many(requests, concurrency=len(requests))
         assert batch_histogram(server, MODEL) == {len(CAPTIONS): 1}, "all must share one execution"
+        assert (harness.metric(server, SKIPPED, MODEL) > skipped) == any(cached)
         for request, result in zip(requests, results):
             assert result.array.shape == (64, 64, 3)
             judged = judged_right(judge(result.array), parse_caption(request.prompt))
@@ -76,14 +86,17 @@ def test_a_batch_of_different_captions_draws_each_its_own_caption(delayed_server
             assert_same_image(result.array, client.generate(request).array)
 
 
-def test_a_caption_joining_a_running_batch_mid_flight_gets_its_own_image(tmp_path_factory):
+@pytest.mark.parametrize("cached", [False, True], ids=["exact", "cached"])
+def test_a_caption_joining_a_running_batch_mid_flight_gets_its_own_image(tmp_path_factory, cached):
     """Continuous batching: a caption that joins a 50-step request mid-flight finishes first, gets
-    the image the dynamic-batching model gives it alone (judged right), and the long one too."""
+    the image the dynamic-batching model gives it alone (judged right), and the long one too; with
+    the step cache (both opted in), each row skips from its own residuals, kept with the row while
+    the running batch changes around it."""
     server = start_server(tmp_path_factory.mktemp("dit-continuous"), [MODEL, CONTINUOUS], name="dit-continuous",
                           require_ready=True)
     try:
-        long = GenerationRequest(CAPTIONS[0], seed=SEED, steps=50)
-        joiner = GenerationRequest(CAPTIONS[1], seed=SEED)
+        long = GenerationRequest(CAPTIONS[0], seed=SEED, steps=50, step_cache=cached)
+        joiner = GenerationRequest(CAPTIONS[1], seed=SEED, step_cache=cached)
         mid_flight_before = admitted(server, CONTINUOUS, "mid_flight")
         finished, long_result, joined = join_mid_flight(server, CONTINUOUS, long, joiner)
         assert finished == ["short", "long"]
@@ -93,5 +106,6 @@ def test_a_caption_joining_a_running_batch_mid_flight_gets_its_own_image(tmp_pat
             assert_same_image(long_result.array, client.generate(long).array)
         judged = judged_right(judge(joined.array), parse_caption(joiner.prompt))
         assert all(judged.values()), (joiner.prompt, judged)
+        assert (harness.metric(server, SKIPPED, CONTINUOUS) > 0) == cached
     finally:
         server.stop()

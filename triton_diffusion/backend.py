@@ -20,7 +20,8 @@ from typing import Optional
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .acceleration import compiled_graphs, cuda_graph_recordings
+from . import row_cache
+from .acceleration import compiled_graphs, cuda_graph_recordings, denoiser_of
 from .batching import CallBudget
 from .continuous import ContinuousBatcher, Job
 from .core import Failed, Outcome, Rejected, admit, response_error
@@ -75,12 +76,14 @@ class ServedModel:
                                      f"{warmup.compiled_graphs} graphs compiled, {warmup.cuda_graphs} CUDA graphs recorded")
         # what happens after READY and should not (a warning each), and the padding rows: the
         # process-wide count, the metric it moves, the warning
+        denoiser = denoiser_of(self.runner.text_to_image)
         self._while_serving = [
             (compiled_graphs, self.metrics.compilations,
              "compiled {} new graph(s) while serving (a batch size or size the warm-up did not cover)"),
             (cuda_graph_recordings, self.metrics.cuda_graph_recordings,
              "recorded {} new CUDA graph(s) while serving (a shape or path the warm-up did not record)"),
             (lambda: self.runner.padded_rows, self.metrics.padding_rows, None),
+            (lambda: row_cache.skipped_rows(denoiser), self.metrics.cache_skipped_rows, None),
         ]
         self._seen = [count() for count, _, _ in self._while_serving]
         self.budget = CallBudget(settings.calls.max_images_per_call, settings.calls.max_pixels_per_call)

@@ -49,6 +49,10 @@ class BackendMetrics:
                 "CUDA graphs recorded after the warm-up (compile_mode reduce-overhead: a shape no warm-up recorded; 0 when warm)",
                 counter),
             pb_utils.MetricFamily("diffusion_padding_rows_total", "Filler rows run to pad calls to a batch bucket", counter),
+            pb_utils.MetricFamily(
+                "diffusion_step_cache_skipped_rows_total",
+                "Row-steps at which the per-row step cache skipped the transformer blocks after the first (STEP_CACHE=1 rows)",
+                counter),
             # continuous batching (batching: continuous)
             pb_utils.MetricFamily("diffusion_continuous_live_rows", "Rows denoised together per step of the running batch",
                                   histogram),
@@ -61,7 +65,7 @@ class BackendMetrics:
                                   gauge),
         ]
         (batch, groups, stages, calls, images, errors, cancelled, dropped, steps, poll, warmup, compilations, recordings, padding,
-         live_rows, step_seconds, admissions, row_cap) = self._families
+         skipped, live_rows, step_seconds, admissions, row_cap) = self._families
         self.pipeline_batch_size = batch.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.groups_per_execute = groups.Metric(labels=labels, buckets=_GROUP_BUCKETS)
         self.stage_seconds = {
@@ -80,6 +84,7 @@ class BackendMetrics:
         self.compilations = compilations.Metric(labels=labels)
         self.cuda_graph_recordings = recordings.Metric(labels=labels)
         self.padding_rows = padding.Metric(labels=labels)
+        self.cache_skipped_rows = skipped.Metric(labels=labels)
         self.live_rows = live_rows.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.step_seconds = step_seconds.Metric(labels=labels, buckets=_STEP_BUCKETS)
         self.admissions = {when: admissions.Metric(labels={**labels, "when": when}) for when in ("idle", "mid_flight")}
