@@ -12,18 +12,25 @@ of skipped steps at a threshold, and what a skip costs in the image, say nothing
 model's quality (``tiny_shapes_dit``'s table, ``perf/quality_speed.py``, judges that). What carries over
 is the time a skipped step saves on the real architecture's cost per step.
 
-    python perf/cache_drift.py --archs flux-dev,z-image-turbo --size 1024 --thresholds 0.05,0.1,0.2,0.4
+    python perf/cache_drift.py --archs flux-dev,z-image-turbo,qwen-image --size 1024 --thresholds 0.6,1.0,1.5,2.5
+    python perf/cache_drift.py --docs          # docs/benchmarks.md's table from RESULTS
+    python perf/cache_drift.py --check-docs    # exit 1 if it is stale
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from perf.lib import card_name, log, model_parameters, today, write_results
+from perf.lib import card_name, log, model_parameters, today, with_table, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks.md"
+RESULTS = "cache_drift_NVIDIA_H200_2026-12-02_flux-dev_z-image-turbo_qwen-image"  # the docs' table (perf/results)
 
 
 def measure(arch: str, args) -> list[dict]:
@@ -87,6 +94,22 @@ def measure(arch: str, args) -> list[dict]:
     return rows
 
 
+def write_docs(check: bool) -> int:
+    """docs/benchmarks.md's table from RESULTS; with ``check`` only whether it is stale (1)."""
+    saved = json.loads((ROOT / "perf" / "results" / f"{RESULTS}.json").read_text())
+    generated = table(saved["rows"], saved["card"], saved["args"]["size"]) + (
+        f"\n\n(`perf/results/{RESULTS}.*`; {saved['date']}; median of {saved['args']['repeats']} calls after one "
+        "warm-up call per setting)")
+    original = DOCS.read_text()
+    text = with_table(original, "cache_drift", generated)
+    if check:
+        if text != original:
+            print(f"stale table in {DOCS}: python perf/cache_drift.py --docs", file=sys.stderr)
+        return int(text != original)
+    DOCS.write_text(text)
+    return 0
+
+
 def table(rows: list[dict], card: str, size: int) -> str:
     lines = [f"| model ({size}x{size}, random weights, eager; {card}) | setting | s per image | speed-up | steps that skipped "
              "the blocks after the first | final latents from uncached (relative L2) |", "|---|---|---|---|---|---|"]
@@ -106,7 +129,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
+    parser.add_argument("--docs", action="store_true")
+    parser.add_argument("--check-docs", action="store_true")
     args = parser.parse_args(argv)
+    if args.docs or args.check_docs:
+        return write_docs(args.check_docs)
     import torch
 
     rows = []
@@ -115,7 +142,7 @@ def main(argv=None) -> int:
     card = card_name()
     text = (f"perf/cache_drift.py {' '.join(argv if argv is not None else sys.argv[1:])}; torch {torch.__version__}, {today()}\n"
             + table(rows, card, args.size))
-    stem = f"cache_drift_{card.replace(' ', '_')}_{today()}_{args.archs.replace(',', '+')}{'_' + args.tag if args.tag else ''}"
+    stem = f"cache_drift_{card.replace(' ', '_')}_{today()}_{args.archs.replace(',', '_')}{'_' + args.tag if args.tag else ''}"
     write_results(args.out, stem, {"args": {**vars(args), "out": str(args.out)}, "card": card, "rows": rows}, text)
     print(text)
     return 0
