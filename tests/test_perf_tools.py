@@ -122,6 +122,12 @@ def test_the_quality_speed_table_is_generated_from_the_results():
     assert quality_speed.main(["--check-docs"]) == 0, "stale quality table: python perf/quality_speed.py --docs"
 
 
+def test_the_cache_drift_table_is_generated_from_the_results():
+    from perf import cache_drift
+
+    assert cache_drift.main(["--check-docs"]) == 0, "stale table: python perf/cache_drift.py --docs"
+
+
 def test_the_headline_tables_are_generated_from_the_results_and_show_the_shipped_knobs():
     """README's and docs/benchmarks.md's headline tables equal what perf/headline.py makes of the
     results files, and each measured row ran exactly the speed knobs its shipped config has."""
