@@ -1,0 +1,244 @@
+"""LoRA adapters per row: rows with different adapters (and rows with none) share one denoiser call.
+
+diffusers applies one set of adapters to a whole call (``set_adapters``: peft's layers add every
+active adapter to every row), so a server that takes an adapter per request must split its batches
+by adapter. Here each adapted linear layer of the denoiser computes its base product once for the
+batch and adds each row's own low-rank update, gathered by row from a bank of loaded adapters:
+
+    y_i = W x_i + s_i * B[a(i)] (A[a(i)] x_i)        (slot a(i) = 0: no adapter, A = B = 0)
+
+as two batched matrix products per layer (the S-LoRA / Punica idea, with the gather done by
+indexing the bank). The bank's shapes are fixed (``max_loaded_loras`` + 1 slots, ranks padded with
+zeros to ``max_lora_rank``), so which adapters a batch mixes changes no shape.
+
+Adapters are read with diffusers' own loaders, so a row gets what ``load_lora_weights`` +
+``set_adapters`` give it alone: the pipeline's ``lora_state_dict`` converts the published formats
+(kohya, xlabs, ... to peft's names), and ``load_lora_adapter`` on a weightless (meta-device) copy of
+the denoiser works out peft's scaling per layer (``lora_alpha / r``, rank and alpha patterns); the
+tensors come from the converted state dict. Text-encoder weights, DoRA and LoRA biases are refused
+with a message rather than half-applied.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served (unknown, corrupt, mismatched, too large); the message names why."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter, read: per adapted layer of the denoiser, (A [r, in], B [out, r] times peft's scaling)."""
+
+    name: str
+    layers: dict  # module name (within the denoiser) -> (A, B scaled)
+    rank: int
+
+
+def _converted(pipe, source):
+    """(state dict in peft's names, network alphas or None, metadata or None): the pipeline's own
+    ``lora_state_dict``, whose return shape varies with the loader mixin."""
+    method = getattr(type(pipe), "lora_state_dict", None)
+    if method is None:
+        raise AdapterError(f"{type(pipe).__name__} takes no LoRA adapters (diffusers has no LoRA loader for it)")
+    # (every loader mixin takes return_lora_metadata through **kwargs; FLUX's also return_alphas)
+    alphas = {"return_alphas": True} if "return_alphas" in inspect.signature(method).parameters else {}
+    output = method(source, return_lora_metadata=True, **alphas)
+    if isinstance(output, dict):
+        return output, None, None
+    if len(output) == 3:
+        return output
+    return output[0], None, output[1]
+
+
+def read_adapter(pipe, denoiser, name: str, source, max_rank: int) -> Adapter:
+    """Adapter ``name`` from ``source`` (a file, a folder or hub id diffusers can read, or a state dict)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    denoiser_name = "transformer" if getattr(pipe, "transformer", None) is denoiser else "unet"
+    try:
+        state, alphas, metadata = _converted(pipe, source)
+    except AdapterError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many types for files it cannot read
+        raise AdapterError(f"adapter {name!r} could not be read: {type(exc).__name__}: {exc}") from None
+    prefix = f"{denoiser_name}."
+    others = sorted({key.split(".")[0] for key in state if not key.startswith(prefix)})
+    if others:
+        raise AdapterError(f"adapter {name!r} also adapts {', '.join(others)}; only the {denoiser_name}'s layers are served")
+    unsupported = [key for key in state if "lora_magnitude_vector" in key or key.endswith("lora_B.bias")]
+    if unsupported:
+        raise AdapterError(f"adapter {name!r} uses DoRA or LoRA biases ({unsupported[0]}), which are not served")
+    with torch.device("meta"):
+        skeleton = type(denoiser).from_config(denoiser.config)
+    try:
+        with warnings.catch_warnings():  # (loading into meta parameters is a no-op: the tensors come from ``state``)
+            warnings.simplefilter("ignore", UserWarning)
+            skeleton.load_lora_adapter(dict(state), network_alphas=alphas, adapter_name=name,
+                                       metadata=metadata or None, prefix=denoiser_name)
+    except Exception as exc:  # noqa: BLE001 - peft and diffusers raise many types for a mismatched adapter
+        raise AdapterError(f"adapter {name!r} does not fit {type(denoiser).__name__}: {type(exc).__name__}: {exc}") from None
+    layers, rank = {}, 0
+    for module_name, module in skeleton.named_modules():
+        if not isinstance(module, LoraLayer) or name not in module.lora_A:
+            continue
+        live = denoiser.get_submodule(module_name)
+        keys = (f"{prefix}{module_name}.lora_A.weight", f"{prefix}{module_name}.lora_B.weight")
+        if keys[0] not in state or keys[1] not in state:
+            raise AdapterError(f"adapter {name!r}: no weights for {module_name} under the names peft gives them")
+        down, up = state[keys[0]], state[keys[1]]
+        if not isinstance(live, (torch.nn.Linear, layer_class())) or down.dim() != 2:
+            raise AdapterError(f"adapter {name!r} adapts {module_name}, a {type(live).__name__}; only linear layers are served")
+        base = live.base if isinstance(live, layer_class()) else live
+        if module.use_dora.get(name):
+            raise AdapterError(f"adapter {name!r} uses DoRA, which is not served")
+        if down.shape[1] != base.in_features or up.shape[0] != base.out_features or up.shape[1] != down.shape[0]:
+            raise AdapterError(f"adapter {name!r}: {module_name} is {base.in_features} -> {base.out_features}, the "
+                               f"adapter's A is {list(down.shape)} and B {list(up.shape)}")
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise AdapterError(f"adapter {name!r}: {module_name} holds NaN or infinite weights")
+        rank = max(rank, down.shape[0])
+        layers[module_name] = (down, up * module.scaling[name])
+    if not layers:
+        raise AdapterError(f"adapter {name!r} adapts no layer of {type(denoiser).__name__}")
+    if rank > max_rank:
+        raise AdapterError(f"adapter {name!r} has rank {rank}, above max_lora_rank={max_rank}")
+    return Adapter(name, layers, rank)
+
+
+@functools.cache
+def layer_class():
+    """The torch module that replaces an adapted linear layer (defined on first use: torch is imported lazily)."""
+    import torch
+
+    class MultiLoraLinear(torch.nn.Module):
+        """A linear layer plus a bank of low-rank updates, one per slot, applied per row."""
+
+        def __init__(self, base, bank: "LoraBank"):
+            super().__init__()
+            self.base = base
+            self.bank = [bank]  # (a list: not a submodule)
+            dtype, device = bank.dtype, base.weight.device
+            self.register_buffer("down", torch.zeros(bank.slots, bank.max_rank, base.in_features, dtype=dtype, device=device),
+                                 persistent=False)
+            self.register_buffer("up", torch.zeros(bank.slots, base.out_features, bank.max_rank, dtype=dtype, device=device),
+                                 persistent=False)
+
+        @property
+        def in_features(self) -> int:
+            return self.base.in_features
+
+        @property
+        def out_features(self) -> int:
+            return self.base.out_features
+
+        @property
+        def weight(self):
+            return self.base.weight
+
+        @property
+        def bias(self):
+            return self.base.bias
+
+        def forward(self, x):
+            output = self.base(x)
+            rows = self.bank[0].rows_for(x.shape[0])
+            if rows is None:
+                return output
+            slots, scales = rows
+            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.down.dtype)
+            low = torch.bmm(flat, self.down[slots].transpose(1, 2)) * scales.to(flat.dtype).view(-1, 1, 1)
+            update = torch.bmm(low, self.up[slots].transpose(1, 2))
+            return output + update.reshape(output.shape).to(output.dtype)
+
+    return MultiLoraLinear
+
+
+class LoraBank:
+    """The adapters loaded on one denoiser (least recently used evicted beyond ``max_loaded``), and which
+    slot and scale each row of the next call uses."""
+
+    def __init__(self, denoiser, max_loaded: int, max_rank: int):
+        if max_loaded < 1 or max_rank < 1:
+            raise ValueError("max_loaded_loras and max_lora_rank must be at least 1")
+        self.denoiser = denoiser
+        self.max_loaded, self.max_rank = max_loaded, max_rank
+        self.slots = max_loaded + 1  # slot 0: no adapter
+        self.dtype = denoiser.dtype
+        self.loaded: "OrderedDict[str, int]" = OrderedDict()  # name -> slot, least recently used first
+        self._rows = None  # (slots [n] long, scales [n] float) on the denoiser's device, for the next call
+        self.evictions = 0
+
+    # -- adapters -----------------------------------------------------------------------------------
+    def install(self, adapter: Adapter) -> int:
+        """Put ``adapter`` in a slot (evicting the least recently used where the bank is full); its slot."""
+        if adapter.name in self.loaded:
+            self.remove(adapter.name)
+        if len(self.loaded) >= self.max_loaded:
+            self.remove(next(iter(self.loaded)))
+            self.evictions += 1
+        slot = min(set(range(1, self.slots)) - set(self.loaded.values()))
+        for module_name, (down, up) in adapter.layers.items():
+            layer = self._wrapped(module_name)
+            rank = down.shape[0]
+            layer.down[slot, :rank] = down.to(layer.down)
+            layer.up[slot, :, :rank] = up.to(layer.up)
+        self.loaded[adapter.name] = slot
+        return slot
+
+    def remove(self, name: str) -> None:
+        slot = self.loaded.pop(name)
+        for layer in self._layers():
+            layer.down[slot].zero_()
+            layer.up[slot].zero_()
+
+    def slot(self, name: str) -> Optional[int]:
+        """The slot of a loaded adapter (and it becomes the most recently used), or None."""
+        if name not in self.loaded:
+            return None
+        self.loaded.move_to_end(name)
+        return self.loaded[name]
+
+    def _layers(self):
+        return [module for module in self.denoiser.modules() if isinstance(module, layer_class())]
+
+    def _wrapped(self, module_name: str):
+        module = self.denoiser.get_submodule(module_name)
+        if isinstance(module, layer_class()):
+            return module
+        parent_name, _, child = module_name.rpartition(".")
+        layer = layer_class()(module, self)
+        setattr(self.denoiser.get_submodule(parent_name) if parent_name else self.denoiser, child, layer)
+        return layer
+
+    # -- the next call's rows -------------------------------------------------------------------------
+    def use(self, rows: Optional[Sequence[tuple[int, float]]]) -> None:
+        """Each request row's (slot, scale) for the next call (slot 0: no adapter); None: no row uses one."""
+        import torch
+
+        if rows is None or not any(slot for slot, _ in rows):
+            self._rows = None
+            return
+        device = next(self.denoiser.parameters()).device
+        self._rows = (torch.tensor([slot for slot, _ in rows], dtype=torch.long, device=device),
+                      torch.tensor([scale for _, scale in rows], dtype=torch.float32, device=device))
+
+    def rows_for(self, batch: int):
+        """(slots, scales) for a denoiser call of ``batch`` rows: the request rows, or twice them (the
+        guidance passes in one call, each half in request order)."""
+        if self._rows is None:
+            return None
+        slots, scales = self._rows
+        if batch == 2 * len(slots):
+            return slots.repeat(2), scales.repeat(2)
+        if batch != len(slots):
+            raise RuntimeError(f"a denoiser call of {batch} rows for {len(slots)} request rows with adapters")
+        return slots, scales
