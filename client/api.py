@@ -115,6 +115,8 @@ class GenerationRequest:
     strength: Optional[float] = None
     num_frames: Optional[int] = None  # video models; None: the model's default
     step_cache: bool = False  # models with a per-row step cache: skip blocks where it allows (images change)
+    lora: Optional[str] = None  # models with a lora_dir: the adapter's name
+    lora_scale: Optional[float] = None  # its weight (None: 1.0)
     priority: int = 0
     timeout_us: int = 0
     # continuous models: called with each progress message, an int32 [rows, 2] array of
@@ -135,6 +137,8 @@ class GenerationRequest:
         if self.step_cache and "STEP_CACHE" not in schema.inputs:
             raise ValueError("step_cache: this model declares no STEP_CACHE input (its config has no per-row "
                              "step_cache, e.g. \"FirstBlockCache threshold=0.1\")")
+        if self.lora and "LORA" not in schema.inputs:
+            raise ValueError("lora: this model declares no LORA input (its config has no lora_dir)")
         if self.init_image is not None and "IMAGE" not in schema.inputs:
             raise ValueError("this model serves text-to-image only; it declares no IMAGE input for a source image")
         image = None
@@ -151,6 +155,8 @@ class GenerationRequest:
             "STRENGTH": _or(self.strength, schema.defaults.get("default_strength")),
             "NUM_FRAMES": self.num_frames or 0,
             "STEP_CACHE": int(bool(self.step_cache)),
+            "LORA": (self.lora or "").encode("utf-8"),
+            "LORA_SCALE": 1.0 if self.lora_scale is None else self.lora_scale,
         }
         tensors = {}
         for name, dtype in schema.inputs.items():

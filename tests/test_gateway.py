@@ -85,6 +85,10 @@ def test_url_format_and_the_models_list(gateway):
         ({"n": 11}, openai.BadRequestError, "n: Input should be less than or equal to 10"),
         ({"model": "no_such_model"}, openai.NotFoundError, "no_such_model"),
         ({"extra_body": {"steps": 1000}}, openai.BadRequestError, "NUM_INFERENCE_STEPS"),
+        # the tiny model has no lora_dir: an adapter is refused before anything reaches Triton
+        ({"extra_body": {"lora": "ink"}}, openai.BadRequestError, "declares no LORA input"),
+        ({"extra_body": {"lora": "x" * 200}}, openai.BadRequestError, "lora: String should have at most 128"),
+        ({"extra_body": {"lora_scale": -1}}, openai.BadRequestError, "lora_scale: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_requests_get_openai_errors_with_the_reason(gateway, arguments, error, message):

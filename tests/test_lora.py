@@ -146,3 +146,99 @@ def test_adapters_that_cannot_be_served_are_refused_naming_why(adapters, tmp_pat
         read_adapter(pipe, denoiser, "bad", source, max_rank=4 if problem == "rank" else 8)
     # nothing of it reached the model
     assert not any(isinstance(module, layer_class()) for module in denoiser.modules())
+
+
+# -- through the runner (what the served model runs) --------------------------------------------------
+
+def items_with(rows):
+    """Generation items for ROWS[index] with (adapter, scale) each."""
+    import dataclasses
+
+    from triton_diffusion.requests import text_to_image
+
+    return [dataclasses.replace(text_to_image(ROWS[index][0], ROWS[index][1], STEPS, 3.5, 64, 64), lora=name, lora_scale=scale)
+            for index, (name, scale) in rows]
+
+
+def test_the_runner_loads_adapters_by_name_on_first_use_and_splits_a_call_the_bank_cannot_hold(adapters, tmp_path):
+    """A folder of adapters (NAME/ and NAME.safetensors); a name that is not there is refused for that
+    request alone; with room for one adapter, a call naming two runs as two calls, with the same images."""
+    import shutil
+
+    import numpy as np
+
+    folder = tmp_path / "loras"
+    shutil.copytree(adapters["x"], folder / "x")
+    shutil.copy(adapters["y"] / "pytorch_lora_weights.safetensors", folder / "y.safetensors")
+    wide = PipelineRunner.load(ModelSettings.build(pretrained_model="random:flux-dev-tiny", **CPU, lora_dir=str(folder),
+                                                   max_loaded_loras=2, max_lora_rank=8))
+    narrow = PipelineRunner.load(ModelSettings.build(pretrained_model="random:flux-dev-tiny", **CPU, lora_dir=str(folder),
+                                                     max_loaded_loras=1, max_lora_rank=8))
+    mixed = items_with([(0, ("x", 1.0)), (1, ("", 1.0)), (2, ("y", 0.7))])
+    for loaded in (wide, narrow):
+        assert loaded.unsupported(items_with([(0, ("absent", 1.0))])[0]).startswith("no adapter named 'absent' in lora_dir")
+        assert all(loaded.unsupported(item) is None for item in mixed)
+    together = wide.run(mixed[0].params, mixed)
+    split = narrow.run(mixed[0].params, mixed)
+    assert narrow.adapters.evictions >= 1
+    for index, (image, other) in enumerate(zip(together, split)):
+        assert np.abs(image.astype(int) - other.astype(int)).max() <= 1, index
+        alone = wide.run(mixed[index].params, [mixed[index]])[0]
+        assert np.abs(image.astype(int) - alone.astype(int)).max() <= 1, index
+    assert (wide.adapters.loads, wide.adapters.hits, wide.adapters.failures) == (2, 0, 1)
+    assert wide.unsupported(mixed[0]) is None and wide.adapters.hits == 1  # the next request naming x
+
+
+# -- served ----------------------------------------------------------------------------------------
+
+def test_served_requests_with_different_adapters_share_an_execution_and_bad_ones_fail_alone(adapters, tmp_path_factory):
+    """Through tritonserver: a FLUX model with a lora_dir declares LORA and LORA_SCALE; three requests
+    (adapter x, none, adapter y at 0.7) form one execution and each equals itself served alone; an
+    unknown adapter and a scale out of range are INVALID_ARG for that request alone, and its
+    batch-mate is served; a file added to the folder while serving is used; the adapter metrics
+    count the loads, hits and failures."""
+    import shutil
+
+    import numpy as np
+
+    from client import DiffusionClient, GenerationRequest, ServerError
+    from testing import harness
+    from triton_diffusion import model_config
+
+    from .conftest import batch_histogram, start_server
+
+    root, name = tmp_path_factory.mktemp("lora_served"), "flux_tiny_lora"
+    for adapter, folder in adapters.items():
+        shutil.copytree(folder, root / "loras" / adapter)
+    model_config.write_model(root / "repo", model_config.variant(
+        name, {"lora_dir": str(root / "loras"), "max_lora_rank": "8"}, base="flux_tiny"))
+    server = start_server(root, [name], {"TRITONSERVER_DELAY_SCHEDULER": "3"}, repository=root / "repo",
+                          require_ready=True)
+    try:
+        requests = [GenerationRequest(ROWS[0][0], seed=ROWS[0][1], lora="x"),
+                    GenerationRequest(ROWS[1][0], seed=ROWS[1][1]),
+                    GenerationRequest(ROWS[2][0], seed=ROWS[2][1], lora="y", lora_scale=0.7)]
+        with DiffusionClient(f"grpc://{server.grpc_url}", name, timeout_s=120) as client:
+            together = client.generate_many(requests, concurrency=3)
+            assert batch_histogram(server, name) == {3: 1}
+            plain = client.generate(GenerationRequest(ROWS[0][0], seed=ROWS[0][1])).array
+            assert np.abs(together[0].array.astype(int) - plain.astype(int)).max() > 1  # the adapter changed it
+            for request, result in zip(requests, together):
+                alone = client.generate(request).array
+                assert np.abs(result.array.astype(int) - alone.astype(int)).max() <= 1, request
+            bad = [GenerationRequest("a cat", seed=4, lora="absent"), GenerationRequest("a cat", seed=4, lora="x"),
+                   GenerationRequest("a cat", seed=4, lora="x", lora_scale=3.0)]
+            results = client.generate_many(bad, concurrency=3)
+            # an adapter added to the folder while serving is used without a restart
+            shutil.copy(adapters["y"] / "pytorch_lora_weights.safetensors", root / "loras" / "added.safetensors")
+            added = client.generate(GenerationRequest(ROWS[2][0], seed=ROWS[2][1], lora="added", lora_scale=0.7)).array
+            assert np.abs(added.astype(int) - together[2].array.astype(int)).max() <= 1
+        assert isinstance(results[0], ServerError) and "INVALID_ARG" in str(results[0].status)
+        assert "no adapter named 'absent' in lora_dir" in str(results[0])
+        assert results[1].array.shape == (64, 64, 3)
+        assert isinstance(results[2], ServerError) and "LORA_SCALE=3.0 is outside the allowed range" in str(results[2])
+        events = {event: harness.metric(server, "diffusion_lora_adapters_total", name, event=event)
+                  for event in ("load", "hit", "failure", "eviction")}
+        assert events["load"] == 3 and events["failure"] == 1 and events["hit"] >= 3 and events["eviction"] == 0, events
+    finally:
+        server.stop()

@@ -154,3 +154,23 @@ def test_step_cache_is_a_per_row_opt_in_of_zero_or_one():
     assert not parse(PROMPT=text("a cat")).items[0].step_cache  # default: exact
     error = parse(PROMPT=text("a cat"), STEP_CACHE=scalar(2, np.int32))
     assert isinstance(error, RequestError) and "STEP_CACHE must be 0 (exact) or 1" in str(error)
+
+
+def test_lora_names_an_adapter_per_row_and_its_scale_is_bounded():
+    import dataclasses
+
+    rows = parse(PROMPT=text("a cat", "a dog"), LORA=text("ink-sketch_v2", ""),
+                 LORA_SCALE=np.array([[0.5], [1.5]], dtype=np.float32)).items
+    assert [(item.lora, item.lora_scale) for item in rows] == [("ink-sketch_v2", 0.5), ("", 1.0)]
+    assert rows[0].params == rows[1].params  # mixed: rows with different adapters share a call
+    assert parse(PROMPT=text("a cat")).items[0].lora == ""
+    for name in ("../etc/passwd", "a/b", ".hidden", "x" * 200, "a..b"):
+        error = parse(PROMPT=text("a cat"), LORA=text(name))
+        assert isinstance(error, RequestError) and "is not an adapter name" in str(error), name
+    error = parse(PROMPT=text("a cat"), LORA=text("x"), LORA_SCALE=scalar(2.5, np.float32))
+    assert isinstance(error, RequestError) and "LORA_SCALE=2.5 is outside the allowed range [0.0, 2.0]" in str(error)
+    error = parse(PROMPT=text("a cat"), LORA=scalar(3, np.int32))
+    assert isinstance(error, RequestError) and "LORA must be BYTES" in str(error)
+    grouped = dataclasses.replace(SETTINGS, adapters=dataclasses.replace(SETTINGS.adapters, lora_batching="grouped"))
+    rows = parse_request({"PROMPT": text("a cat", "a dog"), "LORA": text("x", "y")}, grouped, random_seed=lambda: 1).items
+    assert rows[0].params != rows[1].params  # grouped: one adapter per call

@@ -85,6 +85,11 @@ class ServedModel:
             (lambda: self.runner.padded_rows, self.metrics.padding_rows, None),
             (lambda: row_cache.skipped_rows(denoiser), self.metrics.cache_skipped_rows, None),
         ]
+        adapters = self.runner.adapters
+        if adapters is not None:  # (counted per process, as the rest)
+            self._while_serving += [(lambda event=event: getattr(adapters, event + "s"), self.metrics.lora[event], None)
+                                    for event in ("hit", "load", "failure")]
+            self._while_serving.append((lambda: adapters.evictions, self.metrics.lora["eviction"], None))
         self._seen = [count() for count, _, _ in self._while_serving]
         self.budget = CallBudget(settings.calls.max_images_per_call, settings.calls.max_pixels_per_call)
         self._serve()

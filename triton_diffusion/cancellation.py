@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional, Sequence
 
-from . import row_cache
+from . import lora, row_cache
 from .acceleration import denoiser_of
 from .families import ShrinkSpec, shrink_spec
 
@@ -150,6 +150,7 @@ class RowCancellation:
             return callback_kwargs
         _shrink_scheduler_state(pipe.scheduler, rows, keep, latent_shape)
         row_cache.keep_rows(denoiser_of(pipe), positions, rows)
+        lora.keep_rows(denoiser_of(pipe), positions)
         self.generators[:] = [self.generators[position] for position in positions]
         for row in gone:
             self.dropped[row] = step

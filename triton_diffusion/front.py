@@ -26,7 +26,8 @@ from .settings import ModelSettings
 
 FRONT_SUFFIX = "_any"
 # Values that mean "the model's default" to the batched model's parser (requests.py).
-_MARKERS = {"SEED": -1, "HEIGHT": 0, "WIDTH": 0, "NEGATIVE_PROMPT": b"", "NUM_FRAMES": 0, "STEP_CACHE": 0}
+_MARKERS = {"SEED": -1, "HEIGHT": 0, "WIDTH": 0, "NEGATIVE_PROMPT": b"", "NUM_FRAMES": 0, "STEP_CACHE": 0, "LORA": b"",
+            "LORA_SCALE": 1.0}
 # Inputs with no marker: filled with the model's default_* parameter.
 _DEFAULT_PARAMETERS = {"NUM_INFERENCE_STEPS": "default_steps", "GUIDANCE_SCALE": "default_guidance_scale",
                        "STRENGTH": "default_strength"}

@@ -19,7 +19,8 @@ are looked up. ``/health`` answers without a key (for probes) and says nothing e
 
 Extensions to OpenAI's request body: ``seed`` (image i gets seed + i), ``steps``,
 ``guidance_scale``, ``negative_prompt``, ``step_cache`` (models with a per-row step cache: use it
-for this request; images change), and ``strength`` for edits. ``response_format: url``
+for this request; images change), ``lora`` and ``lora_scale`` (models with a ``lora_dir``: the
+adapter this request uses), and ``strength`` for edits. ``response_format: url``
 returns a ``data:image/png;base64,...`` URL (the gateway stores nothing). ``quality`` takes only
 ``auto``/``standard`` (the model's defaults; ``steps`` is the quality knob) and ``style`` is refused.
 """
@@ -124,6 +125,8 @@ class ImagesBody(BaseModel):
     negative_prompt: Optional[str] = Field(None, max_length=MAX_TEXT)
     strength: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)
     step_cache: bool = False  # the model's per-row step cache for this request (images change)
+    lora: Optional[str] = Field(None, max_length=128)  # models with a lora_dir: the adapter's name
+    lora_scale: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)  # its weight (the model bounds it)
 
 
 def parse_body(data: object, strict: bool = True) -> ImagesBody:
@@ -137,7 +140,8 @@ def parse_body(data: object, strict: bool = True) -> ImagesBody:
         field = str(first["loc"][0]) if first["loc"] else None
         if first["type"] == "extra_forbidden":
             raise ApiError(400, f"unknown field {field!r}: this server takes prompt, model, n, size, response_format, "
-                                "quality, user, seed, steps, guidance_scale, negative_prompt, step_cache and (edits) strength",
+                                "quality, user, seed, steps, guidance_scale, negative_prompt, step_cache, lora, lora_scale and "
+                                "(edits) strength",
                            param=field) from None
         if first["type"] == "missing":
             raise ApiError(400, f"{field} is required", param=field) from None
@@ -278,7 +282,8 @@ class Gateway:
                 GenerationRequest(body.prompt, negative_prompt=body.negative_prompt,
                                   seed=None if body.seed is None else body.seed + index, steps=body.steps,
                                   guidance_scale=body.guidance_scale, height=height, width=width, init_image=image,
-                                  strength=body.strength, step_cache=body.step_cache)
+                                  strength=body.strength, step_cache=body.step_cache, lora=body.lora,
+                                  lora_scale=body.lora_scale)
                 for index in range(body.n)
             ]
             schema = await client.schema()

@@ -178,12 +178,16 @@ class LoraBank:
         self.evictions = 0
 
     # -- adapters -----------------------------------------------------------------------------------
-    def install(self, adapter: Adapter) -> int:
-        """Put ``adapter`` in a slot (evicting the least recently used where the bank is full); its slot."""
+    def install(self, adapter: Adapter, keep: Sequence[str] = ()) -> int:
+        """Put ``adapter`` in a slot (evicting the least recently used, never one named in ``keep``, where
+        the bank is full); its slot."""
         if adapter.name in self.loaded:
             self.remove(adapter.name)
         if len(self.loaded) >= self.max_loaded:
-            self.remove(next(iter(self.loaded)))
+            evictable = [name for name in self.loaded if name not in keep]
+            if not evictable:
+                raise AdapterError(f"a call uses more than max_loaded_loras={self.max_loaded} adapters")
+            self.remove(evictable[0])
             self.evictions += 1
         slot = min(set(range(1, self.slots)) - set(self.loaded.values()))
         for module_name, (down, up) in adapter.layers.items():
@@ -242,3 +246,77 @@ class LoraBank:
         if batch != len(slots):
             raise RuntimeError(f"a denoiser call of {batch} rows for {len(slots)} request rows with adapters")
         return slots, scales
+
+
+class AdapterLibrary:
+    """A model's adapters: found by name in ``lora_dir`` on first use, read, and kept in its bank.
+
+    ``prepare(name)`` (before a request joins a call) loads an adapter or says why it cannot be
+    served; ``use(items)`` (before the call) puts every row's adapter in a slot and tells the layers
+    which row uses which; ``done()`` after the call. Counters for the metrics: hits, loads,
+    evictions, failures.
+    """
+
+    def __init__(self, pipe, denoiser, folder: str, max_loaded: int, max_rank: int):
+        from pathlib import Path
+
+        self.pipe, self.folder = pipe, Path(folder)
+        self.bank = LoraBank(denoiser, max_loaded, max_rank)
+        denoiser._lora_bank = self.bank  # cancellation.py keeps the rows a running call keeps
+        self.hits = self.loads = self.failures = 0
+
+    @property
+    def evictions(self) -> int:
+        return self.bank.evictions
+
+    def source(self, name: str) -> str:
+        """Where adapter ``name`` is: ``lora_dir/NAME/`` (as diffusers saves one) or ``lora_dir/NAME.safetensors``."""
+        folder, file = self.folder / name, self.folder / f"{name}.safetensors"
+        for candidate in (folder, file):
+            # (the name was checked to be a plain name; resolve() also refuses a link leading out of lora_dir)
+            if candidate.exists() and candidate.resolve().is_relative_to(self.folder.resolve()):
+                return str(candidate)
+        raise AdapterError(f"no adapter named {name!r} in lora_dir (looked for {name}/ and {name}.safetensors)")
+
+    def prepare(self, name: str) -> Optional[str]:
+        """Load ``name`` unless it is loaded; why it cannot be served, or None."""
+        if self.bank.slot(name) is not None:
+            self.hits += 1
+            return None
+        try:
+            self._load(name)
+        except AdapterError as exc:
+            self.failures += 1
+            return str(exc)
+        return None
+
+    def _load(self, name: str, keep: Sequence[str] = ()) -> int:
+        adapter = read_adapter(self.pipe, self.bank.denoiser, name, self.source(name), self.bank.max_rank)
+        slot = self.bank.install(adapter, keep)
+        self.loads += 1
+        return slot
+
+    def use(self, items) -> None:
+        """Every row's adapter in a slot (loading again one evicted since ``prepare``), then the rows' slots
+        and scales to the layers. A call names at most ``max_loaded_loras`` adapters (``PipelineRunner.run``
+        splits larger ones)."""
+        names = list(dict.fromkeys(item.lora for item in items if item.lora))
+        slots = {}
+        for name in names:
+            slot = self.bank.slot(name)
+            slots[name] = slot if slot is not None else self._load(name, keep=names)
+        self.bank.use([(slots[item.lora], item.lora_scale) if item.lora else (0, 0.0) for item in items])
+
+    def done(self) -> None:
+        self.bank.use(None)
+
+
+def keep_rows(denoiser, positions: list) -> None:
+    """A running call dropped rows (cancellation.py): the rows at ``positions`` keep their adapters."""
+    bank = getattr(denoiser, "_lora_bank", None)
+    if bank is not None and bank._rows is not None:
+        import torch
+
+        slots, scales = bank._rows
+        keep = torch.tensor(positions, device=slots.device)
+        bank._rows = (slots.index_select(0, keep), scales.index_select(0, keep))

@@ -8,6 +8,7 @@ from .executor import CallReport
 
 STAGES = ("validate", "pipeline", "respond")
 CALL_RESULTS = ("ok", "out_of_memory", "failed")
+LORA_EVENTS = ("hit", "load", "eviction", "failure")
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 _GROUP_BUCKETS = [1, 2, 3, 4, 8, 16]
 _STEP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
@@ -50,6 +51,10 @@ class BackendMetrics:
                 counter),
             pb_utils.MetricFamily("diffusion_padding_rows_total", "Filler rows run to pad calls to a batch bucket", counter),
             pb_utils.MetricFamily(
+                "diffusion_lora_adapters_total",
+                "LoRA adapters asked for by requests, by event: hit (loaded already), load, eviction (least recently "
+                "used, to make room), failure (refused: the request got INVALID_ARG)", counter),
+            pb_utils.MetricFamily(
                 "diffusion_step_cache_skipped_rows_total",
                 "Row-steps at which the per-row step cache skipped the transformer blocks after the first (STEP_CACHE=1 rows)",
                 counter),
@@ -65,7 +70,7 @@ class BackendMetrics:
                                   gauge),
         ]
         (batch, groups, stages, calls, images, errors, cancelled, dropped, steps, poll, warmup, compilations, recordings, padding,
-         skipped, live_rows, step_seconds, admissions, row_cap) = self._families
+         adapters, skipped, live_rows, step_seconds, admissions, row_cap) = self._families
         self.pipeline_batch_size = batch.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.groups_per_execute = groups.Metric(labels=labels, buckets=_GROUP_BUCKETS)
         self.stage_seconds = {
@@ -85,6 +90,7 @@ class BackendMetrics:
         self.cuda_graph_recordings = recordings.Metric(labels=labels)
         self.padding_rows = padding.Metric(labels=labels)
         self.cache_skipped_rows = skipped.Metric(labels=labels)
+        self.lora = {event: adapters.Metric(labels={**labels, "event": event}) for event in LORA_EVENTS}
         self.live_rows = live_rows.Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self.step_seconds = step_seconds.Metric(labels=labels, buckets=_STEP_BUCKETS)
         self.admissions = {when: admissions.Metric(labels={**labels, "when": when}) for when in ("idle", "mid_flight")}

@@ -20,6 +20,7 @@ from . import row_cache
 from .acceleration import (SpeedSettingError, apply_speed_settings, bucket_for, compiled_graphs, cuda_graph_recordings,
                            denoiser_of, reset_step_cache)
 from .cancellation import RowCancellation, never_cancelled
+from .lora import AdapterLibrary
 from .families import RANDOM_PREFIX, Family, build_random_pipeline, family_of, frame_step
 from .paired_cfg import PairedGuidance, why_unpaired
 from .paired_cfg import install as install_pairing
@@ -271,6 +272,11 @@ class PipelineRunner:
             self.settings.speed.compiles and self.settings.speed.compile_dynamic == "false")
         self.padded_rows = 0  # filler rows run so far to reach a bucket
         self.pairing = pairing  # batched guidance passes (paired_cfg.py), where installed
+        self.adapters: Optional[AdapterLibrary] = None  # LoRA adapters per request (lora_dir), where configured
+        adapters = self.settings.adapters
+        if adapters.enabled:
+            self.adapters = AdapterLibrary(text_to_image, denoiser_of(text_to_image), adapters.lora_dir,
+                                           adapters.max_loaded_loras, adapters.max_lora_rank)
 
     @classmethod
     def load(cls, settings: ModelSettings, device: Optional[str] = None, output: Optional[str] = None) -> "PipelineRunner":
@@ -365,7 +371,24 @@ class PipelineRunner:
         if item.negative_prompt is not None and self.family.negative_prompt_refusal:
             return self.family.negative_prompt_refusal
         problem = self._frames_problem(item.task, item.params.num_frames)
-        return f"NUM_FRAMES={item.params.num_frames}: {problem}" if problem else None
+        if problem:
+            return f"NUM_FRAMES={item.params.num_frames}: {problem}"
+        if item.lora:  # loaded now, so a file that cannot be served fails this request alone
+            return self.adapters.prepare(item.lora) if self.adapters else "this model takes no LoRA adapters (no lora_dir)"
+        return None
+
+    def _adapter_parts(self, items: Sequence[GenerationItem]) -> list[tuple[int, int]]:
+        """(start, end) of consecutive parts of ``items`` that each name at most ``max_loaded_loras`` adapters."""
+        if self.adapters is None:
+            return [(0, len(items))]
+        parts, start, names = [], 0, set()
+        for index, item in enumerate(items):
+            if item.lora and item.lora not in names and len(names) == self.adapters.bank.max_loaded:
+                parts.append((start, index))
+                start, names = index, set()
+            if item.lora:
+                names.add(item.lora)
+        return parts + [(start, len(items))]
 
     def _frames_problem(self, task: str, frames: int) -> Optional[str]:
         """Why the pipeline cannot make a clip of ``frames`` frames (0: an image), or None."""
@@ -388,6 +411,13 @@ class PipelineRunner:
         """
         import torch
 
+        parts = self._adapter_parts(items)
+        if len(parts) > 1:  # more adapters than the bank holds: one call per part, in order
+            outputs = []
+            for start, end in parts:
+                outputs += self.run(params, items[start:end],
+                                    lambda rows, start=start: {row - start for row in cancelled_rows([r + start for r in rows])})
+            return outputs
         pipe = self.pipelines[params.task]
         arguments = self.arguments[params.task]
         requested = len(items)
@@ -405,6 +435,8 @@ class PipelineRunner:
             raise ValueError(f"{type(pipe).__name__} does not take {sorted(unexpected)}")
         reset_step_cache(pipe)
         row_cache.allow(denoiser_of(pipe), [item.step_cache for item in items])  # STEP_CACHE=1 rows may skip
+        if self.adapters is not None:
+            self.adapters.use(items)  # each row's adapter (slot 0: none)
         try:
             with torch.inference_mode():
                 output = pipe(**kwargs)
@@ -413,6 +445,8 @@ class PipelineRunner:
             rows.close()
             if self.pairing is not None:
                 self.pairing.reset()  # the next call records its own conditioning; drops this call's tensors
+            if self.adapters is not None:
+                self.adapters.done()
         wanted = rows.wanted()
         outputs: list[Optional[np.ndarray]] = [None] * requested
         if wanted:

@@ -10,6 +10,7 @@ A Triton request may carry a batch dimension B > 1 (B prompts in one request); i
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
@@ -46,6 +47,7 @@ class CallParams:
     strength: Optional[float] = None  # image-to-image only
     with_negative_prompt: bool = False  # rows carry a NEGATIVE_PROMPT (a per-row list in the call)
     num_frames: int = 0  # video models only (0: an image)
+    adapter_group: str = ""  # lora_batching: grouped: the rows' adapter (rows with different ones never share a call)
 
     @property
     def pixels(self) -> int:
@@ -63,6 +65,8 @@ class GenerationItem:
     negative_prompt: Optional[str] = None
     image: Optional[np.ndarray] = None  # image-to-image source, uint8 HxWx3
     step_cache: bool = False  # the model's per-row step cache may skip blocks for this row (STEP_CACHE=1)
+    lora: str = ""  # the LoRA adapter this row uses (LORA; empty: none), and its weight (LORA_SCALE)
+    lora_scale: float = 1.0
 
     @property
     def task(self) -> str:
@@ -139,6 +143,27 @@ def _scalar(name: str, inputs: Mapping[str, np.ndarray], batch: int, default) ->
             if not math.isfinite(value):
                 raise RequestError(f"{name} must be finite, got {value}")
     return values
+
+
+# An adapter's name: a file or folder name in lora_dir, never a path.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _adapters(inputs: Mapping[str, np.ndarray], batch: int, settings: ModelSettings) -> list[tuple[str, float]]:
+    """Each row's (adapter name or "", scale) from LORA and LORA_SCALE."""
+    lora = inputs.get("LORA")
+    names = [""] * batch
+    if lora is not None:
+        if lora.dtype.kind not in "OSU":
+            raise RequestError(f"LORA must be BYTES (an adapter's name), got dtype {lora.dtype}")
+        names = [_decode_text("LORA", value, 256, True) for value in _rows("LORA", lora, batch)]
+    for name in names:
+        if name and (not ADAPTER_NAME.fullmatch(name) or ".." in name):
+            raise RequestError(f"LORA={name!r} is not an adapter name (letters, digits, '.', '_' and '-'; no paths)")
+    scales = _scalar("LORA_SCALE", inputs, batch, 1.0)
+    for scale in scales:
+        _check_range("LORA_SCALE", scale, 0.0, settings.adapters.max_lora_scale)
+    return [(name, float(scale) if name else 1.0) for name, scale in zip(names, scales)]
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
@@ -279,6 +304,7 @@ def parse_request(
         for flag in cached:
             if flag not in (0, 1):
                 raise RequestError(f"STEP_CACHE must be 0 (exact) or 1 (use the model's step cache; images change), got {flag}")
+        adapters = _adapters(inputs, batch, settings)
         items = []
         for row in range(batch):
             _check_range("NUM_INFERENCE_STEPS", steps[row], 1, settings.limits.max_steps)
@@ -292,8 +318,10 @@ def parse_request(
                 task=IMAGE_TO_IMAGE if is_i2i else TEXT_TO_IMAGE, height=height, width=width,
                 num_inference_steps=int(steps[row]), guidance_scale=float(guidance[row]), strength=strength,
                 with_negative_prompt=negatives[row] is not None, num_frames=num_frames,
+                adapter_group=adapters[row][0] if settings.adapters.lora_batching == "grouped" else "",
             )
-            items.append(GenerationItem(prompts[row], seeds[row], params, negatives[row], images[row], bool(cached[row])))
+            items.append(GenerationItem(prompts[row], seeds[row], params, negatives[row], images[row], bool(cached[row]),
+                                        *adapters[row]))
         return ParsedRequest(items=tuple(items))
     except RequestError as error:
         return error

@@ -33,6 +33,8 @@ INPUT_KINDS = {
     "IMAGE": PIXELS,
     "NUM_FRAMES": INTEGER,  # video models only
     "STEP_CACHE": INTEGER,  # models whose step cache decides per row: 1 = this request uses it
+    "LORA": TEXT,  # models with a lora_dir: the adapter's name (empty: none)
+    "LORA_SCALE": NUMBER,  # its weight (default 1.0)
 }
 REQUIRED_INPUTS = ("PROMPT",)
 
@@ -65,7 +67,8 @@ def declaration(parameters: Mapping[str, str]) -> tuple[list[dict], list[dict], 
     (Triton's JSON spelling). Video models (``default_num_frames`` > 0) take ``NUM_FRAMES`` and
     return ``VIDEO``; continuous models (``batching: continuous``) are decoupled, text-to-image only,
     and also send ``PROGRESS``; image models with ``enable_image_to_image`` take ``IMAGE`` and
-    ``STRENGTH``; models with a per-row ``step_cache`` take ``STEP_CACHE``."""
+    ``STRENGTH``; models with a per-row ``step_cache`` take ``STEP_CACHE``; models with a ``lora_dir``
+    take ``LORA`` and ``LORA_SCALE``."""
     video = int(parameters.get("default_num_frames", "0") or 0) > 0
     continuous = parameters.get("batching", "dynamic") == "continuous"
     image_to_image = parameters.get("enable_image_to_image", "true").strip().lower() in ("1", "true", "yes", "on")
@@ -81,6 +84,8 @@ def declaration(parameters: Mapping[str, str]) -> tuple[list[dict], list[dict], 
     # a cache that decides per row (row_cache.py): a request opts in, and shares its call with those that do not
     if decides_per_row(parameters.get("step_cache", "")):
         inputs.append(_tensor("STEP_CACHE", "TYPE_INT32", [1]))
+    if parameters.get("lora_dir", ""):  # LoRA adapters per request (lora.py)
+        inputs += [_tensor("LORA", "TYPE_STRING", [1]), _tensor("LORA_SCALE", "TYPE_FP32", [1])]
     if video:
         inputs.append(_tensor("NUM_FRAMES", "TYPE_INT32", [1]))
     elif image_to_image and not continuous:

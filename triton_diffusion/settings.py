@@ -197,9 +197,28 @@ class WarmupSettings:
     warmup_num_frames: tuple[int, ...] = ()  # video models: clip lengths (default: default_num_frames)
 
 
+LORA_BATCHING_CHOICES = ("mixed", "grouped")
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """LoRA adapters per request (lora.py): where they are, how many stay loaded, what a request may ask."""
+
+    lora_dir: str = ""  # a folder of adapters, by name (NAME/ or NAME.safetensors); empty: the model takes none
+    max_loaded_loras: int = 8  # adapters kept on the device (least recently used evicted)
+    max_lora_rank: int = 64  # an adapter of a higher rank is refused
+    max_lora_scale: float = 2.0  # LORA_SCALE may be within [0, this]
+    # mixed: rows with different adapters share a call; grouped: one adapter per call (for comparison)
+    lora_batching: str = "mixed"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.lora_dir)
+
+
 # record name -> record class; every config.pbtxt parameter key is a field of exactly one record
 RECORDS = {"load": LoadSettings, "defaults": RequestDefaults, "limits": RequestLimits, "calls": CallSettings,
-           "speed": SpeedSettings, "warmup": WarmupSettings}
+           "speed": SpeedSettings, "warmup": WarmupSettings, "adapters": AdapterSettings}
 PARAMETERS = {field.name: (record, field) for record, cls in RECORDS.items() for field in fields(cls)}
 
 
@@ -214,6 +233,7 @@ class ModelSettings:
     calls: CallSettings = CallSettings()
     speed: SpeedSettings = SpeedSettings()
     warmup: WarmupSettings = WarmupSettings()
+    adapters: AdapterSettings = AdapterSettings()
 
     @classmethod
     def build(cls, **values: Any) -> "ModelSettings":
@@ -395,6 +415,14 @@ def _problems(settings: ModelSettings) -> list[str]:
         problems.append("cancellation_poll_interval_ms must be 0 or more")
     if calls.progress_interval_ms < 10:
         problems.append("progress_interval_ms must be 10 or more")
+    adapters = settings.adapters
+    if adapters.enabled:
+        if adapters.max_loaded_loras < 1 or adapters.max_lora_rank < 1 or adapters.max_lora_scale <= 0:
+            problems.append("max_loaded_loras and max_lora_rank must be 1 or more, and max_lora_scale above 0")
+        if adapters.lora_batching not in LORA_BATCHING_CHOICES:
+            problems.append(f"lora_batching={adapters.lora_batching!r} must be one of {', '.join(LORA_BATCHING_CHOICES)}")
+        if calls.continuous:
+            problems.append("batching=continuous does not take LoRA adapters yet (lora_dir); serve them with dynamic batching")
     return problems
 
 
@@ -465,6 +493,14 @@ PARAMETER_DOCS = {
     "warmup_batch_sizes": "Batch sizes run before READY; default: `batch_buckets`, or 1, 2 and `max_images_per_call` when compiling (continuous: every row count up to `max_images_per_call`).",
     "warmup_sizes": "Sizes run before READY; default: the default size and `allowed_sizes`.",
     "warmup_guidance_scales": "Guidance scales run before READY; default: the default guidance.",
+    "lora_dir": "A folder of LoRA adapters (`NAME/` as diffusers saves them, or `NAME.safetensors`, in any format "
+                "diffusers' loaders read); requests name one in `LORA`. Read on first use, so a new file serves without "
+                "a restart. Empty: the model takes no adapters.",
+    "max_loaded_loras": "Adapters kept loaded on the device; the least recently used is evicted beyond this.",
+    "max_lora_rank": "An adapter of a higher rank is refused (the bank pads every adapter to this rank).",
+    "max_lora_scale": "`LORA_SCALE` may be within [0, this].",
+    "lora_batching": "`mixed`: rows with different adapters (and none) share one call, each layer adding each row's own "
+                     "update; `grouped`: one adapter per call (for comparison).",
     "warmup_num_frames": "Video models: clip lengths run before READY (each a compiled shape); default: `default_num_frames`. "
                          "A request with another NUM_FRAMES compiles while serving.",
 }
