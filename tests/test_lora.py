@@ -276,3 +276,71 @@ def test_a_cancelled_batch_mate_leaves_the_call_and_the_others_keep_their_adapte
     for index in (0, 2):
         alone = loaded.run(mixed[index].params, [mixed[index]])[0]
         assert np.abs(outputs[index].astype(int) - alone.astype(int)).max() <= 1, index
+
+
+@pytest.mark.parametrize("arch", ["flux-dev-tiny", "z-image-turbo-tiny"])
+def test_rows_with_adapters_joining_a_running_batch_equal_their_solo_images(arch, tmp_path):
+    """Continuous batching: rows with adapter x, none and adapter y join a running batch at different
+    steps; each step's call names its rows' adapters (``_name_rows``), so each row ends with the image
+    the dynamic model gives it alone."""
+    import numpy as np
+
+    from triton_diffusion.families import step_model_for
+
+    adapters = adapters_for(arch, tmp_path / "loras")
+    settings = dict(pretrained_model=f"random:{arch}", **CPU, lora_dir=str(tmp_path / "loras"), max_lora_rank=8)
+    dynamic = PipelineRunner.load(ModelSettings.build(**settings))
+    running = PipelineRunner.load(ModelSettings.build(**settings, batching="continuous"))
+    assert set(adapters) == {"x", "y"}
+    items = items_with([(0, ("x", 1.0)), (1, ("", 1.0)), (2, ("y", 0.7))])
+    assert all(running.unsupported(item) is None and dynamic.unsupported(item) is None for item in items)
+    model = step_model_for(running.text_to_image, "cpu")
+    live, every = model.prepare(items[:1]), []
+    every += live
+    for iteration in range(20):
+        if iteration in (1, 2):  # row 1 joins at the second step, row 2 at the third
+            joined = model.prepare([items[iteration]])
+            live += joined
+            every += joined
+        model.step(live)
+        live = [row for row in live if not row.finished]
+        if not live:
+            break
+    for index, row in enumerate(every):
+        alone = dynamic.run(items[index].params, [items[index]])[0]
+        assert np.abs(model.decode([row])[0].astype(int) - alone.astype(int)).max() <= 1, index
+
+
+def test_served_continuous_a_request_with_an_adapter_joins_mid_flight_and_equals_its_dynamic_image(adapters,
+                                                                                                    tmp_path_factory):
+    """Through tritonserver, continuous batching: a long request with adapter x is denoising when a
+    short one with adapter y joins; each gets the image the dynamic model gives it alone."""
+    import shutil
+
+    import numpy as np
+
+    from client import DiffusionClient, GenerationRequest
+    from triton_diffusion import model_config
+
+    from .conftest import start_server
+    from .test_continuous import join_mid_flight
+
+    root = tmp_path_factory.mktemp("lora_continuous")
+    for adapter, folder in adapters.items():
+        shutil.copytree(folder, root / "loras" / adapter)
+    lora = {"lora_dir": str(root / "loras"), "max_lora_rank": "8"}
+    model_config.write_model(root / "repo", model_config.variant("flux_lora", lora, base="flux_tiny"), base="flux_tiny")
+    model_config.write_model(root / "repo", model_config.variant("flux_lora_running", lora, base="flux_tiny_continuous"),
+                             base="flux_tiny_continuous")
+    server = start_server(root, ["flux_lora", "flux_lora_running"], repository=root / "repo", require_ready=True)
+    try:
+        long = GenerationRequest(ROWS[0][0], seed=ROWS[0][1], steps=60, lora="x")
+        short = GenerationRequest(ROWS[2][0], seed=ROWS[2][1], lora="y", lora_scale=0.7)
+        finished, long_result, short_result = join_mid_flight(server, "flux_lora_running", long, short)
+        assert finished == ["short", "long"]
+        with DiffusionClient(f"grpc://{server.grpc_url}", "flux_lora", timeout_s=120) as client:
+            for request, result in ((long, long_result), (short, short_result)):
+                alone = client.generate(request).array
+                assert np.abs(result.array.astype(int) - alone.astype(int)).max() <= 1, request.lora
+    finally:
+        server.stop()

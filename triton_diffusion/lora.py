@@ -249,20 +249,25 @@ class LoraBank:
 
 
 class AdapterLibrary:
-    """A model's adapters: found by name in ``lora_dir`` on first use, read, and kept in its bank.
+    """A model's adapters: found by name in ``lora_dir`` on first use, read, and put in its bank.
 
-    ``prepare(name)`` (before a request joins a call) loads an adapter or says why it cannot be
-    served; ``use(items)`` (before the call) puts every row's adapter in a slot and tells the layers
-    which row uses which; ``done()`` after the call. Counters for the metrics: hits, loads,
-    evictions, failures.
+    ``prepare(name)`` (as a request is admitted, in Triton's thread) reads an adapter, or says why it
+    cannot be served; it never touches the model. ``use(items)`` (in the thread that runs the denoiser,
+    before each call or running-batch step) puts every row's adapter in a slot, reading again one that
+    was dropped since, and tells the layers which row uses which; ``done()`` after. Counters for the
+    metrics: hits, loads (reads), evictions, failures.
     """
 
     def __init__(self, pipe, denoiser, folder: str, max_loaded: int, max_rank: int):
+        import threading
         from pathlib import Path
 
         self.pipe, self.folder = pipe, Path(folder)
         self.bank = LoraBank(denoiser, max_loaded, max_rank)
         denoiser._lora_bank = self.bank  # cancellation.py keeps the rows a running call keeps
+        denoiser._lora_library = self  # the step adapters name each running-batch step's rows
+        self._read: "OrderedDict[str, Adapter]" = OrderedDict()  # read, not yet in the bank (at most max_loaded)
+        self._lock = threading.Lock()
         self.hits = self.loads = self.failures = 0
 
     @property
@@ -279,32 +284,42 @@ class AdapterLibrary:
         raise AdapterError(f"no adapter named {name!r} in lora_dir (looked for {name}/ and {name}.safetensors)")
 
     def prepare(self, name: str) -> Optional[str]:
-        """Load ``name`` unless it is loaded; why it cannot be served, or None."""
-        if self.bank.slot(name) is not None:
-            self.hits += 1
-            return None
+        """Read ``name`` unless it is in the bank or read already; why it cannot be served, or None."""
+        with self._lock:
+            if name in self.bank.loaded or name in self._read:
+                self.hits += 1
+                return None
         try:
-            self._load(name)
+            adapter = self._load(name)
         except AdapterError as exc:
-            self.failures += 1
+            with self._lock:
+                self.failures += 1
             return str(exc)
+        with self._lock:
+            self._read[name] = adapter
+            while len(self._read) > self.bank.max_loaded:
+                self._read.popitem(last=False)
         return None
 
-    def _load(self, name: str, keep: Sequence[str] = ()) -> int:
+    def _load(self, name: str) -> Adapter:
         adapter = read_adapter(self.pipe, self.bank.denoiser, name, self.source(name), self.bank.max_rank)
-        slot = self.bank.install(adapter, keep)
-        self.loads += 1
-        return slot
+        with self._lock:
+            self.loads += 1
+        return adapter
 
     def use(self, items) -> None:
-        """Every row's adapter in a slot (loading again one evicted since ``prepare``), then the rows' slots
-        and scales to the layers. A call names at most ``max_loaded_loras`` adapters (``PipelineRunner.run``
-        splits larger ones)."""
+        """Every row's adapter in a slot, then the rows' slots and scales to the layers (``items``: the
+        call's rows, each with ``lora`` and ``lora_scale``). A call names at most ``max_loaded_loras``
+        adapters (``PipelineRunner.run`` splits larger calls; a running batch has at most that many rows)."""
         names = list(dict.fromkeys(item.lora for item in items if item.lora))
         slots = {}
         for name in names:
             slot = self.bank.slot(name)
-            slots[name] = slot if slot is not None else self._load(name, keep=names)
+            if slot is None:
+                with self._lock:
+                    adapter = self._read.pop(name, None)
+                slot = self.bank.install(adapter or self._load(name), keep=names)
+            slots[name] = slot
         self.bank.use([(slots[item.lora], item.lora_scale) if item.lora else (0, 0.0) for item in items])
 
     def done(self) -> None:

@@ -56,6 +56,7 @@ class StableDiffusionSteps(StepModel):
         timesteps = [row.timesteps[row.step] for row in rows]
         scaled = [row.scheduler.scale_model_input(row.latents, t) for row, t in zip(rows, timesteps)]
         # The unconditional twins of the guided rows first, then every row (the pipeline's order).
+        self._name_rows(rows, guided, negative_first=True)
         noise = self.pipe.unet(
             torch.cat([scaled[index] for index in guided] + scaled),
             torch.stack([timesteps[index] for index in guided] + timesteps),

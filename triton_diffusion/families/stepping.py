@@ -49,7 +49,7 @@ def _in_inference_mode(stage):
 
 def _keeping_row_caches(step):
     """A step that, once its denoiser call named its rows (``StepModel._name_rows``), puts each row's
-    step-cache residuals back with the row."""
+    step-cache residuals back with the row, and leaves no adapter rows behind."""
     @functools.wraps(step)
     def wrapped(self, rows):
         from .. import row_cache
@@ -60,6 +60,9 @@ def _keeping_row_caches(step):
             completed = True
         finally:
             row_cache.suspend(self.denoiser, completed)
+            library = getattr(self.denoiser, "_lora_library", None)
+            if library is not None:
+                library.done()
 
     return wrapped
 
@@ -175,8 +178,9 @@ class StepModel:
 
     # -- shared helpers ----------------------------------------------------------------------------
     def _name_rows(self, rows: Sequence[RowState], guided: Sequence[int] = (), negative_first: bool = False) -> None:
-        """The next denoiser call's rows, for a per-row step cache (``row_cache.resume``): each row's
-        conditional pass, and the unconditional twins of the ``guided`` rows after them (or before them)."""
+        """The next denoiser call's rows, for a per-row step cache (``row_cache.resume``) and per-row LoRA
+        adapters (``lora.AdapterLibrary.use``): each row's conditional pass, and the unconditional twins
+        of the ``guided`` rows after them (or before them)."""
         from .. import row_cache
 
         passes = [(row, "cond") for row in rows]
@@ -184,6 +188,9 @@ class StepModel:
         order = twins + passes if negative_first else passes + twins
         row_cache.resume(self.denoiser, [row.cache.setdefault(name, {}) for row, name in order],
                          [row.item.step_cache for row, _ in order])
+        library = getattr(self.denoiser, "_lora_library", None)
+        if library is not None:
+            library.use([row.item for row, _ in order])
 
     def _noise(self, item: GenerationItem, shape_args: tuple, dtype):
         """The row's initial latents from its own CPU generator, as ``pipe(generator=[...])`` draws them."""
