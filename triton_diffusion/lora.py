@@ -262,7 +262,9 @@ class AdapterLibrary:
         import threading
         from pathlib import Path
 
-        self.pipe, self.folder = pipe, Path(folder)
+        from .settings import resolve_model_location
+
+        self.pipe, self.folder = pipe, Path(resolve_model_location(folder))  # ({repo}, {cache}, ~, $VARS)
         self.bank = LoraBank(denoiser, max_loaded, max_rank)
         denoiser._lora_bank = self.bank  # cancellation.py keeps the rows a running call keeps
         denoiser._lora_library = self  # the step adapters name each running-batch step's rows

@@ -496,8 +496,9 @@ PARAMETER_DOCS = {
     "warmup_sizes": "Sizes run before READY; default: the default size and `allowed_sizes`.",
     "warmup_guidance_scales": "Guidance scales run before READY; default: the default guidance.",
     "lora_dir": "A folder of LoRA adapters (`NAME/` as diffusers saves them, or `NAME.safetensors`, in any format "
-                "diffusers' loaders read); requests name one in `LORA`. Read on first use, so a new file serves without "
-                "a restart. Empty: the model takes no adapters.",
+                "diffusers' loaders read; `{repo}`, `{cache}`, `~` and `$VARS` expand as in `pretrained_model`); "
+                "requests name one in `LORA`. Read on first use, so a new file serves without a restart. Empty: the "
+                "model takes no adapters.",
     "max_loaded_loras": "Adapters kept loaded on the device; the least recently used is evicted beyond this.",
     "max_lora_rank": "An adapter of a higher rank is refused (the bank pads every adapter to this rank).",
     "max_lora_scale": "`LORA_SCALE` may be within [0, this].",
