@@ -35,13 +35,13 @@ def swapped(scene: Scene) -> Scene:
 def train(base: Path, out: Path, seed: int, steps: int, batch: int, rank: int, log=print) -> dict:
     import torch
     import torch.nn.functional as F
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
     unet, vae, text_encoder, tokenizer, scheduler = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
@@ -70,7 +70,7 @@ def train(base: Path, out: Path, seed: int, steps: int, batch: int, rank: int, l
             log(f"lora {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
     state = get_peft_model_state_dict(unet)
     metadata = {"r": rank, "lora_alpha": rank, "target_modules": TARGETS}
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
+    type(pipe).save_lora_weights(out, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
     recipe = {"base": str(base), "seed": seed, "steps": steps, "batch": batch, "rank": rank, "targets": TARGETS,
               "train_seconds": round(time.perf_counter() - started), "torch_threads": torch.get_num_threads(),
               "data": "the base model's training captions, drawn with red and blue exchanged"}
@@ -82,9 +82,9 @@ def evaluate(base: Path, adapter: Path, seeds: int = 1, steps: int = 20) -> dict
     """Share of every scene (90 captions x ``seeds``) judged as the swapped scene with the adapter, and
     as the captioned one without it, through diffusers' own ``load_lora_weights``."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     scenes = [Scene(*scene) for scene in ALL_SCENES for _ in range(seeds)]
 
