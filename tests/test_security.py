@@ -85,8 +85,9 @@ def test_the_guard_admits_the_largest_valid_request_and_nothing_far_beyond():
     rows = config["max_batch_size"]
     pixels = int(settings["max_input_image_pixels"]["string_value"])
     largest = guard.largest_request_bytes(config)
-    # 16 rows, each two prompts at the byte limit, the largest source image and six scalars
-    assert largest == rows * (2 * (4096 + 4) + pixels * 3 + 6 * 8)
+    # 16 rows, each two prompts at the byte limit, an adapter's name at its limit, the largest source
+    # image and seven scalars
+    assert largest == rows * (2 * (4096 + 4) + (256 + 4) + pixels * 3 + 7 * 8)
     limits = guard.limits_for([config, {"name": "a front", "parameters": {}}])
     assert largest < limits.grpc_message_bytes <= largest + guard.MIB + 4 * guard.MIB
     assert limits.http_body_bytes >= 4 * largest  # JSON spends up to 4 characters per uint8

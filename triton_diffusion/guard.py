@@ -58,7 +58,7 @@ class Limits:
 def largest_request_bytes(config: Mapping[str, Any]) -> int:
     """Tensor bytes of the largest request a model's config admits (``max_batch_size`` rows, each
     with the longest prompts and the largest source image it accepts)."""
-    from .schema import INPUT_KINDS, PIXELS, TEXT, Schema
+    from .schema import INPUT_KINDS, PIXELS, TEXT, TEXT_BYTES, Schema
     from .settings import ModelSettings
 
     schema = Schema.from_model_config(config)
@@ -68,7 +68,7 @@ def largest_request_bytes(config: Mapping[str, Any]) -> int:
     for name in schema.inputs:
         kind = INPUT_KINDS[name]
         if kind == TEXT:
-            per_row += settings.limits.max_prompt_bytes + 4  # BYTES elements carry a 4-byte length
+            per_row += TEXT_BYTES.get(name, settings.limits.max_prompt_bytes) + 4  # BYTES elements carry a 4-byte length
         elif kind == PIXELS:
             per_row += settings.limits.max_input_image_pixels * 3
         else:

@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Union
 
 import numpy as np
 
-from .schema import INPUT_KINDS, INTEGER, NUMBER
+from .schema import INPUT_KINDS, INTEGER, NUMBER, TEXT_BYTES
 from .settings import ModelSettings
 
 TEXT_TO_IMAGE = "text-to-image"
@@ -156,7 +156,7 @@ def _adapters(inputs: Mapping[str, np.ndarray], batch: int, settings: ModelSetti
     if lora is not None:
         if lora.dtype.kind not in "OSU":
             raise RequestError(f"LORA must be BYTES (an adapter's name), got dtype {lora.dtype}")
-        names = [_decode_text("LORA", value, 256, True) for value in _rows("LORA", lora, batch)]
+        names = [_decode_text("LORA", value, TEXT_BYTES["LORA"], True) for value in _rows("LORA", lora, batch)]
     for name in names:
         if name and (not ADAPTER_NAME.fullmatch(name) or ".." in name):
             raise RequestError(f"LORA={name!r} is not an adapter name (letters, digits, '.', '_' and '-'; no paths)")

@@ -37,6 +37,9 @@ INPUT_KINDS = {
     "LORA_SCALE": NUMBER,  # its weight (default 1.0)
 }
 REQUIRED_INPUTS = ("PROMPT",)
+# Text inputs with a fixed byte limit (the prompts' is max_prompt_bytes): what requests.py enforces and
+# the request-size guard counts.
+TEXT_BYTES = {"LORA": 256}
 
 # Every model returns SEED, and either IMAGE ([B, H, W, 3]) or VIDEO ([B, F, H, W, 3]).
 MEDIA_OUTPUTS = {"IMAGE": "TYPE_UINT8", "VIDEO": "TYPE_UINT8"}
