@@ -20,7 +20,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from perf.lib import with_table
+from perf.lib import write_tables as lib_write_tables
 from testing import pairs, shapes
 from triton_diffusion import model_config
 from triton_diffusion.pipeline import PipelineRunner
@@ -54,17 +54,8 @@ def markdown(stem: str) -> str:
 
 
 def write_tables(tables: dict[str, str], check: bool, command: str) -> int:
-    """Put each table between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in DOCS; with
-    ``check``, only say whether that would change anything (1: stale, fix with ``command``)."""
-    text = original = DOCS.read_text()
-    for name, table in tables.items():
-        text = with_table(text, name, table)
-    if check:
-        if text != original:
-            print(f"stale tables in {DOCS}: {command}", file=sys.stderr)
-        return int(text != original)
-    DOCS.write_text(text)
-    return 0
+    """``perf.lib.write_tables`` on DOCS (docs/tiny-model.md)."""
+    return lib_write_tables(DOCS, tables, check, command)
 
 
 def write_docs(check: bool) -> int:

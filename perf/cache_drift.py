@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from perf.lib import card_name, log, model_parameters, today, with_table, write_results
+from perf.lib import card_name, log, model_parameters, today, write_results, write_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -97,14 +97,7 @@ def write_docs(check: bool) -> int:
     generated = table(saved["rows"], saved["card"], saved["args"]["size"]) + (
         f"\n\n(`perf/results/{RESULTS}.*`; {saved['date']}; median of {saved['args']['repeats']} calls after one "
         "warm-up call per setting)")
-    original = DOCS.read_text()
-    text = with_table(original, "cache_drift", generated)
-    if check:
-        if text != original:
-            print(f"stale table in {DOCS}: python perf/cache_drift.py --docs", file=sys.stderr)
-        return int(text != original)
-    DOCS.write_text(text)
-    return 0
+    return write_tables(DOCS, {"cache_drift": generated}, check, "python perf/cache_drift.py --docs")
 
 
 def table(rows: list[dict], card: str, size: int) -> str:

@@ -174,6 +174,20 @@ def write_results(out: Path, stem: str, payload: dict, table: str = "") -> Path:
     return path
 
 
+def write_tables(docs: Path, tables: dict, check: bool, command: str) -> int:
+    """Put each table between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in ``docs``; with
+    ``check``, only say whether that would change anything (1: stale, fix with ``command``)."""
+    text = original = docs.read_text()
+    for name, table in tables.items():
+        text = with_table(text, name, table)
+    if check:
+        if text != original:
+            print(f"stale tables in {docs}: {command}", file=sys.stderr)
+        return int(text != original)
+    docs.write_text(text)
+    return 0
+
+
 def with_table(text: str, name: str, generated: str) -> str:
     """``text`` with what lies between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` replaced by ``generated``."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

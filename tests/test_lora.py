@@ -285,6 +285,7 @@ def test_rows_with_adapters_joining_a_running_batch_equal_their_solo_images(arch
     the dynamic model gives it alone."""
     import numpy as np
 
+    from testing.rows import run_joining
     from triton_diffusion.families import step_model_for
 
     adapters = adapters_for(arch, tmp_path / "loras")
@@ -295,17 +296,7 @@ def test_rows_with_adapters_joining_a_running_batch_equal_their_solo_images(arch
     items = items_with([(0, ("x", 1.0)), (1, ("", 1.0)), (2, ("y", 0.7))])
     assert all(running.unsupported(item) is None and dynamic.unsupported(item) is None for item in items)
     model = step_model_for(running.text_to_image, "cpu")
-    live, every = model.prepare(items[:1]), []
-    every += live
-    for iteration in range(20):
-        if iteration in (1, 2):  # row 1 joins at the second step, row 2 at the third
-            joined = model.prepare([items[iteration]])
-            live += joined
-            every += joined
-        model.step(live)
-        live = [row for row in live if not row.finished]
-        if not live:
-            break
+    every = run_joining(model, items, {1: [1], 2: [2]})  # row 1 joins at the second step, row 2 at the third
     for index, row in enumerate(every):
         alone = dynamic.run(items[index].params, [items[index]])[0]
         assert np.abs(model.decode([row])[0].astype(int) - alone.astype(int)).max() <= 1, index

@@ -204,6 +204,7 @@ def test_rows_joining_a_running_batch_keep_their_own_residuals(arch, guidance, t
     skips alone and ends with its solo image, because its residuals travel with it (``resume``)."""
     import numpy as np
 
+    from testing.rows import run_joining
     from triton_diffusion.families import step_model_for
     from triton_diffusion.requests import text_to_image
 
@@ -223,17 +224,7 @@ def test_rows_joining_a_running_batch_keep_their_own_residuals(arch, guidance, t
 
     running = runner(arch, cache)
     model = step_model_for(running.text_to_image, "cpu")
-    live = model.prepare(items[:1])
-    every = list(live)
-    for iteration in range(20):
-        for index in JOINERS.get(iteration, []):
-            joined = model.prepare([items[index]])
-            live += joined
-            every += joined
-        model.step(live)
-        live = [row for row in live if not row.finished]
-        if not live:
-            break
+    every = run_joining(model, items, JOINERS)
     assert row_cache.skipped_rows(denoiser_of(running.text_to_image)) == sum(skipped_alone)
     for index, row in enumerate(every):
         image = model.decode([row])[0].astype(int)
