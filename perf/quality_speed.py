@@ -29,9 +29,10 @@ import numpy as np
 from perf.adherence import ROOT, WORLDS, load, write_tables
 from perf.adherence import generate as adherence_generate
 from perf.lib import card_name
-from triton_diffusion import row_cache
+from triton_diffusion import model_config, row_cache
 from triton_diffusion.acceleration import denoiser_of
 from triton_diffusion.pipeline import ModelLoadError
+from triton_diffusion.settings import ModelSettings
 
 MODEL = "tiny_shapes_dit"
 # docs/tiny-model.md's tables (their marker names) and the results files (perf/results) they come from
@@ -79,7 +80,6 @@ def serve_settings(settings_list):
     import tempfile
 
     from perf.lib import serve
-    from triton_diffusion import model_config
 
     names, configs = [], {}
     for _, _, parameters in settings_list:
@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     # (the shipped config's own step cache off: the reference and fewer-steps rows are exact)
     base = {**({"torch_dtype": args.dtype} if args.dtype else {}), "step_cache": ""}
     knobs = {**base, "speed_devices": args.device}
-    runner, settings = load(MODEL, args.device, **base)
+    settings = ModelSettings.from_parameters(model_config.parameters(model_config.shipped(MODEL)))
+    runner = None if args.served else load(MODEL, args.device, **base)[0]  # (served: the server loads its own)
     default_steps, guidance = settings.defaults.default_steps, settings.defaults.default_guidance_scale
     # (setting, steps, the model's parameters changed from its shipped config)
     settings_list = [(f"{default_steps} steps (default)", default_steps, None)]
@@ -165,14 +166,14 @@ def main(argv=None) -> int:
         if args.served:
             images, seconds, skipped = served_generate(server, served_names[index], captions, steps, guidance, args.batch,
                                                        bool(parameters.get("step_cache")))
-        elif parameters is not None:
-            try:
-                runner, _ = load(MODEL, args.device, **parameters)
-            except ModelLoadError as exc:  # e.g. fp8 failing its fidelity guard: a row that says why
-                rows.append({"setting": name, "steps": steps, "parameters": parameters, "error": str(exc)})
-                print(rows[-1], flush=True)
-                continue
-        if not args.served:
+        else:
+            if parameters is not None:
+                try:
+                    runner, _ = load(MODEL, args.device, **parameters)
+                except ModelLoadError as exc:  # e.g. fp8 failing its fidelity guard: a row that says why
+                    rows.append({"setting": name, "steps": steps, "parameters": parameters, "error": str(exc)})
+                    print(rows[-1], flush=True)
+                    continue
             images, seconds, skipped = generate(runner, captions, steps, guidance, args.batch)
         if reference is None:
             reference, reference_seconds = images, seconds

@@ -45,13 +45,18 @@ class SpeedSettingError(ValueError):
     """A speed knob cannot be applied to this pipeline; the message says which and why."""
 
 
+def denoiser_name(pipe) -> str:
+    """The pipeline's attribute that holds the module run once per denoising step: ``transformer`` or ``unet``
+    (also the prefix of its weights in a LoRA file)."""
+    for name in ("transformer", "unet"):
+        if getattr(pipe, name, None) is not None:
+            return name
+    raise SpeedSettingError(f"{type(pipe).__name__} has neither a transformer nor a unet")
+
+
 def denoiser_of(pipe):
     """The module run once per denoising step (``transformer`` or ``unet``)."""
-    for name in ("transformer", "unet"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            return module
-    raise SpeedSettingError(f"{type(pipe).__name__} has neither a transformer nor a unet")
+    return getattr(pipe, denoiser_name(pipe))
 
 
 def bucket_for(rows: int, buckets: Sequence[int]) -> int:

@@ -86,10 +86,9 @@ class ServedModel:
             (lambda: row_cache.skipped_rows(denoiser), self.metrics.cache_skipped_rows, None),
         ]
         adapters = self.runner.adapters
-        if adapters is not None:  # (counted per process, as the rest)
-            self._while_serving += [(lambda event=event: getattr(adapters, event + "s"), self.metrics.lora[event], None)
-                                    for event in ("hit", "load", "failure")]
-            self._while_serving.append((lambda: adapters.evictions, self.metrics.lora["eviction"], None))
+        if adapters is not None:  # (counted per process, as the rest: hits, loads, evictions, failures)
+            self._while_serving += [(lambda event=event: getattr(adapters, event + "s"), metric, None)
+                                    for event, metric in self.metrics.lora.items()]
         self._seen = [count() for count, _, _ in self._while_serving]
         self.budget = CallBudget(settings.calls.max_images_per_call, settings.calls.max_pixels_per_call)
         self._serve()

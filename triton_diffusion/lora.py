@@ -63,7 +63,9 @@ def read_adapter(pipe, denoiser, name: str, source, max_rank: int) -> Adapter:
     import torch
     from peft.tuners.lora import LoraLayer
 
-    denoiser_name = "transformer" if getattr(pipe, "transformer", None) is denoiser else "unet"
+    from .acceleration import denoiser_name as name_of
+
+    denoiser_name = name_of(pipe)
     try:
         state, alphas, metadata = _converted(pipe, source)
     except AdapterError:
@@ -266,8 +268,8 @@ class AdapterLibrary:
 
         self.pipe, self.folder = pipe, Path(resolve_model_location(folder))  # ({repo}, {cache}, ~, $VARS)
         self.bank = LoraBank(denoiser, max_loaded, max_rank)
-        denoiser._lora_bank = self.bank  # cancellation.py keeps the rows a running call keeps
-        denoiser._lora_library = self  # the step adapters name each running-batch step's rows
+        # (the step adapters name each running-batch step's rows; cancellation.py keeps a running call's)
+        denoiser._lora_library = self
         self._read: "OrderedDict[str, Adapter]" = OrderedDict()  # read, not yet in the bank (at most max_loaded)
         self._lock = threading.Lock()
         self.hits = self.loads = self.failures = 0
@@ -330,7 +332,8 @@ class AdapterLibrary:
 
 def keep_rows(denoiser, positions: list) -> None:
     """A running call dropped rows (cancellation.py): the rows at ``positions`` keep their adapters."""
-    bank = getattr(denoiser, "_lora_bank", None)
+    library = getattr(denoiser, "_lora_library", None)
+    bank = library.bank if library is not None else None
     if bank is not None and bank._rows is not None:
         import torch
 

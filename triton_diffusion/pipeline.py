@@ -20,8 +20,8 @@ from . import row_cache
 from .acceleration import (SpeedSettingError, apply_speed_settings, bucket_for, compiled_graphs, cuda_graph_recordings,
                            denoiser_of, reset_step_cache)
 from .cancellation import RowCancellation, never_cancelled
-from .lora import AdapterLibrary
 from .families import RANDOM_PREFIX, Family, build_random_pipeline, family_of, frame_step
+from .lora import AdapterLibrary
 from .paired_cfg import PairedGuidance, why_unpaired
 from .paired_cfg import install as install_pairing
 from .quantization import QuantizationRefused

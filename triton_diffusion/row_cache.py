@@ -24,8 +24,10 @@ residuals with each row instead: before each denoiser call its step adapter name
 order, every denoiser row's own store (``resume``); the head gathers the kept residuals from them
 (zero-padded or cut to this call's sequence length: past a row's own tokens there is only padding)
 and a row without any computes; after the call ``suspend`` puts each opted-in row's residuals back.
-A row's decisions then depend on its own history alone, whatever joined or left around it. ``config.pbtxt``'s ``step_cache: "FirstBlockCache threshold=..."``
-applies this one (acceleration.py); the other diffusers caches still decide per batch.
+A row's decisions then depend on its own history alone, whatever joined or left around it.
+
+``config.pbtxt``'s ``step_cache: "FirstBlockCache threshold=..."`` applies this one (acceleration.py);
+the other diffusers caches still decide per batch.
 """
 
 from __future__ import annotations
