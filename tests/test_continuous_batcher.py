@@ -12,7 +12,7 @@ import pytest
 
 from triton_diffusion.batching import CallBudget
 from triton_diffusion.continuous import ContinuousBatcher, Job
-from triton_diffusion.core import Cancelled, Failed, Images
+from triton_diffusion.core import AdaptersUnavailable, Cancelled, Failed, Images, Rejected
 from triton_diffusion.requests import text_to_image
 
 
@@ -123,6 +123,66 @@ def test_a_failing_step_fails_only_the_requests_in_that_call():
     run_until_answered(batcher, [job("broken", 2, outcomes, size=32), job("fine", 2, outcomes)], outcomes)
     assert isinstance(outcomes["broken"], Failed) and "a broken row" in outcomes["broken"].message
     assert isinstance(outcomes["fine"], Images)
+
+
+def test_a_row_whose_adapter_cannot_be_read_any_more_leaves_and_its_batch_mates_step_on():
+    """An adapter file removed after its request was admitted: the step refuses that row before
+    anything runs (lora.AdapterLibrary.use); the row is INVALID_ARG, the others are not held back."""
+    import dataclasses
+
+    class Adapters(CountingSteps):
+        def step(self, rows):
+            if any(row.item.lora == "gone" for row in rows):
+                raise AdaptersUnavailable({"gone": "no adapter named 'gone' in lora_dir"})
+            super().step(rows)
+
+    steps, outcomes = Adapters(), {}
+    batcher = ContinuousBatcher(steps, CallBudget(max_images=4, max_pixels=10**9), lambda exc: False)
+    refused = job("b", 2, outcomes)
+    refused.rows[0].item = dataclasses.replace(refused.rows[0].item, lora="gone")
+    run_until_answered(batcher, [job("a", 2, outcomes), refused, job("c", 2, outcomes)], outcomes)
+    assert outcomes["b"] == Rejected("no adapter named 'gone' in lora_dir")
+    assert isinstance(outcomes["a"], Images) and isinstance(outcomes["c"], Images)
+    assert steps.calls == [["a", "c"], ["a", "c"]]
+
+
+def test_a_row_waiting_for_its_adapter_lets_later_rows_join_first_and_joins_once_ready():
+    """A row whose adapter is being read (``ready`` false) stays waiting while rows behind it join and
+    step; it joins once ready, and nobody waited for it."""
+    import dataclasses
+
+    reads_done = threading.Event()
+
+    class Reading(CountingSteps):
+        def step(self, rows):
+            super().step(rows)
+            if len(self.calls) == 2:
+                reads_done.set()  # the adapter's read ends while the others run
+
+    steps, outcomes = Reading(), {}
+    batcher = ContinuousBatcher(steps, CallBudget(max_images=4, max_pixels=10**9), lambda exc: False,
+                                ready=lambda item: item.lora != "new" or reads_done.is_set())
+    waiting = job("b", 2, outcomes)
+    waiting.rows[0].item = dataclasses.replace(waiting.rows[0].item, lora="new")
+    run_until_answered(batcher, [waiting, job("a", 3, outcomes), job("c", 3, outcomes)], outcomes)
+    assert steps.calls[:2] == [["a", "c"], ["a", "c"]] and ["a", "c", "b"] in steps.calls
+    assert all(isinstance(outcome, Images) for outcome in outcomes.values())
+
+
+def test_a_row_whose_adapter_is_read_while_nothing_runs_joins_without_a_notification():
+    """Only a row waiting for its adapter: the loop looks again until the read is done, then runs it."""
+    import dataclasses
+
+    import itertools
+
+    asked = itertools.count()  # ready at the fifth look: no notification comes when a read ends
+    steps, outcomes = CountingSteps(), {}
+    batcher = ContinuousBatcher(steps, CallBudget(max_images=4, max_pixels=10**9), lambda exc: False,
+                                ready=lambda item: next(asked) >= 5)
+    waiting = job("b", 1, outcomes)
+    waiting.rows[0].item = dataclasses.replace(waiting.rows[0].item, lora="new")
+    run_until_answered(batcher, [waiting], outcomes)
+    assert steps.calls == [["b"]] and isinstance(outcomes["b"], Images)
 
 
 def test_a_cancelled_request_leaves_at_the_next_step():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from triton_diffusion.batching import CallBudget
-from triton_diffusion.core import CANCELLED, Failed, Images, Rejected
+from triton_diffusion.core import CANCELLED, AdaptersUnavailable, Failed, Images, Rejected
 from triton_diffusion.executor import Executor
 from triton_diffusion.requests import ParsedRequest, RequestError, text_to_image
 
@@ -74,6 +74,62 @@ def test_a_failing_call_fails_only_its_chunk_with_the_cause():
     for failed in (outcomes[1], outcomes[3]):  # "d" shares the failing call with "!boom"
         assert isinstance(failed, Failed) and failed.message == "pipeline failed: ValueError: a bug in the pipeline"
     assert sorted((r.rows, r.result) for r in reports) == [(2, "failed"), (2, "ok")]
+
+
+def test_rows_whose_adapter_cannot_be_read_any_more_are_refused_and_their_batch_mates_run():
+    """An adapter file removed after its requests were admitted: the call refuses before anything runs
+    (lora.AdapterLibrary.use); those requests are INVALID_ARG naming why, the others run without them."""
+    import dataclasses
+
+    class Adapters(FakePipeline):
+        def __call__(self, params, items, cancelled_rows):
+            if any(item.lora == "gone" for item in items):
+                self.calls.append([item.prompt for item in items])
+                raise AdaptersUnavailable({"gone": "no adapter named 'gone' in lora_dir"})
+            return super().__call__(params, items, cancelled_rows)
+
+    pipeline = Adapters()
+    run, reports, _ = executor(pipeline)
+    gone = ParsedRequest((dataclasses.replace(request("b").items[0], lora="gone"),))
+    outcomes = run.run([request("a"), gone, request("c", "d")], never(3))
+    assert outcomes[1] == Rejected("no adapter named 'gone' in lora_dir")
+    assert isinstance(outcomes[0], Images) and isinstance(outcomes[2], Images) and len(outcomes[2].images) == 2
+    assert pipeline.calls == [["a", "b", "c", "d"], ["a", "c", "d"]]
+    assert [(r.rows, r.result) for r in reports] == [(3, "ok")]  # the refused call ran nothing
+
+
+def test_each_request_is_answered_once_as_soon_as_its_rows_are_done():
+    """A rejected request at once; a request whose rows all ran in the first call before the second call
+    starts; a request spanning two calls after the second."""
+    answered = []
+
+    class Watching(FakePipeline):
+        def __call__(self, params, items, cancelled_rows):
+            self.answered_before.append(list(answered))
+            return super().__call__(params, items, cancelled_rows)
+
+    pipeline = Watching()
+    pipeline.answered_before = []
+    run, _, _ = executor(pipeline, budget=CallBudget(2, 10**9))
+    outcomes = run.run([request("a"), RequestError("bad"), request("b", "c"), request("d", steps=5)], never(4),
+                       on_outcome=lambda index, outcome: answered.append(index))
+    # each request answered once, as soon as it could be
+    assert pipeline.calls == [["a", "b"], ["c"], ["d"]]
+    assert pipeline.answered_before == [[1], [1, 0], [1, 0, 2]]
+    assert answered == [1, 0, 2, 3] and isinstance(outcomes[2], Images) and len(outcomes[2].images) == 2
+
+
+def test_rows_that_are_not_ready_run_after_the_others():
+    """A row whose adapter is still being read (``ready`` false) goes to a call after the ready rows'
+    calls, so that none of them waits for the read."""
+    import dataclasses
+
+    pipeline = FakePipeline()
+    run = Executor(pipeline, CallBudget(16, 10**9), lambda exc: False, ready=lambda item: item.lora != "new")
+    reading = ParsedRequest((dataclasses.replace(request("b").items[0], lora="new"),))
+    outcomes = run.run([request("a"), reading, request("c", "d"), request("e", steps=5)], never(4))
+    assert pipeline.calls == [["a", "c", "d"], ["e"], ["b"]]
+    assert all(isinstance(outcome, Images) for outcome in outcomes)
 
 
 def test_requests_cancelled_before_their_call_never_run():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from testing.adapters import random_adapter
 from triton_diffusion.acceleration import denoiser_of
 from triton_diffusion.lora import AdapterError, LoraBank, layer_class, read_adapter
 from triton_diffusion.pipeline import PipelineRunner
@@ -22,24 +23,6 @@ SAME, CHANGED = 1e-4, 1e-2
 
 def runner(arch: str = "flux-dev-tiny") -> PipelineRunner:
     return PipelineRunner.load(ModelSettings.build(pretrained_model=f"random:{arch}", **CPU))
-
-
-def write_adapter(pipe, folder, seed: int, rank: int, alpha=None, layers=("to_q", "to_k", "to_v", "to_out.0", "proj_out")):
-    """A random adapter on the denoiser's attention and output layers, saved by diffusers' own
-    ``save_lora_weights`` (with peft's metadata, so ``alpha`` sets the scaling alpha / rank)."""
-    denoiser = denoiser_of(pipe)
-    part = "transformer" if denoiser is getattr(pipe, "transformer", None) else "unet"
-    generator = torch.Generator().manual_seed(seed)
-    state, targets = {}, []
-    for name, module in denoiser.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name.endswith(layer) for layer in layers) and (
-                "blocks" in name or "layers" in name):
-            state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
-            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
-            targets.append(name)
-    metadata = {"r": rank, "lora_alpha": alpha or rank, "target_modules": targets}
-    type(pipe).save_lora_weights(folder, **{f"{part}_lora_layers": state, f"{part}_lora_adapter_metadata": metadata})
-    return folder
 
 
 def latents(pipe, rows, **call) -> torch.Tensor:
@@ -62,8 +45,8 @@ LAYERS = {"sdxl-tiny": ("to_k", "to_v")}
 def adapters_for(arch: str, root) -> dict:
     pipe = runner(arch).text_to_image
     layers = {"layers": LAYERS[arch]} if arch in LAYERS else {}
-    return {"x": write_adapter(pipe, root / "x", seed=1, rank=4, **layers),
-            "y": write_adapter(pipe, root / "y", seed=2, rank=8, alpha=16, **layers)}
+    return {"x": random_adapter(pipe, root / "x", seed=1, rank=4, **layers),
+            "y": random_adapter(pipe, root / "y", seed=2, rank=8, alpha=16, **layers)}
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +186,8 @@ def test_the_runner_loads_adapters_by_name_on_first_use_and_splits_a_call_the_ba
 def test_served_requests_with_different_adapters_share_an_execution_and_bad_ones_fail_alone(adapters, tmp_path_factory):
     """Through tritonserver: a FLUX model with a lora_dir declares LORA and LORA_SCALE; three requests
     (adapter x, none, adapter y at 0.7) form one execution and each equals itself served alone; an
-    unknown adapter and a scale out of range are INVALID_ARG for that request alone, and its
-    batch-mate is served; a file added to the folder while serving is used; the adapter metrics
+    unknown adapter, a corrupt file and a scale out of range are INVALID_ARG for that request alone,
+    and its batch-mate is served; a file added to the folder while serving is used; the adapter metrics
     count the loads, hits and failures."""
     import shutil
 
@@ -235,9 +218,11 @@ def test_served_requests_with_different_adapters_share_an_execution_and_bad_ones
             for request, result in zip(requests, together):
                 alone = client.generate(request).array
                 assert np.abs(result.array.astype(int) - alone.astype(int)).max() <= 1, request
+            (root / "loras" / "corrupt.safetensors").write_bytes(b"not a safetensors file")
             bad = [GenerationRequest("a cat", seed=4, lora="absent"), GenerationRequest("a cat", seed=4, lora="x"),
-                   GenerationRequest("a cat", seed=4, lora="x", lora_scale=3.0)]
-            results = client.generate_many(bad, concurrency=3)
+                   GenerationRequest("a cat", seed=4, lora="x", lora_scale=3.0),
+                   GenerationRequest("a cat", seed=4, lora="corrupt")]
+            results = client.generate_many(bad, concurrency=4)
             # an adapter added to the folder while serving is used without a restart
             shutil.copy(adapters["y"] / "pytorch_lora_weights.safetensors", root / "loras" / "added.safetensors")
             added = client.generate(GenerationRequest(ROWS[2][0], seed=ROWS[2][1], lora="added", lora_scale=0.7)).array
@@ -246,11 +231,110 @@ def test_served_requests_with_different_adapters_share_an_execution_and_bad_ones
         assert "no adapter named 'absent' in lora_dir" in str(results[0])
         assert results[1].array.shape == (64, 64, 3)
         assert isinstance(results[2], ServerError) and "LORA_SCALE=3.0 is outside the allowed range" in str(results[2])
+        # a file that is there but cannot be read: refused once its read (in the background) failed
+        assert isinstance(results[3], ServerError) and "INVALID_ARG" in str(results[3].status)
+        assert "adapter 'corrupt' could not be read" in str(results[3])
         events = {event: harness.metric(server, "diffusion_lora_adapters_total", name, event=event)
                   for event in ("load", "hit", "failure", "eviction")}
-        assert events["load"] == 3 and events["failure"] == 1 and events["hit"] >= 3 and events["eviction"] == 0, events
+        assert events["load"] == 3 and events["failure"] == 2 and events["hit"] >= 3 and events["eviction"] == 0, events
     finally:
         server.stop()
+
+
+def test_an_adapter_removed_after_its_request_was_admitted_refuses_that_request_alone(adapters, tmp_path):
+    """x is read when its request is admitted, then dropped from the read adapters (room for one: y was
+    read after it) and its file removed before the call: the call refuses x's request alone (INVALID_ARG,
+    nothing run), and its batch-mate runs and equals itself alone."""
+    import shutil
+
+    import numpy as np
+
+    from triton_diffusion.batching import CallBudget
+    from triton_diffusion.core import Images, Rejected
+    from triton_diffusion.executor import Executor
+    from triton_diffusion.requests import ParsedRequest
+
+    for name, folder in adapters.items():
+        shutil.copytree(folder, tmp_path / name)
+    loaded = PipelineRunner.load(ModelSettings.build(pretrained_model="random:flux-dev-tiny", **CPU, lora_dir=str(tmp_path),
+                                                     max_loaded_loras=1, max_lora_rank=8))
+    requests = items_with([(0, ("x", 1.0)), (1, ("", 1.0))])
+    assert all(loaded.unsupported(item) is None for item in requests + items_with([(2, ("y", 1.0))]))
+    loaded.adapters.settle()
+    shutil.rmtree(tmp_path / "x")
+    run = Executor(loaded.run, CallBudget(4, 10**9), lambda exc: False)
+    outcomes = run.run([ParsedRequest((item,)) for item in requests], [lambda: False] * 2)
+    assert outcomes[0] == Rejected("no adapter named 'x' in lora_dir (looked for x/ and x.safetensors)")
+    assert isinstance(outcomes[1], Images) and loaded.adapters.failures == 1
+    alone = loaded.run(requests[1].params, [requests[1]])[0]
+    assert np.abs(outcomes[1].images[0].astype(int) - alone.astype(int)).max() <= 1
+
+
+def test_a_new_adapter_is_read_off_the_calling_thread_and_its_rows_run_after_the_others(adapters, tmp_path):
+    """Admitting a request names its adapter's read and returns at once; while the read is under way the
+    adapter is not ready (the executor runs its rows last); a file that exists but cannot be read
+    refuses its request alone when its call comes, the batch-mates run."""
+    import shutil
+    import threading
+
+    from triton_diffusion.batching import CallBudget
+    from triton_diffusion.core import Images, Rejected
+    from triton_diffusion.executor import Executor
+    from triton_diffusion.requests import ParsedRequest
+
+    shutil.copytree(adapters["x"], tmp_path / "x")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file")
+    loaded = PipelineRunner.load(ModelSettings.build(pretrained_model="random:flux-dev-tiny", **CPU, lora_dir=str(tmp_path),
+                                                     max_lora_rank=8))
+    library = loaded.adapters
+    release = threading.Event()
+    read = library._load
+    library._load = lambda name: (release.wait(60), read(name))[1]  # the reader thread holds until released
+    requests = items_with([(0, ("x", 1.0)), (1, ("", 1.0)), (2, ("corrupt", 1.0))])
+    assert all(loaded.unsupported(item) is None for item in requests)  # returned with the reads under way
+    assert not loaded.ready(requests[0]) and loaded.ready(requests[1]) and library.loads == 0
+    calls = []
+    run = Executor(lambda params, items, poll: (calls.append([item.lora for item in items]), loaded.run(params, items, poll))[1],
+                   CallBudget(4, 10**9), lambda exc: False, ready=loaded.ready)
+    release.set()  # (the executor has planned by now only if it ran: it runs below, after the release)
+    outcomes = run.run([ParsedRequest((item,)) for item in requests], [lambda: False] * 3)
+    assert isinstance(outcomes[0], Images) and isinstance(outcomes[1], Images)
+    assert isinstance(outcomes[2], Rejected) and "adapter 'corrupt' could not be read" in outcomes[2].message
+    assert (library.loads, library.failures) == (1, 1)
+
+
+def test_compiled_every_layer_is_wrapped_before_the_warm_up_and_mixing_adapters_compiles_nothing(adapters, tmp_path):
+    """Compiled (regional, dynamo with the eager backend here), static buckets: after the warm-up,
+    batches mixing x, y and no adapter in any order, or using none, compile no graph; each row equals
+    the uncompiled model's image."""
+    import shutil
+
+    import numpy as np
+
+    from triton_diffusion.acceleration import compiled_graphs
+
+    for name, folder in adapters.items():
+        shutil.copytree(folder, tmp_path / name)
+    common = dict(pretrained_model="random:flux-dev-tiny", **CPU, lora_dir=str(tmp_path), max_lora_rank=8,
+                  max_images_per_call=4, warmup_sizes=((64, 64),), default_guidance_scale=3.5)
+    compiled = PipelineRunner.load(ModelSettings.build(**common, compile="regional", compile_backend="eager", speed_devices=("cpu",),
+                                                       compile_dynamic="false", batch_buckets=(1, 2, 4)))
+    eager = PipelineRunner.load(ModelSettings.build(**common))
+    bank = compiled.adapters.bank
+    linear = [name for name, module in bank.denoiser.named_modules() if isinstance(module, layer_class())]
+    assert len(linear) == len(bank._layers()) > 0 and not any(
+        isinstance(module, torch.nn.Linear) and not name.endswith(".base") for name, module in bank.denoiser.named_modules())
+    assert bank.bytes_per_slot() == sum(8 * (m.in_features + m.out_features) * 4 for m in bank._layers())
+    report = compiled.warm_up()
+    assert report.compiled_graphs > 0
+    graphs = compiled_graphs()
+    for rows in ([(0, ("x", 1.0)), (1, ("", 1.0)), (2, ("y", 0.7))], [(2, ("y", 0.7)), (0, ("x", 1.0))],
+                 [(1, ("", 1.0))], [(0, ("y", 1.0)), (1, ("y", 1.0)), (2, ("x", 0.5)), (0, ("", 1.0))]):
+        items = items_with(rows)
+        assert all(compiled.unsupported(item) is None and eager.unsupported(item) is None for item in items)
+        for ours, reference in zip(compiled.run(items[0].params, items), eager.run(items[0].params, items)):
+            assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1, rows
+    assert compiled_graphs() == graphs
 
 
 def test_a_cancelled_batch_mate_leaves_the_call_and_the_others_keep_their_adapters(adapters, tmp_path):

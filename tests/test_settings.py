@@ -58,6 +58,7 @@ def test_missing_model_and_bad_values_are_reported_with_the_key():
         ({"batching": "continuous", "step_cache": "TaylorSeerCache"}, "nor a step cache that decides for the whole batch"),
         ({"lora_dir": "/loras", "lora_batching": "by-name"}, "lora_batching='by-name' must be one of mixed, grouped"),
         ({"lora_dir": "/loras", "max_lora_rank": "0"}, "max_loaded_loras and max_lora_rank must be 1 or more"),
+        ({"lora_dir": "/loras", "fuse_qkv": "true"}, "lora_dir with fuse_qkv: an adapter of the query"),
         ({"lora_dir": "/loras", "batching": "continuous", "max_images_per_call": "8", "max_loaded_loras": "4"},
          "needs max_loaded_loras >= max_images_per_call \\(4 < 8\\)"),
         ({"batching": "continuous", "compile": "full", "compile_dynamic": "false"},

@@ -5,7 +5,7 @@ transaction policy.
 model needs to know comes from its ``config.pbtxt``: the inputs it declares (``schema.py``) and its
 ``parameters`` (``settings.py``). ``TritonPythonModel`` picks the class for the model's policy:
 ``DynamicModel`` (Triton's dynamic batcher hands ``execute`` a batch; ``executor.py`` runs it and
-every request is answered in order) or ``ContinuousModel`` (decoupled: ``execute`` hands the
+each request is answered through its response sender as soon as its rows are done) or ``ContinuousModel`` (decoupled: ``execute`` hands the
 requests to the running batch of ``continuous.py``, which answers each through its response
 sender). Both share ``ServedModel``: loading, warm-up, metrics, parsing (``core.admit``) and
 response building (``core.response_error``).
@@ -159,18 +159,37 @@ class DynamicModel(ServedModel):
             on_step=self.metrics.observe_step,
             on_plan=lambda chunks: self.metrics.groups_per_execute.observe(len({chunk.params for chunk in chunks})),
             poll_interval_s=self.settings.calls.cancellation_poll_interval_ms / 1000,
+            ready=self.runner.ready,
         )
 
-    def execute(self, requests: list) -> list:
+    def execute(self, requests: list) -> None:
+        """Run the execution's calls; each request is answered through its response sender as soon as
+        its rows are done (a request of the first call does not wait for the execution's other calls)."""
         started = time.perf_counter()
+        senders = [request.get_response_sender() for request in requests]
         parsed = [self._parse(request) for request in requests]
         self.metrics.observe_stage("validate", time.perf_counter() - started)
-        outcomes = self.executor.run(parsed, [request.is_cancelled for request in requests])
+        answered: set[int] = set()
+        responding = [0.0]
+
+        def answer(index: int, outcome: Outcome) -> None:
+            started = time.perf_counter()
+            answered.add(index)
+            try:
+                senders[index].send(self._respond(outcome), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as exc:  # noqa: BLE001 - a client gone must not fail its batch-mates' answers
+                pb_utils.Logger.log_warn(f"{self.model_name}: answering a request failed: {type(exc).__name__}: {exc}")
+            responding[0] += time.perf_counter() - started
+
+        try:
+            self.executor.run(parsed, [request.is_cancelled for request in requests], on_outcome=answer)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not leave a request unanswered
+            pb_utils.Logger.log_error(f"{self.model_name}: execution failed: {type(exc).__name__}: {exc}")
+            for index in set(range(len(requests))) - answered:
+                answer(index, Failed(f"execution failed: {type(exc).__name__}: {exc}"))
         self._count_while_serving()
-        started = time.perf_counter()
-        responses = [self._respond(outcome) for outcome in outcomes]
-        self.metrics.observe_stage("respond", time.perf_counter() - started)
-        return responses
+        self.metrics.observe_stage("respond", responding[0])
+        return None
 
 
 class ContinuousModel(ServedModel):
@@ -191,7 +210,8 @@ class ContinuousModel(ServedModel):
                                          on_step=self._observe_running_step,
                                          on_admit=self.metrics.observe_admission,
                                          on_out_of_memory=self.metrics.row_cap.set,
-                                         progress_interval_s=self.settings.calls.progress_interval_ms / 1000)
+                                         progress_interval_s=self.settings.calls.progress_interval_ms / 1000,
+                                         ready=self.runner.ready)
         self.metrics.row_cap.set(self.batcher.row_cap)
         self.batcher.start()
 

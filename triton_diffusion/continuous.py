@@ -32,9 +32,12 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from .batching import CallBudget
-from .core import CANCELLED, Failed, Images, Outcome, PollClock
+from .core import CANCELLED, AdaptersUnavailable, Failed, Images, Outcome, PollClock
+from .requests import GenerationItem
 
 log = logging.getLogger(__name__)
+
+_READY_POLL_S = 0.05  # how often the loop looks again at rows waiting for their adapter while nothing runs
 
 
 class StepRow(Protocol):
@@ -95,8 +98,10 @@ class ContinuousBatcher:
         on_admit: Callable[[int, bool], None] = lambda rows, mid_flight: None,
         on_out_of_memory: Callable[[int], None] = lambda cap: None,
         progress_interval_s: float = 1.0,
+        ready: Callable[[GenerationItem], bool] = lambda item: True,
     ):
         self.model = model
+        self.ready = ready  # False: the row waits for something (its adapter being read); others join first
         self.budget = budget
         self.is_out_of_memory = is_out_of_memory
         self.poll_interval_s = poll_interval_s
@@ -178,9 +183,13 @@ class ContinuousBatcher:
     def _loop(self) -> None:
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: self._stopped or self._live or self._waiting)
+                # (a waiting row becomes ready without a notification: its read finishes; hence the timeout)
+                self._condition.wait_for(lambda: self._stopped or self._live or self._next_ready() is not None,
+                                         timeout=_READY_POLL_S)
                 if self._stopped:
                     return
+                if not self._live and self._next_ready() is None:
+                    continue
                 self._admit()
             try:
                 self._drop_cancelled()
@@ -203,11 +212,16 @@ class ContinuousBatcher:
         pixels = sum(live.item.params.pixels for _, live in self._live)
         return row is None or pixels + row.item.params.pixels <= self.budget.max_pixels
 
+    def _next_ready(self):
+        """The first waiting (job, row) that is ready to join, or None."""
+        return next((entry for entry in self._waiting if self.ready(entry[1].item)), None)
+
     def _admit(self) -> None:
         mid_flight = bool(self._live)
         admitted = 0
-        while self._waiting and self._fits(self._waiting[0][1]):
-            self._live.append(self._waiting.popleft())
+        while (entry := self._next_ready()) is not None and self._fits(entry[1]):
+            self._waiting.remove(entry)
+            self._live.append(entry)
             admitted += 1
         if admitted:
             self.on_admit(admitted, mid_flight)
@@ -240,6 +254,11 @@ class ContinuousBatcher:
     def _step_group(self, members: list) -> None:
         try:
             self.model.step([row for _, row in members])
+        except AdaptersUnavailable as exc:  # nothing ran: the rows naming them leave, the others step next time
+            for job, row in members:
+                refusal = exc.refusal(row.item)
+                if refusal is not None:
+                    self._remove({job}, refusal)
         except Exception as exc:  # one failed call fails only the requests in it
             if not self.is_out_of_memory(exc):
                 log.exception("denoising step of %d rows failed", len(members))

@@ -48,6 +48,32 @@ class Cancelled:
 Outcome = Union[Images, Rejected, Failed, Cancelled]
 CANCELLED = Cancelled()
 
+
+class AdaptersUnavailable(Exception):
+    """Adapters a call's rows name could not be read when the call was about to run (a file removed
+    after the request was admitted): the rows naming them are refused (INVALID_ARG), their
+    batch-mates run without them. ``reasons``: adapter name -> why."""
+
+    def __init__(self, reasons: dict[str, str]):
+        super().__init__("; ".join(reasons.values()))
+        self.reasons = dict(reasons)
+
+    def refusal(self, item: GenerationItem) -> Optional[Rejected]:
+        """The row's refusal, or None where its adapter (or none) is fine."""
+        return Rejected(self.reasons[item.lora]) if item.lora in self.reasons else None
+
+
+def guidance_passes(batch: int, rows: int) -> Optional[int]:
+    """How many times a denoiser call of ``batch`` rows holds each of ``rows`` request rows: 1, or 2
+    where both guidance passes run in one call (each half in request order); None for another size.
+    (Per-row state of a call, a row's step-cache opt-in or its adapter, is laid over the call's rows
+    by this rule.)"""
+    if batch == rows:
+        return 1
+    if batch == 2 * rows:
+        return 2
+    return None
+
 # Names of Triton's error codes (``pb_utils.TritonError.<name>``), the same for both modes: the
 # stream of a continuous model carries the codes a dynamic model's unary answer does.
 INVALID_ARG, CANCELLED_CODE, INTERNAL = "INVALID_ARG", "CANCELLED", "INTERNAL"

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from .batching import CallBudget, Chunk, plan_batches
-from .core import CANCELLED, Failed, Images, Outcome, PollClock, Rejected
+from .core import CANCELLED, AdaptersUnavailable, Failed, Images, Outcome, PollClock, Rejected
 from .requests import CallParams, GenerationItem, ParsedRequest, ParseResult, RequestError
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class Executor:
         on_step: Callable[[], None] = _no_op,
         on_plan: Callable[[list[Chunk]], None] = _no_op,
         poll_interval_s: float = 0.0,
+        ready: Callable[[GenerationItem], bool] = lambda item: True,
     ):
         self.call = call
         self.budget = budget
@@ -102,25 +103,43 @@ class Executor:
         self.on_step = on_step
         self.on_plan = on_plan
         self.poll_interval_s = poll_interval_s
+        self.ready = ready  # False: the row waits for something (its adapter being read): its calls run last
 
-    def run(self, parsed: Sequence[ParseResult], is_cancelled: Sequence[Callable[[], bool]]) -> list[Outcome]:
-        """One outcome per request, in order. ``is_cancelled[i]()`` asks whether request i was cancelled."""
+    def run(self, parsed: Sequence[ParseResult], is_cancelled: Sequence[Callable[[], bool]],
+            on_outcome: Callable[[int, Outcome], None] = _no_op) -> list[Outcome]:
+        """One outcome per request, in order. ``is_cancelled[i]()`` asks whether request i was cancelled.
+        ``on_outcome(i, outcome)`` is called once per request as soon as its outcome is known (a request
+        whose rows all ran in an execution's first call need not wait for the other calls)."""
         rows = [
             (item.params, (index, row))
             for index, result in enumerate(parsed)
             if isinstance(result, ParsedRequest)
             for row, item in enumerate(result.items)
         ]
-        chunks = plan_batches(rows, self.budget)
+        # Rows whose adapter is still being read run after the others, so that nobody else waits for it.
+        waiting = {ref for _, ref in rows if not self.ready(parsed[ref[0]].items[ref[1]])}
+        chunks = (plan_batches([row for row in rows if row[1] not in waiting], self.budget)
+                  + plan_batches([row for row in rows if row[1] in waiting], self.budget))
         self.on_plan(chunks)
         results: dict[RowRef, object] = {}
+        outcomes: dict[int, Outcome] = {}
+
+        def answer_finished() -> None:
+            for index, result in enumerate(parsed):
+                if index not in outcomes and (isinstance(result, RequestError) or all(
+                        (index, row) in results for row in range(len(result.items)))):
+                    outcomes[index] = self._outcome(index, result, results)
+                    on_outcome(index, outcomes[index])
+
+        answer_finished()  # the rejected ones at once
         for chunk in chunks:
             items = [parsed[request].items[row] for request, row in chunk.rows]
             results.update(zip(chunk.rows, self._run_rows(chunk.params, list(chunk.rows), items, is_cancelled)))
-        return [self._outcome(index, result, results) for index, result in enumerate(parsed)]
+            answer_finished()
+        return [outcomes[index] for index in range(len(parsed))]
 
     def _run_rows(self, params: CallParams, refs: list[RowRef], items: list[GenerationItem], is_cancelled) -> list:
-        """Results of one chunk: an image, ``CANCELLED`` or a ``Failed`` per row."""
+        """Results of one chunk: an image, ``CANCELLED``, a ``Failed`` or a ``Rejected`` per row."""
         requests = dict.fromkeys(request for request, _ in refs)
         if all(is_cancelled[request]() for request in requests):
             return [CANCELLED] * len(refs)  # nobody is waiting: do not run it
@@ -130,6 +149,12 @@ class Executor:
             outputs = list(self.call(params, items, poll))
             if len(outputs) != len(items):
                 raise RuntimeError(f"the pipeline returned {len(outputs)} images for {len(items)} rows")
+        except AdaptersUnavailable as exc:  # nothing ran: refuse the rows naming them, run their batch-mates
+            refusals = [exc.refusal(item) for item in items]
+            keep = [index for index, refusal in enumerate(refusals) if refusal is None]
+            rest = iter(self._run_rows(params, [refs[i] for i in keep], [items[i] for i in keep], is_cancelled)
+                        if keep else ())
+            return [refusal if refusal is not None else next(rest) for refusal in refusals]
         except Exception as exc:  # one failed call must not fail the other chunks of this execution
             out_of_memory = self.is_out_of_memory(exc)
             self._report(params, len(items), started, OUT_OF_MEMORY if out_of_memory else FAILED, poll)
@@ -155,7 +180,7 @@ class Executor:
         if isinstance(parsed, RequestError):
             return Rejected(str(parsed))
         outputs = [results[(index, row)] for row in range(len(parsed.items))]
-        failures = [output for output in outputs if isinstance(output, Failed)]
+        failures = [output for output in outputs if isinstance(output, (Failed, Rejected))]
         if failures:
             return failures[0]
         if any(output is CANCELLED for output in outputs):

@@ -28,6 +28,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .core import AdaptersUnavailable, guidance_passes
+
 
 class AdapterError(ValueError):
     """An adapter that cannot be served (unknown, corrupt, mismatched, too large); the message names why."""
@@ -79,12 +81,13 @@ def read_adapter(pipe, denoiser, name: str, source, max_rank: int) -> Adapter:
     unsupported = [key for key in state if "lora_magnitude_vector" in key or key.endswith("lora_B.bias")]
     if unsupported:
         raise AdapterError(f"adapter {name!r} uses DoRA or LoRA biases ({unsupported[0]}), which are not served")
-    with torch.device("meta"):
-        skeleton = type(denoiser).from_config(denoiser.config)
     try:
-        with warnings.catch_warnings():  # (loading into meta parameters is a no-op: the tensors come from ``state``)
+        # (all on the meta device: peft's new layers too; loading into meta parameters is a no-op, the
+        # tensors come from ``state``)
+        with torch.device("meta"), warnings.catch_warnings():
+            skeleton = type(denoiser).from_config(denoiser.config)
             warnings.simplefilter("ignore", UserWarning)
-            skeleton.load_lora_adapter(dict(state), network_alphas=alphas, adapter_name=name,
+            skeleton.load_lora_adapter({key: value.to("meta") for key, value in state.items()}, network_alphas=alphas, adapter_name=name,
                                        metadata=metadata or None, prefix=denoiser_name)
     except Exception as exc:  # noqa: BLE001 - peft and diffusers raise many types for a mismatched adapter
         raise AdapterError(f"adapter {name!r} does not fit {type(denoiser).__name__}: {type(exc).__name__}: {exc}") from None
@@ -166,18 +169,35 @@ def layer_class():
 
 class LoraBank:
     """The adapters loaded on one denoiser (least recently used evicted beyond ``max_loaded``), and which
-    slot and scale each row of the next call uses."""
+    slot and scale each row of the next call uses.
 
-    def __init__(self, denoiser, max_loaded: int, max_rank: int):
+    ``compiled``: torch.compile guards on the module tree and on which branch a layer takes, so every
+    linear layer of the denoiser is wrapped now (before a warm-up compiles it) and every call takes the
+    adapter path (rows without one use the zero slot): which adapters a call mixes, or whether it uses
+    any, then changes no graph. Uncompiled, a layer is wrapped when an adapter first adapts it and a
+    call without adapters skips the update.
+    """
+
+    def __init__(self, denoiser, max_loaded: int, max_rank: int, compiled: bool = False):
+        import torch
+
         if max_loaded < 1 or max_rank < 1:
             raise ValueError("max_loaded_loras and max_lora_rank must be at least 1")
         self.denoiser = denoiser
         self.max_loaded, self.max_rank = max_loaded, max_rank
         self.slots = max_loaded + 1  # slot 0: no adapter
         self.dtype = denoiser.dtype
+        self.compiled = compiled
         self.loaded: "OrderedDict[str, int]" = OrderedDict()  # name -> slot, least recently used first
         self._rows = None  # (slots [n] long, scales [n] float) on the denoiser's device, for the next call
         self.evictions = 0
+        if compiled:
+            for module_name in [name for name, module in denoiser.named_modules() if isinstance(module, torch.nn.Linear)]:
+                self._wrapped(module_name)
+
+    def bytes_per_slot(self) -> int:
+        """Device memory one slot takes in every wrapped layer (an adapter's cost, whatever its rank)."""
+        return sum((layer.down[0].numel() + layer.up[0].numel()) * layer.down.element_size() for layer in self._layers())
 
     # -- adapters -----------------------------------------------------------------------------------
     def install(self, adapter: Adapter, keep: Sequence[str] = ()) -> int:
@@ -230,7 +250,7 @@ class LoraBank:
         """Each request row's (slot, scale) for the next call (slot 0: no adapter); None: no row uses one."""
         import torch
 
-        if rows is None or not any(slot for slot, _ in rows):
+        if rows is None or not (self.compiled or any(slot for slot, _ in rows)):
             self._rows = None
             return
         device = next(self.denoiser.parameters()).device
@@ -238,39 +258,46 @@ class LoraBank:
                       torch.tensor([scale for _, scale in rows], dtype=torch.float32, device=device))
 
     def rows_for(self, batch: int):
-        """(slots, scales) for a denoiser call of ``batch`` rows: the request rows, or twice them (the
-        guidance passes in one call, each half in request order)."""
+        """(slots, scales) for a denoiser call of ``batch`` rows (``core.guidance_passes``), or None."""
         if self._rows is None:
             return None
         slots, scales = self._rows
-        if batch == 2 * len(slots):
-            return slots.repeat(2), scales.repeat(2)
-        if batch != len(slots):
+        passes = guidance_passes(batch, len(slots))
+        if passes is None:
             raise RuntimeError(f"a denoiser call of {batch} rows for {len(slots)} request rows with adapters")
-        return slots, scales
+        return (slots, scales) if passes == 1 else (slots.repeat(passes), scales.repeat(passes))
 
 
 class AdapterLibrary:
     """A model's adapters: found by name in ``lora_dir`` on first use, read, and put in its bank.
 
-    ``prepare(name)`` (as a request is admitted, in Triton's thread) reads an adapter, or says why it
-    cannot be served; it never touches the model. ``use(items)`` (in the thread that runs the denoiser,
-    before each call or running-batch step) puts every row's adapter in a slot, reading again one that
-    was dropped since, and tells the layers which row uses which; ``done()`` after. Counters for the
+    Reading an adapter takes a second or more for a large model (the file, diffusers' conversion, peft's
+    layout), longer than a denoising step, so it never runs on the thread that runs the denoiser while
+    other rows wait: ``prepare(name)`` (as a request is admitted) refuses a name with no file at once and
+    starts reading the others on a reader thread; ``ready(name)`` says whether a call could use it now,
+    so that calls and running batches take rows whose adapters are ready first (``Executor``,
+    ``ContinuousBatcher``). ``use(items)`` (in the denoiser's thread, before each call or running-batch
+    step) puts every row's adapter in a slot, waiting for a read under way and reading again one dropped
+    since (``AdaptersUnavailable`` for one that cannot be served: those rows are refused, their
+    batch-mates run), and tells the layers which row uses which; ``done()`` after. Counters for the
     metrics: hits, loads (reads), evictions, failures.
     """
 
-    def __init__(self, pipe, denoiser, folder: str, max_loaded: int, max_rank: int):
+    def __init__(self, pipe, denoiser, folder: str, max_loaded: int, max_rank: int, compiled: bool = False):
         import threading
+        from concurrent.futures import ThreadPoolExecutor
         from pathlib import Path
 
         from .settings import resolve_model_location
 
         self.pipe, self.folder = pipe, Path(resolve_model_location(folder))  # ({repo}, {cache}, ~, $VARS)
-        self.bank = LoraBank(denoiser, max_loaded, max_rank)
+        self.bank = LoraBank(denoiser, max_loaded, max_rank, compiled)
         # (the step adapters name each running-batch step's rows; cancellation.py keeps a running call's)
         denoiser._lora_library = self
         self._read: "OrderedDict[str, Adapter]" = OrderedDict()  # read, not yet in the bank (at most max_loaded)
+        self._reading: dict = {}  # name -> Future of a read under way
+        self._refused: "OrderedDict[str, str]" = OrderedDict()  # name -> why its last read failed (until used)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-reader")
         self._lock = threading.Lock()
         self.hits = self.loads = self.failures = 0
 
@@ -288,42 +315,106 @@ class AdapterLibrary:
         raise AdapterError(f"no adapter named {name!r} in lora_dir (looked for {name}/ and {name}.safetensors)")
 
     def prepare(self, name: str) -> Optional[str]:
-        """Read ``name`` unless it is in the bank or read already; why it cannot be served, or None."""
+        """Why ``name`` cannot be served (no such file), or None: it is loaded, read, or being read now."""
         with self._lock:
-            if name in self.bank.loaded or name in self._read:
+            if name in self.bank.loaded or name in self._read or name in self._reading:
                 self.hits += 1
                 return None
         try:
-            adapter = self._load(name)
+            self.source(name)
         except AdapterError as exc:
             with self._lock:
                 self.failures += 1
             return str(exc)
-        with self._lock:
-            self._read[name] = adapter
-            while len(self._read) > self.bank.max_loaded:
-                self._read.popitem(last=False)
+        self.ready(name)
         return None
 
+    def ready(self, name: str) -> bool:
+        """Whether a call can use ``name`` without waiting for a read (a read starts where none is under
+        way; an adapter whose read failed is ready: its rows are refused at once)."""
+        with self._lock:
+            if name in self.bank.loaded or name in self._read or name in self._refused:
+                return True
+            future = self._reading.get(name)
+            if future is None:
+                self._reading[name] = self._reader.submit(self._read_in_background, name)
+                return False
+            return future.done()
+
+    def settle(self) -> None:
+        """Return once every read started so far has ended (for tools and tests)."""
+        self._reader.submit(lambda: None).result()
+
+    def _read_in_background(self, name: str) -> None:
+        try:
+            adapter = self._load(name)
+        except AdapterError as exc:
+            with self._lock:
+                self._refused[name] = str(exc)
+                while len(self._refused) > 64:  # (names are admitted with a file; this only bounds memory)
+                    self._refused.popitem(last=False)
+        except Exception as exc:  # noqa: BLE001 - a bug must refuse the rows, not leave them waiting
+            with self._lock:
+                self.failures += 1
+                self._refused[name] = f"adapter {name!r} could not be read: {type(exc).__name__}: {exc}"
+        else:
+            self._remember({name: adapter})
+        finally:
+            with self._lock:
+                self._reading.pop(name, None)
+
+    def _remember(self, adapters: dict) -> None:
+        """Keep adapters read for the calls about to install them (the most recent ``max_loaded``)."""
+        with self._lock:
+            self._read.update(adapters)
+            while len(self._read) > self.bank.max_loaded:
+                self._read.popitem(last=False)
+
     def _load(self, name: str) -> Adapter:
-        adapter = read_adapter(self.pipe, self.bank.denoiser, name, self.source(name), self.bank.max_rank)
+        """Read ``name`` (counted: a load, or a failure)."""
+        try:
+            adapter = read_adapter(self.pipe, self.bank.denoiser, name, self.source(name), self.bank.max_rank)
+        except AdapterError:
+            with self._lock:
+                self.failures += 1
+            raise
         with self._lock:
             self.loads += 1
         return adapter
+
+    def _take(self, name: str) -> Adapter:
+        """``name`` read, for the bank: the read one, or the read under way waited for, or read now."""
+        with self._lock:
+            future = self._reading.get(name)
+        if future is not None:
+            future.result()
+        with self._lock:
+            adapter = self._read.pop(name, None)
+            refused = self._refused.pop(name, None)
+        if refused is not None:
+            raise AdapterError(refused)
+        return adapter if adapter is not None else self._load(name)
 
     def use(self, items) -> None:
         """Every row's adapter in a slot, then the rows' slots and scales to the layers (``items``: the
         call's rows, each with ``lora`` and ``lora_scale``). A call names at most ``max_loaded_loras``
         adapters (``PipelineRunner.run`` splits larger calls; a running batch has at most that many rows)."""
         names = list(dict.fromkeys(item.lora for item in items if item.lora))
-        slots = {}
+        # Every adapter not in the bank first (one that cannot be served refuses its rows alone, before
+        # anything is installed), then into the bank.
+        adapters, reasons = {}, {}
         for name in names:
-            slot = self.bank.slot(name)
-            if slot is None:
-                with self._lock:
-                    adapter = self._read.pop(name, None)
-                slot = self.bank.install(adapter or self._load(name), keep=names)
-            slots[name] = slot
+            if name in self.bank.loaded:
+                continue
+            try:
+                adapters[name] = self._take(name)
+            except AdapterError as exc:
+                reasons[name] = str(exc)
+        if reasons:
+            self._remember(adapters)
+            raise AdaptersUnavailable(reasons)
+        slots = {name: self.bank.install(adapters[name], keep=names) if name in adapters else self.bank.slot(name)
+                 for name in names}
         self.bank.use([(slots[item.lora], item.lora_scale) if item.lora else (0, 0.0) for item in items])
 
     def done(self) -> None:

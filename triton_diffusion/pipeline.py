@@ -276,7 +276,8 @@ class PipelineRunner:
         adapters = self.settings.adapters
         if adapters.enabled:
             self.adapters = AdapterLibrary(text_to_image, denoiser_of(text_to_image), adapters.lora_dir,
-                                           adapters.max_loaded_loras, adapters.max_lora_rank)
+                                           adapters.max_loaded_loras, adapters.max_lora_rank,
+                                           compiled=self.settings.speed.compiles)
 
     @classmethod
     def load(cls, settings: ModelSettings, device: Optional[str] = None, output: Optional[str] = None) -> "PipelineRunner":
@@ -373,9 +374,13 @@ class PipelineRunner:
         problem = self._frames_problem(item.task, item.params.num_frames)
         if problem:
             return f"NUM_FRAMES={item.params.num_frames}: {problem}"
-        if item.lora:  # loaded now, so a file that cannot be served fails this request alone
+        if item.lora:  # a name with no file fails this request alone now; the file is read in the background
             return self.adapters.prepare(item.lora) if self.adapters else "this model takes no LoRA adapters (no lora_dir)"
         return None
+
+    def ready(self, item: GenerationItem) -> bool:
+        """Whether a call can run ``item`` now (False while its adapter is being read)."""
+        return not item.lora or self.adapters is None or self.adapters.ready(item.lora)
 
     def _adapter_parts(self, items: Sequence[GenerationItem]) -> list[tuple[int, int]]:
         """(start, end) of consecutive parts of ``items`` that each name at most ``max_loaded_loras`` adapters."""
@@ -424,6 +429,8 @@ class PipelineRunner:
         fillers = bucket_for(requested, self.settings.calls.batch_buckets) - requested
         # Filler rows repeat the last row: a warmed batch size costs less than compiling a new one.
         items = list(items) + [items[-1]] * fillers
+        if self.adapters is not None:  # each row's adapter (slot 0: none); AdaptersUnavailable before anything runs
+            self.adapters.use(items)
         self.padded_rows += fillers
         # One CPU generator per row: its noise does not depend on its batch-mates or the device.
         generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
@@ -435,8 +442,6 @@ class PipelineRunner:
             raise ValueError(f"{type(pipe).__name__} does not take {sorted(unexpected)}")
         reset_step_cache(pipe)
         row_cache.allow(denoiser_of(pipe), [item.step_cache for item in items])  # STEP_CACHE=1 rows may skip
-        if self.adapters is not None:
-            self.adapters.use(items)  # each row's adapter (slot 0: none)
         try:
             with torch.inference_mode():
                 output = pipe(**kwargs)

@@ -362,13 +362,14 @@ def _allowed(flags, batch: int):
     any other size than the flags' computes every row."""
     import torch
 
+    from .core import guidance_passes
+
     if flags is None:
         return None
-    if batch == 2 * len(flags):
-        flags = flags + flags
-    if batch != len(flags):
+    passes = guidance_passes(batch, len(flags))
+    if passes is None:
         return torch.zeros(batch, dtype=torch.bool), False
-    allowed = torch.tensor(flags, dtype=torch.bool)
+    allowed = torch.tensor(flags * passes, dtype=torch.bool)
     return allowed, bool(allowed.any())
 
 

@@ -421,6 +421,9 @@ def _problems(settings: ModelSettings) -> list[str]:
             problems.append("max_loaded_loras and max_lora_rank must be 1 or more, and max_lora_scale above 0")
         if adapters.lora_batching not in LORA_BATCHING_CHOICES:
             problems.append(f"lora_batching={adapters.lora_batching!r} must be one of {', '.join(LORA_BATCHING_CHOICES)}")
+        if settings.speed.fuse_qkv:  # the fused projection replaces to_q/to_k/to_v, which adapters adapt
+            problems.append("lora_dir with fuse_qkv: an adapter of the query, key or value projection would not apply "
+                            "to the fused one")
         if calls.continuous and adapters.max_loaded_loras < calls.max_images_per_call:
             # every running row's adapter must fit, or a newcomer's would evict one still denoising
             problems.append(f"batching=continuous with lora_dir needs max_loaded_loras >= max_images_per_call "
