@@ -170,6 +170,7 @@ def main() -> int:
     log(f"{len(names) + len(newcomers)} adapters written; one slot {sizes['slot_bytes'] / 2**20:.0f} MiB")
 
     args.set.setdefault("quantization", "")  # bf16 unless --set says otherwise
+    args.set.setdefault("fuse_qkv", "false")  # (refused with lora_dir: an adapter of to_q would miss the fused layer)
     bench = SimpleNamespace(speed=args.speed, device=args.device, compile_mode="", step_cache="", set=args.set, warm_up=True,
                             batch_sizes=[1, 2, c], concurrency=[c], max_batch=c, poll_interval_ms=100)
     speed = speed_parameters(args.arch, bench)  # the family's compiled knobs, warmed at batch 1, 2 and c
