@@ -13,9 +13,10 @@ slot holds rank 64 whatever an adapter's rank) and are compiled as the family sh
 - ``single`` (mixed model): every request the same adapter;
 - ``mixed`` (mixed model): adapters uniformly over the 8 (request i: adapter i mod 8);
 - ``grouped`` (grouped model): the same traffic as ``mixed``;
-- ``new under load`` (mixed model): the ``mixed`` traffic with every ``--new-every``-th request naming
-  an adapter never used before (read from disk in the background, installed, one evicted): the
-  others' latency against ``mixed``'s, and the newcomers' own.
+- ``new under load`` (mixed model): the last request of every ``--concurrency`` names an adapter never
+  used before, the others 7 of the 8 (so a batch names 8 adapters, as ``mixed``'s do, and the bank
+  of 8 holds them: the newcomer is read on the reader thread, installed, and evicts the one adapter
+  the batch does not use): the others' latency against ``mixed``'s, and the newcomers' own.
 
 Per phase: images/s, latency p50/p99/max, the batches Triton formed and the denoiser calls run
 (``diffusion_pipeline_calls``), the adapter events, compilations while serving (must stay 0), peak
@@ -59,7 +60,7 @@ def write_adapters(arch: str, folder: Path, rank: int, names: list[str]) -> dict
     import torch
 
     from triton_diffusion.acceleration import denoiser_of
-    from triton_diffusion.lora import LoraBank
+    from triton_diffusion.lora import LoraBank, read_adapter
 
     family, architecture = families.architecture(arch)
     with torch.device("meta"):  # shapes only: nothing of the model is allocated here
@@ -68,10 +69,15 @@ def write_adapters(arch: str, folder: Path, rank: int, names: list[str]) -> dict
     for index, name in enumerate(names):
         path = random_adapter(pipe, folder / name, seed=index, rank=rank, layers=COMMON, scale=0.01, dtype=torch.bfloat16)
         sizes[name] = sum(f.stat().st_size for f in path.iterdir())
+    denoiser = denoiser_of(pipe)
+    reads = []  # what a server's reader thread spends on one (this host's CPU; the model's shapes only)
+    for _ in range(3):
+        started = time.perf_counter()
+        read_adapter(pipe, denoiser, names[0], str(folder / names[0]), MAX_RANK)
+        reads.append(time.perf_counter() - started)
     with torch.device("meta"):  # (the bank wraps the layers: after the adapters read their names)
-        denoiser = denoiser_of(pipe).to(getattr(torch, architecture.dtype))
-        slot_bytes = LoraBank(denoiser, ADAPTERS, MAX_RANK, compiled=True).bytes_per_slot()
-    return {"slot_bytes": slot_bytes, "file_bytes": statistics.median(sizes.values())}
+        slot_bytes = LoraBank(denoiser.to(getattr(torch, architecture.dtype)), ADAPTERS, MAX_RANK, compiled=True).bytes_per_slot()
+    return {"slot_bytes": slot_bytes, "file_bytes": statistics.median(sizes.values()), "read_s": statistics.median(reads)}
 
 
 def phase(client, server, name: str, concurrency: int, adapters: list, prompts, offset: int) -> dict:
@@ -126,8 +132,9 @@ def table(result: dict) -> str:
                       f"{new['others']['max']:.2f} s (mixed: {phases['mixed']['latency']['p50']:.2f} / "
                       f"{phases['mixed']['latency']['max']:.2f} s); the newcomers' p50 {new['newcomers']['p50']:.2f} s; "
                       f"one denoising step at the largest batch formed: {result['step_s']:.3f} s."]
+    read = f", read in {result['read_s']:.2f} s on the host's CPU" if "read_s" in result else ""
     lines += ["", f"One adapter slot: {result['slot_bytes'] / 2**20:.0f} MiB of device memory (every linear layer of the "
-                  f"denoiser at rank {MAX_RANK}); an adapter file (rank {result['rank']}): {result['file_bytes'] / 2**20:.0f} MiB. "
+                  f"denoiser at rank {MAX_RANK}); an adapter file (rank {result['rank']}): {result['file_bytes'] / 2**20:.0f} MiB{read}. "
                   f"Compilations while serving: {result['compilations_while_serving']}."]
     return "\n".join(lines) + "\n"
 
@@ -150,11 +157,11 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=32, help="requests per phase")
-    parser.add_argument("--new-every", type=int, default=8, help="new under load: every N-th request a new adapter")
     parser.add_argument("--speed", choices=("eager", "compiled"), default="compiled")
     parser.add_argument("--delay-us", type=int, default=100_000, help="dynamic batching's max queue delay")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config.pbtxt parameters")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
+    parser.add_argument("--phases", default="none,single,mixed,grouped,new", help="which phases (new: new under load)")
     parser.add_argument("--docs", action="store_true")
     parser.add_argument("--check-docs", action="store_true")
     args = parser.parse_args()
@@ -165,7 +172,7 @@ def main() -> int:
     prompts = vbench_prompts()
     workdir = Path(tempfile.mkdtemp(prefix="lora_bench_"))
     names = [f"r{args.rank}-{i}" for i in range(ADAPTERS)]
-    newcomers = [f"new-{i}" for i in range(args.requests // args.new_every)]
+    newcomers = [f"new-{i}" for i in range(-(-args.requests // c))]
     sizes = write_adapters(args.arch, workdir / "loras", args.rank, names + newcomers)
     log(f"{len(names) + len(newcomers)} adapters written; one slot {sizes['slot_bytes'] / 2**20:.0f} MiB")
 
@@ -178,20 +185,23 @@ def main() -> int:
                   **speed, "lora_dir": str(workdir / "loras"), "max_loaded_loras": str(ADAPTERS),
                   "max_lora_rank": str(MAX_RANK)}
     batching = f"preferred_batch_size: [ {c} ] max_queue_delay_microseconds: {args.delay_us}"
-    models = {mode: model_config.variant(f"lora_{mode}", {**parameters, "lora_batching": mode}, batching, max_batch_size=c,
-                                         base=model_config.BASE_MODEL) for mode in ("mixed", "grouped")}
-    started = time.perf_counter()
-    server = serve([(config, model_config.BASE_MODEL) for config in models.values()], workdir, ready_timeout=1500)
-    ready_s = time.perf_counter() - started
     mixed_traffic = [names[i % ADAPTERS] for i in range(args.requests)]
     plan = {
         "none": ("mixed", [None] * args.requests),
         "single": ("mixed", [names[0]] * args.requests),
         "mixed": ("mixed", mixed_traffic),
         "grouped": ("grouped", mixed_traffic),
-        "new under load": ("mixed", [newcomers[i // args.new_every] if i % args.new_every == args.new_every - 1 else name
-                                     for i, name in enumerate(mixed_traffic)]),
+        "new under load": ("mixed", [newcomers[i // c] if i % c == c - 1 else names[i % (ADAPTERS - 1)]
+                                     for i in range(args.requests)]),
     }
+    wanted = args.phases.split(",")
+    plan = {label: phase_plan for label, phase_plan in plan.items() if label.split()[0] in wanted}
+    models = {mode: model_config.variant(f"lora_{mode}", {**parameters, "lora_batching": mode}, batching, max_batch_size=c,
+                                         base=model_config.BASE_MODEL)
+              for mode in ("mixed", "grouped") if any(phase_plan[0] == mode for phase_plan in plan.values())}
+    started = time.perf_counter()
+    server = serve([(config, model_config.BASE_MODEL) for config in models.values()], workdir, ready_timeout=1500)
+    ready_s = time.perf_counter() - started
     phases = {}
     try:
         clients = {mode: DiffusionClient(f"grpc://{server.grpc_url}", f"lora_{mode}", timeout_s=1800) for mode in models}

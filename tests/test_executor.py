@@ -119,16 +119,16 @@ def test_each_request_is_answered_once_as_soon_as_its_rows_are_done():
     assert answered == [1, 0, 2, 3] and isinstance(outcomes[2], Images) and len(outcomes[2].images) == 2
 
 
-def test_rows_that_are_not_ready_run_after_the_others():
-    """A row whose adapter is still being read (``ready`` false) goes to a call after the ready rows'
-    calls, so that none of them waits for the read."""
+def test_a_call_holding_a_row_that_is_not_ready_runs_after_the_others_without_splitting_it():
+    """A row whose adapter is still being read (``ready`` false): its call (with its batch-mates: not
+    split off, which would cost a call) runs after the execution's other calls."""
     import dataclasses
 
     pipeline = FakePipeline()
     run = Executor(pipeline, CallBudget(16, 10**9), lambda exc: False, ready=lambda item: item.lora != "new")
     reading = ParsedRequest((dataclasses.replace(request("b").items[0], lora="new"),))
     outcomes = run.run([request("a"), reading, request("c", "d"), request("e", steps=5)], never(4))
-    assert pipeline.calls == [["a", "c", "d"], ["e"], ["b"]]
+    assert pipeline.calls == [["e"], ["a", "b", "c", "d"]]
     assert all(isinstance(outcome, Images) for outcome in outcomes)
 
 

@@ -134,6 +134,13 @@ def test_adapters_that_cannot_be_served_are_refused_naming_why(adapters, tmp_pat
                    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4),
                    **weights}, str(tmp_path / "pytorch_lora_weights.safetensors"))
         source = str(tmp_path)
+    if problem == "nan":  # (read; its weights are checked on the device, as the bank installs them)
+        bank = LoraBank(denoiser, max_loaded=2, max_rank=8)
+        with pytest.raises(AdapterError, match=message):
+            bank.install(read_adapter(pipe, denoiser, "bad", source, max_rank=8))
+        # its slot was cleared before anything could use it
+        assert not bank.loaded and all(float(layer.up.abs().max()) == float(layer.down.abs().max()) == 0 for layer in bank._layers())
+        return
     with pytest.raises(AdapterError, match=message):
         read_adapter(pipe, denoiser, "bad", source, max_rank=4 if problem == "rank" else 8)
     # nothing of it reached the model
@@ -266,6 +273,38 @@ def test_an_adapter_removed_after_its_request_was_admitted_refuses_that_request_
     outcomes = run.run([ParsedRequest((item,)) for item in requests], [lambda: False] * 2)
     assert outcomes[0] == Rejected("no adapter named 'x' in lora_dir (looked for x/ and x.safetensors)")
     assert isinstance(outcomes[1], Images) and loaded.adapters.failures == 1
+    alone = loaded.run(requests[1].params, [requests[1]])[0]
+    assert np.abs(outcomes[1].images[0].astype(int) - alone.astype(int)).max() <= 1
+
+
+def test_an_adapter_with_non_finite_weights_refuses_its_request_alone_and_never_serves(adapters, tmp_path):
+    """An adapter whose file holds a NaN reads (finiteness is checked on the device, as it is installed):
+    its call refuses its request alone (INVALID_ARG naming the layer), counted as a failure; the
+    batch-mate with a good adapter runs and equals itself alone; the bad adapter holds no slot."""
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from triton_diffusion.batching import CallBudget
+    from triton_diffusion.core import Images, Rejected
+    from triton_diffusion.executor import Executor
+    from triton_diffusion.requests import ParsedRequest
+
+    shutil.copytree(adapters["x"], tmp_path / "x")
+    weights = load_file(f"{adapters['y']}/pytorch_lora_weights.safetensors")
+    weights[next(key for key in weights if key.endswith("lora_B.weight"))][0, 0] = float("inf")
+    save_file(weights, str(tmp_path / "broken.safetensors"))
+    loaded = PipelineRunner.load(ModelSettings.build(pretrained_model="random:flux-dev-tiny", **CPU, lora_dir=str(tmp_path),
+                                                     max_lora_rank=8))
+    requests = items_with([(0, ("broken", 1.0)), (1, ("x", 1.0))])
+    assert all(loaded.unsupported(item) is None for item in requests)
+    outcomes = Executor(loaded.run, CallBudget(4, 10**9), lambda exc: False).run(
+        [ParsedRequest((item,)) for item in requests], [lambda: False] * 2)
+    assert isinstance(outcomes[0], Rejected) and "adapter 'broken'" in outcomes[0].message
+    assert "holds NaN or infinite weights" in outcomes[0].message
+    assert isinstance(outcomes[1], Images) and loaded.adapters.failures == 1
+    assert list(loaded.adapters.bank.loaded) == ["x"]
     alone = loaded.run(requests[1].params, [requests[1]])[0]
     assert np.abs(outcomes[1].images[0].astype(int) - alone.astype(int)).max() <= 1
 

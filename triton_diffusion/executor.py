@@ -103,7 +103,7 @@ class Executor:
         self.on_step = on_step
         self.on_plan = on_plan
         self.poll_interval_s = poll_interval_s
-        self.ready = ready  # False: the row waits for something (its adapter being read): its calls run last
+        self.ready = ready  # False: the row waits for something (its adapter being read): its call runs last
 
     def run(self, parsed: Sequence[ParseResult], is_cancelled: Sequence[Callable[[], bool]],
             on_outcome: Callable[[int, Outcome], None] = _no_op) -> list[Outcome]:
@@ -116,10 +116,12 @@ class Executor:
             if isinstance(result, ParsedRequest)
             for row, item in enumerate(result.items)
         ]
-        # Rows whose adapter is still being read run after the others, so that nobody else waits for it.
+        # Calls holding a row whose adapter is still being read run after the others (the read goes on
+        # meanwhile). Such rows are not split off their batch-mates: a call of their own would cost
+        # everyone queued behind this execution a whole call, waiting for the read costs them at most
+        # the read.
         waiting = {ref for _, ref in rows if not self.ready(parsed[ref[0]].items[ref[1]])}
-        chunks = (plan_batches([row for row in rows if row[1] not in waiting], self.budget)
-                  + plan_batches([row for row in rows if row[1] in waiting], self.budget))
+        chunks = sorted(plan_batches(rows, self.budget), key=lambda chunk: any(ref in waiting for ref in chunk.rows))
         self.on_plan(chunks)
         results: dict[RowRef, object] = {}
         outcomes: dict[int, Outcome] = {}

@@ -108,8 +108,6 @@ def read_adapter(pipe, denoiser, name: str, source, max_rank: int) -> Adapter:
         if down.shape[1] != base.in_features or up.shape[0] != base.out_features or up.shape[1] != down.shape[0]:
             raise AdapterError(f"adapter {name!r}: {module_name} is {base.in_features} -> {base.out_features}, the "
                                f"adapter's A is {list(down.shape)} and B {list(up.shape)}")
-        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-            raise AdapterError(f"adapter {name!r}: {module_name} holds NaN or infinite weights")
         rank = max(rank, down.shape[0])
         layers[module_name] = (down, up * module.scaling[name])
     if not layers:
@@ -203,6 +201,8 @@ class LoraBank:
     def install(self, adapter: Adapter, keep: Sequence[str] = ()) -> int:
         """Put ``adapter`` in a slot (evicting the least recently used, never one named in ``keep``, where
         the bank is full); its slot."""
+        import torch
+
         if adapter.name in self.loaded:
             self.remove(adapter.name)
         if len(self.loaded) >= self.max_loaded:
@@ -212,11 +212,20 @@ class LoraBank:
             self.remove(evictable[0])
             self.evictions += 1
         slot = min(set(range(1, self.slots)) - set(self.loaded.values()))
+        layers = {module_name: self._wrapped(module_name) for module_name in adapter.layers}
         for module_name, (down, up) in adapter.layers.items():
-            layer = self._wrapped(module_name)
             rank = down.shape[0]
-            layer.down[slot, :rank] = down.to(layer.down)
-            layer.up[slot, :, :rank] = up.to(layer.up)
+            layers[module_name].down[slot, :rank] = down.to(layers[module_name].down)
+            layers[module_name].up[slot, :, :rank] = up.to(layers[module_name].up)
+        # Finite weights, checked here on the device (one synchronisation) rather than on the reader's CPU,
+        # where it took a third of a read; a slot that fails is cleared before anything uses it.
+        finite = [torch.isfinite(layer.down[slot]).all() & torch.isfinite(layer.up[slot]).all() for layer in layers.values()]
+        if not bool(torch.stack(finite).all()):
+            bad = next(module_name for module_name, ok in zip(layers, finite) if not ok)
+            for layer in layers.values():
+                layer.down[slot].zero_()
+                layer.up[slot].zero_()
+            raise AdapterError(f"adapter {adapter.name!r}: {bad} holds NaN or infinite weights")
         self.loaded[adapter.name] = slot
         return slot
 
@@ -413,8 +422,16 @@ class AdapterLibrary:
         if reasons:
             self._remember(adapters)
             raise AdaptersUnavailable(reasons)
-        slots = {name: self.bank.install(adapters[name], keep=names) if name in adapters else self.bank.slot(name)
-                 for name in names}
+        slots = {}
+        for name in names:
+            try:
+                slots[name] = self.bank.install(adapters[name], keep=names) if name in adapters else self.bank.slot(name)
+            except AdapterError as exc:  # (non-finite weights: found on the device)
+                with self._lock:
+                    self.failures += 1
+                reasons[name] = str(exc)
+        if reasons:
+            raise AdaptersUnavailable(reasons)
         self.bank.use([(slots[item.lora], item.lora_scale) if item.lora else (0, 0.0) for item in items])
 
     def done(self) -> None:
