@@ -199,32 +199,38 @@ def main() -> int:
     models = {mode: model_config.variant(f"lora_{mode}", {**parameters, "lora_batching": mode}, batching, max_batch_size=c,
                                          base=model_config.BASE_MODEL)
               for mode in ("mixed", "grouped") if any(phase_plan[0] == mode for phase_plan in plan.values())}
-    started = time.perf_counter()
-    server = serve([(config, model_config.BASE_MODEL) for config in models.values()], workdir, ready_timeout=1500)
-    ready_s = time.perf_counter() - started
-    phases = {}
-    try:
-        clients = {mode: DiffusionClient(f"grpc://{server.grpc_url}", f"lora_{mode}", timeout_s=1800) for mode in models}
-        for mode, client in clients.items():  # one unmeasured round each: every adapter read and in the bank
-            phase(client, server, f"lora_{mode}", c, mixed_traffic[:max(c, ADAPTERS)], prompts, offset=900_000)
-        for offset, (label, (mode, adapters)) in enumerate(plan.items()):
-            result = phase(clients[mode], server, f"lora_{mode}", c, adapters, prompts, offset=10_000 * (offset + 1))
-            result["model"] = f"lora_{mode}"
-            result["latency"] = latency(result["latencies"])
-            if label == "new under load":
-                fresh = [a in newcomers for a in adapters]
-                result["others"] = latency([t for t, new in zip(result["latencies"], fresh) if not new])
-                result["newcomers"] = latency([t for t, new in zip(result["latencies"], fresh) if new])
-            phases[label] = result
-            log(f"{label}: {result['images_per_s']:.3f} img/s, p50 {result['latency'].get('p50', 0):.2f} s, batches "
-                f"{result['histogram']}, calls {result['pipeline_calls']:.0f}, events {result['adapter_events']}, "
-                f"failures {len(result['failures'])}")
-        compilations = sum(harness.metric(server, "diffusion_compilations_while_serving_total", f"lora_{mode}") for mode in models)
-        warmup = {mode: harness.metric(server, "diffusion_warmup_seconds", f"lora_{mode}") for mode in models}
-        for client in clients.values():
+    # One model served at a time (a second FLUX.1-dev with its bank does not fit an 80 GB card beside the
+    # first), each measured alone on the card.
+    phases, ready_s, warmup, compilations = {}, {}, {}, 0
+    for mode, config in models.items():
+        started = time.perf_counter()
+        server = serve([(config, model_config.BASE_MODEL)], workdir, ready_timeout=1500)
+        ready_s[mode] = time.perf_counter() - started
+        name = f"lora_{mode}"
+        try:
+            client = DiffusionClient(f"grpc://{server.grpc_url}", name, timeout_s=1800)
+            # one unmeasured round: every adapter read and in the bank
+            phase(client, server, name, c, mixed_traffic[:max(c, ADAPTERS)], prompts, offset=900_000)
+            for offset, (label, (_, adapters)) in enumerate(plan.items()):
+                if plan[label][0] != mode:
+                    continue
+                result = phase(client, server, name, c, adapters, prompts, offset=10_000 * (offset + 1))
+                result["model"] = name
+                result["latency"] = latency(result["latencies"])
+                if label == "new under load":
+                    fresh = [a in newcomers for a in adapters]
+                    result["others"] = latency([t for t, new in zip(result["latencies"], fresh) if not new])
+                    result["newcomers"] = latency([t for t, new in zip(result["latencies"], fresh) if new])
+                phases[label] = result
+                log(f"{label}: {result['images_per_s']:.3f} img/s, p50 {result['latency'].get('p50', 0):.2f} s, batches "
+                    f"{result['histogram']}, calls {result['pipeline_calls']:.0f}, events {result['adapter_events']}, "
+                    f"failures {len(result['failures'])}")
+            compilations += harness.metric(server, "diffusion_compilations_while_serving_total", name)
+            warmup[mode] = harness.metric(server, "diffusion_warmup_seconds", name)
             client.close()
-    finally:
-        server.stop()
+        finally:
+            server.stop()
+    phases = {label: phases[label] for label in plan if label in phases}  # (the plan's order)
     largest = max(int(b) for b in phases["mixed"]["histogram"])
     result = {"arch": args.arch, "size": args.size, "steps": args.steps, "rank": args.rank, "concurrency": c,
               "requests": args.requests, "speed": args.speed, "parameters": parameters, "ready_s": ready_s, "warmup_s": warmup,

@@ -147,6 +147,48 @@ def test_adapters_that_cannot_be_served_are_refused_naming_why(adapters, tmp_pat
     assert not any(isinstance(module, layer_class()) for module in denoiser.modules())
 
 
+@pytest.mark.parametrize("variant", ["metadata", "mixed ranks", "rslora and patterns", "network alphas"])
+def test_each_layers_scaling_is_the_one_peft_gives_it(variant):
+    """The scalings ``read_adapter`` works out (without building peft's layers) equal those peft's
+    own layers get from diffusers' ``load_lora_adapter`` for the same state dict: with metadata, with
+    ranks that differ per layer and no metadata, with rsLoRA and rank/alpha patterns, with network alphas."""
+    from peft.tuners.lora import LoraLayer
+
+    from triton_diffusion import families
+    from triton_diffusion.lora import _peft_scalings
+
+    with torch.device("meta"):
+        pipe = families.architecture("flux-dev-tiny")[1].build()
+    denoiser = denoiser_of(pipe)
+    targets = [name for name, module in denoiser.named_modules()
+               if isinstance(module, torch.nn.Linear) and name.endswith(("to_q", "to_k", "proj_out")) and "blocks" in name]
+    ranks = {name: 4 if (index % 2 if variant in ("mixed ranks", "network alphas") else variant != "metadata" and index == 1) else 8
+             for index, name in enumerate(targets)}
+    state = {}
+    for name in targets:
+        module = denoiser.get_submodule(name)
+        state[f"transformer.{name}.lora_A.weight"] = torch.zeros(ranks[name], module.in_features, device="meta")
+        state[f"transformer.{name}.lora_B.weight"] = torch.zeros(module.out_features, ranks[name], device="meta")
+    metadata = alphas = None
+    if variant == "metadata":
+        metadata = {"transformer.r": 8, "transformer.lora_alpha": 16, "transformer.target_modules": targets}
+    elif variant == "rslora and patterns":
+        metadata = {"transformer.r": 8, "transformer.lora_alpha": 8, "transformer.use_rslora": True,
+                    "transformer.target_modules": targets, "transformer.rank_pattern": {targets[1]: 4},
+                    "transformer.alpha_pattern": {targets[2]: 32, "to_k": 3}}
+    elif variant == "network alphas":
+        alphas = {f"transformer.{name}.alpha": (2.0 if index % 3 else 6.0) for index, name in enumerate(targets)}
+    fast = _peft_scalings({key.removeprefix("transformer."): value for key, value in state.items()}, alphas, metadata,
+                          "transformer.", "a")
+    with torch.device("meta"):
+        skeleton = type(denoiser).from_config(denoiser.config)
+        skeleton.load_lora_adapter(state, network_alphas=alphas, adapter_name="a", metadata=metadata, prefix="transformer")
+    reference = {name: module.scaling["a"] for name, module in skeleton.named_modules() if isinstance(module, LoraLayer)}
+    assert fast == pytest.approx(reference)
+    if variant in ("rslora and patterns", "network alphas"):
+        assert len(set(reference.values())) > 1  # (the patterns do give layers different scalings)
+
+
 # -- through the runner (what the served model runs) --------------------------------------------------
 
 def items_with(rows):
