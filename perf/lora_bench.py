@@ -51,7 +51,8 @@ ADAPTERS = 8
 MAX_RANK = 64
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
-RESULTS: tuple[str, ...] = ()  # the docs' tables (perf/results), in order
+RESULTS = ("lora_bench_NVIDIA_H100_80GB_HBM3_2026-12-07_flux-dev_512_r64",  # the docs' tables (perf/results), in order
+           "lora_bench_NVIDIA_H100_80GB_HBM3_2026-12-07_sd15_512_r64")
 
 
 def write_adapters(arch: str, folder: Path, rank: int, names: list[str]) -> dict:
@@ -148,7 +149,7 @@ def write_docs(check: bool) -> int:
     return write_tables(DOCS, {"lora_bench": "\n".join(tables)}, check, "python -m perf.lora_bench --docs")
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="flux-dev")
     parser.add_argument("--device", default="cuda")
@@ -164,7 +165,7 @@ def main() -> int:
     parser.add_argument("--phases", default="none,single,mixed,grouped,new", help="which phases (new: new under load)")
     parser.add_argument("--docs", action="store_true")
     parser.add_argument("--check-docs", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.docs or args.check_docs:
         return write_docs(args.check_docs)
     args.set = dict(item.split("=", 1) for item in args.set)

@@ -144,3 +144,9 @@ def test_the_headline_tables_are_generated_from_the_results_and_show_the_shipped
         measured = json.loads((headline.RESULTS / f"{stem}.json").read_text())["results"][0]["speed_parameters"]
         knobs = set(headline._KNOBS)
         assert ({k: v for k, v in measured.items() if k in knobs} == {k: v for k, v in shipped.items() if k in knobs}), model
+
+
+def test_the_lora_tables_are_generated_from_the_results():
+    from perf import lora_bench
+
+    assert lora_bench.main(["--check-docs"]) == 0, "stale LoRA tables: python -m perf.lora_bench --docs"
