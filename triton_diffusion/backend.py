@@ -109,6 +109,8 @@ class ServedModel:
         raise NotImplementedError
 
     def finalize(self) -> None:
+        if getattr(self.runner, "group", None) is not None:  # parallel workers end with their instance
+            self.runner.group.stop()
         self.runner = None
         # The custom metrics are left to the stub's exit, where Triton 2.51's stub segfaults on them
         # (Metric::SaveToSharedMemory on a freed pool: harmless, the process is leaving). Released

@@ -268,8 +268,11 @@ class PipelineRunner:
         self.pipelines = {TEXT_TO_IMAGE: text_to_image, IMAGE_TO_IMAGE: image_to_image}
         self.arguments = {task: call_arguments(pipe, task) for task, pipe in self.pipelines.items() if pipe is not None}
         # A static batch size (buckets, or graphs compiled with dynamic=False) must not shrink mid-call.
+        # So must one that runs on several ranks (parallel.py: they all run the same rows).
         self.can_shrink = not self.settings.calls.batch_buckets and not (
-            self.settings.speed.compiles and self.settings.speed.compile_dynamic == "false")
+            self.settings.speed.compiles and self.settings.speed.compile_dynamic == "false") and (
+            self.settings.calls.parallel_plan.world == 1)
+        self.group = None  # parallel.Group: rank 0 of an instance on several devices (parallel.py)
         self.padded_rows = 0  # filler rows run so far to reach a bucket
         self.pairing = pairing  # batched guidance passes (paired_cfg.py), where installed
         self.adapters: Optional[AdapterLibrary] = None  # LoRA adapters per request (lora_dir), where configured
@@ -280,9 +283,11 @@ class PipelineRunner:
                                            compiled=self.settings.speed.compiles)
 
     @classmethod
-    def load(cls, settings: ModelSettings, device: Optional[str] = None, output: Optional[str] = None) -> "PipelineRunner":
+    def load(cls, settings: ModelSettings, device: Optional[str] = None, output: Optional[str] = None,
+             worker: bool = False) -> "PipelineRunner":
         """``device``: where Triton placed the instance (None: ``settings.load.device`` resolved here);
-        ``output``: what the model's config declares (IMAGE or VIDEO; None outside a server)."""
+        ``output``: what the model's config declares (IMAGE or VIDEO; None outside a server);
+        ``worker``: a parallel worker's load (``parallel.py``: rank 0 starts the group, not a worker)."""
         import diffusers
         import torch
 
@@ -327,7 +332,7 @@ class PipelineRunner:
             del pipe, probe
             _free_memory()
             unquantized = dataclasses.replace(settings, speed=dataclasses.replace(settings.speed, quantization=""))
-            runner = cls.load(unquantized, device, output)
+            runner = cls.load(unquantized, device, output, worker)
             runner.warnings = (f"WARNING: {failed_guard}; fp8_fallback is set, so the model serves unquantized",
                                *runner.warnings)
             return runner
@@ -345,7 +350,18 @@ class PipelineRunner:
                 image_to_image.set_progress_bar_config(disable=True)
             except (ValueError, KeyError) as exc:
                 log.warning("%s has no image-to-image variant (%s); serving text-to-image only", type(pipe).__name__, exc)
-        return cls(pipe, image_to_image, device, effective, speed, pairing=pairing)
+        runner = cls(pipe, image_to_image, device, effective, speed, pairing=pairing)
+        world = settings.calls.parallel_plan.world
+        if world > 1 and not worker:  # rank 0: the workers load the same model, then every call runs on all
+            from . import parallel
+
+            try:
+                runner.group = parallel.Group(settings, device).start()
+            except parallel.ParallelError as exc:
+                raise ModelLoadError(f"config.pbtxt parameter parallel={settings.calls.parallel!r}: {exc}") from None
+            runner.row_split = parallel.install_on(runner, 0, world)
+            runner.speed += (f"parallel: {world} ranks on {', '.join(runner.group.devices)}, each denoising part of every call's rows",)
+        return runner
 
     def warm_up(self) -> WarmupReport:
         """Run every (clip length,) batch size, size and guidance of ``settings.warmup_plan()`` once, two steps each,
@@ -413,7 +429,30 @@ class PipelineRunner:
         Scalars come from ``params`` alone (never from a row), so rows that differ in one cannot
         share a call. ``cancelled_rows`` is asked once per denoising step which rows' requests were
         cancelled; those rows leave the call where the pipeline allows it, and their output is None.
+        On several ranks (``parallel``) the call goes to every worker first and runs everywhere.
         """
+        if self.group is None:
+            return self.run_here(params, items, cancelled_rows)
+        self.group.announce((params, list(items)))
+        try:
+            return self.run_here(params, items, cancelled_rows)
+        except BaseException as exc:
+            dead = self.group.dead()
+            self.group.failed()  # (a worker may wait in this call's collectives: the next call starts new ones)
+            if dead and isinstance(exc, Exception):
+                from .parallel import ParallelError
+
+                raise ParallelError(f"a parallel worker died during the call ({dead}; the next call starts it "
+                                    f"again): {type(exc).__name__}: {exc}") from None
+            raise
+
+    def run_here(
+        self,
+        params: CallParams,
+        items: Sequence[GenerationItem],
+        cancelled_rows: Callable[[Sequence[int]], set] = never_cancelled,
+    ) -> list[Optional[np.ndarray]]:
+        """``run`` on this rank alone."""
         import torch
 
         parts = self._adapter_parts(items)

@@ -154,10 +154,18 @@ class CallSettings:
     # run them as one call of twice the rows (paired_cfg.py); off by default: compiled Qwen-Image
     # measured slower paired (docs/benchmarks.md)
     batched_cfg: bool = False
+    # "cfg=N": the instance spans N devices, each denoising part of every call's rows (parallel.py)
+    parallel: str = ""
 
     @property
     def continuous(self) -> bool:
         return self.batching == "continuous"
+
+    @property
+    def parallel_plan(self):
+        from .parallel import ParallelPlan
+
+        return ParallelPlan.parse(self.parallel)
 
 
 @dataclass(frozen=True)
@@ -370,6 +378,16 @@ def _problems(settings: ModelSettings) -> list[str]:
         problems.append("max_images_per_call and max_pixels_per_call must be positive")
     if calls.batching not in BATCHING_CHOICES:
         problems.append(f"batching={calls.batching!r} must be one of {', '.join(BATCHING_CHOICES)}")
+    try:
+        parallel = calls.parallel_plan.world > 1
+    except ValueError as exc:
+        problems.append(str(exc))
+        parallel = False
+    together = [name for name, on in (("batching=continuous", calls.continuous), ("lora_dir", settings.adapters.enabled),
+                                      ("step_cache", bool(settings.speed.step_cache)), ("batched_cfg", calls.batched_cfg)) if on]
+    if parallel and together:
+        problems.append(f"parallel={calls.parallel!r} is not served with {', '.join(together)} yet (every rank must run "
+                        "the same rows and make the same decisions)")
     elif calls.continuous and (calls.batch_buckets or (speed.step_cache and not decides_per_row(speed.step_cache))):
         # a running batch changes size at every admission and mixes steps: neither padding to a
         # bucket nor a step cache that decides for the whole batch applies (the per-row one keeps
@@ -468,6 +486,7 @@ PARAMETER_DOCS = {
     "progress_interval_ms": "Continuous mode: how often a request that asks for progress (request parameter `progress`) "
                             "gets a `PROGRESS` response (steps done, steps in all, per row): a progress bar, and the "
                             "sign of life a client's stall timeout waits for.",
+    "parallel": "`cfg=N`: the instance spans N devices (its own and the N-1 after it; on the CPU, N processes): each runs the whole pipeline and denoises a contiguous part of every denoiser call's rows, so with N=2 one device takes the unconditional half of a guidance call and the other the conditional half. Not with continuous batching, `lora_dir`, `step_cache` or `batched_cfg`; a cancelled row is dropped at the end of its call. Empty: one device.",
     "batching": "`dynamic`: one pipeline call per batch Triton forms. `continuous`: a running batch that requests join at "
                 "the next denoising step (families with a step adapter: FLUX.1, SD3.5, Qwen-Image, Z-Image, SD 1.5/2.x; "
                 "the backend declares the model decoupled).",

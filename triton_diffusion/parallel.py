@@ -1,0 +1,337 @@
+"""One model instance on several devices: classifier-free-guidance (row) parallel denoising.
+
+``parallel: "cfg=N"`` in config.pbtxt makes an instance span N processes, each with the whole
+pipeline on its own device (the instance's device and the N-1 after it; CPU: N processes on the
+CPU). The Triton stub is rank 0; at load it starts N-1 workers (``python -m triton_diffusion.parallel``)
+and joins them in a torch.distributed group (NCCL on GPUs, with NVLink multicast off; gloo on the CPU).
+
+Every call runs on every rank, SPMD: rank 0 sends the call's parameters and rows (a few hundred
+bytes: prompts, seeds, sizes, never tensors) before running it, and each worker runs the same call
+of the same pipeline with the same per-row generators, so text encoding, noise, scheduler steps and
+decoding are the same everywhere without moving a tensor. Only the denoiser is divided: a hook splits
+each denoiser call's rows (the batch dimension of every argument that has it) into N contiguous
+parts, each rank computes its part, and an all-gather puts the rows back together on every rank. A
+guidance call's rows are [unconditional; conditional] (or the reverse), so with N = 2 one device
+denoises the unconditional half and the other the conditional half: CFG parallel. Rows with no
+guidance split the same way, so a batch of requests is divided too.
+
+What this does not do yet: sequence parallelism (diffusers' context parallelism, Ulysses or Ring
+attention), which a single row needs to go faster; rows leaving a running call when their request is
+cancelled (all ranks must run the same rows, so a cancelled row is computed and dropped at the
+end); continuous batching. A worker that dies fails the call it was in (or the next one) with a
+message, and the instance starts its workers again before the call after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional, Sequence
+
+log = logging.getLogger("triton_diffusion")
+
+HOOK_NAME = "triton_diffusion.parallel"
+# NVLink multicast (NVLS, symmetric memory) is off: the lent hosts do not support it (KINDS.md).
+NCCL_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+class ParallelError(RuntimeError):
+    """The instance's group cannot run a call (a worker died or timed out); the message says which."""
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """``parallel: "cfg=N"``: N ranks, each denoising a contiguous part of every denoiser call's rows."""
+
+    cfg: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.cfg
+
+    @classmethod
+    def parse(cls, text: str) -> "ParallelPlan":
+        text = text.strip()
+        if not text:
+            return cls()
+        match = re.fullmatch(r"cfg\s*=\s*(\d+)", text)
+        if not match:
+            raise ValueError(f"parallel={text!r}: the form is \"cfg=N\" (N processes, each denoising part of every "
+                             "call's rows); sequence parallelism (ulysses, ring) is not served yet")
+        degree = int(match.group(1))
+        if not 2 <= degree <= 16:
+            raise ValueError(f"parallel={text!r}: N must be 2 to 16")
+        return cls(cfg=degree)
+
+
+# -- the decisions (pure: tested without processes) ---------------------------------------------------
+
+def row_parts(rows: int, world: int) -> list[tuple[int, int]]:
+    """The contiguous (start, end) of each rank's rows; the first ``rows % world`` ranks take one more.
+    A rank may get none (fewer rows than ranks)."""
+    size, extra = divmod(rows, world)
+    parts, start = [], 0
+    for rank in range(world):
+        end = start + size + (rank < extra)
+        parts.append((start, end))
+        start = end
+    return parts
+
+
+def batch_rows(args: tuple, kwargs: dict) -> Optional[int]:
+    """The row count of a denoiser call: its latents' batch dimension (``hidden_states``, ``sample``,
+    Z-Image's list ``x``, or the first argument); None if there is none."""
+    import torch
+
+    for value in [kwargs.get(name) for name in ("hidden_states", "sample", "x")] + list(args[:1]):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+        if isinstance(value, list) and value:
+            return len(value)
+    return None
+
+
+def take_rows(value: Any, rows: int, start: int, end: int) -> Any:
+    """``value`` with only rows [start, end) where it has a batch dimension of ``rows`` (a tensor whose
+    first dimension is ``rows``, a list of ``rows`` items; dicts, tuples and lists of such inside);
+    anything else (shared tensors such as positions, scalars) as it is."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value[start:end] if value.dim() > 0 and value.shape[0] == rows else value
+    if isinstance(value, list) and len(value) == rows and value and all(isinstance(v, torch.Tensor) for v in value):
+        return value[start:end]
+    if isinstance(value, dict):
+        return {key: take_rows(item, rows, start, end) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        taken = [take_rows(item, rows, start, end) for item in value]
+        return type(value)(taken) if isinstance(value, tuple) else taken
+    return value
+
+
+# -- the hook: each rank denoises its rows, an all-gather joins them ----------------------------------
+
+class RowParallel:
+    """Splits every denoiser call's rows over the group's ranks and gathers the outputs."""
+
+    def __init__(self, rank: int, world: int, group=None):
+        self.rank, self.world, self.group = rank, world, group
+        self.rows_run: list[int] = []  # per denoiser call, the rows this rank computed of it (tests, logs)
+
+    def forward(self, original, args: tuple, kwargs: dict):
+        rows = batch_rows(args, kwargs)
+        if rows is None:
+            return original(*args, **kwargs)
+        parts = row_parts(rows, self.world)
+        start, end = parts[self.rank]
+        own = original(*take_rows(args, rows, start, end), **take_rows(kwargs, rows, start, end)) if end > start else None
+        self.rows_run.append(end - start)
+        return self._gathered(own, parts, args, kwargs, original)
+
+    def _gathered(self, own, parts, args, kwargs, original):
+        import torch
+        import torch.distributed as dist
+
+        if own is None:  # (fewer rows than ranks: compute one row for the shapes, send nothing of it)
+            own = original(*take_rows(args, parts[-1][1], 0, 1), **take_rows(kwargs, parts[-1][1], 0, 1))
+            empty = True
+        else:
+            empty = False
+        sample, rebuild = _sample_of(own)
+        largest = max(end - start for start, end in parts)
+        if empty:
+            sample = sample[:0]
+        padded = torch.zeros((largest, *sample.shape[1:]), dtype=sample.dtype, device=sample.device)
+        padded[:sample.shape[0]] = sample
+        gathered = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(gathered, padded, group=self.group)
+        joined = torch.cat([part[:end - start] for part, (start, end) in zip(gathered, parts)])
+        return rebuild(joined)
+
+
+def _sample_of(output):
+    """(the batch tensor of a denoiser's output, a function that puts a joined tensor back in its place)."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output, lambda joined: joined
+    if isinstance(output, tuple):
+        first = output[0]
+        if isinstance(first, list):  # Z-Image: a list of per-row tensors of one shape
+            return torch.stack(first), lambda joined: (list(joined.unbind(0)), *output[1:])
+        return first, lambda joined: (joined, *output[1:])
+    return output.sample, lambda joined: type(output)(sample=joined)
+
+
+def install(denoiser, rank: int, world: int, group=None) -> RowParallel:
+    """Register the row split on ``denoiser`` as a diffusers hook."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    split = RowParallel(rank, world, group)
+
+    class _Hook(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            return split.forward(self.fn_ref.original_forward, args, kwargs)
+
+    HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(_Hook(), HOOK_NAME)
+    return split
+
+
+# -- the group: rank 0 (the Triton stub) and its workers ----------------------------------------------
+
+def devices_for(device: str, world: int) -> list[str]:
+    """Each rank's device: the instance's device and the ``world - 1`` after it (the CPU: all on it)."""
+    if not device.startswith("cuda"):
+        return [device] * world
+    first = int(device.split(":")[1]) if ":" in device else 0
+    return [f"cuda:{first + rank}" for rank in range(world)]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _python() -> str:
+    """This environment's interpreter (inside Triton's stub ``sys.executable`` is the stub)."""
+    for candidate in (os.path.join(sys.prefix, "bin", "python3"), os.path.join(sys.prefix, "bin", "python"), sys.executable):
+        if candidate and os.path.basename(candidate).startswith("python") and os.access(candidate, os.X_OK):
+            return candidate
+    raise ParallelError(f"no Python interpreter under {sys.prefix} to start the parallel workers with")
+
+
+class Group:
+    """Rank 0's side: starts the workers, sends each call down their stdin (a worker waits for the next
+    call there, with no timeout; a call's collectives time out after ``timeout_s``), and restarts them
+    after a failure."""
+
+    def __init__(self, settings, device: str, timeout_s: float = 1800):
+        self.settings, self.device, self.timeout_s = settings, device, timeout_s
+        self.world = settings.calls.parallel_plan.world
+        self.devices = devices_for(device, self.world)
+        self.workers: list[subprocess.Popen] = []
+        self.restarts = 0
+
+    def start(self) -> "Group":
+        """Start the workers and join them (each loads the model first: this waits for that)."""
+        import torch.distributed as dist
+
+        port = _free_port()
+        environment = {**os.environ, **NCCL_ENVIRONMENT}
+        self.workers = [subprocess.Popen([_python(), "-m", "triton_diffusion.parallel", str(rank), str(self.world), str(port),
+                                          self.devices[rank], str(self.timeout_s)], stdin=subprocess.PIPE, env=environment)
+                        for rank in range(1, self.world)]
+        self._send(self.settings)
+        os.environ.update(NCCL_ENVIRONMENT)
+        try:
+            dist.init_process_group(_backend(self.device), init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                    world_size=self.world, timeout=timedelta(seconds=self.timeout_s))
+            dist.barrier()  # (after each worker loaded the model)
+        except Exception as exc:  # noqa: BLE001 - gloo and NCCL raise many types
+            self.stop()
+            raise ParallelError(f"the parallel workers did not start ({self._dead()}): {type(exc).__name__}: {exc}") from None
+        return self
+
+    def _send(self, message) -> None:
+        line = pickle.dumps(message).hex().encode() + b"\n"
+        for worker in self.workers:
+            worker.stdin.write(line)
+            worker.stdin.flush()
+
+    def dead(self) -> str:
+        """Which workers have exited, and how ("" if none)."""
+        return "; ".join(f"rank {rank} exited with {worker.poll()}" for rank, worker in enumerate(self.workers, 1)
+                         if worker.poll() is not None)
+
+    def _dead(self) -> str:
+        return self.dead() or "every worker is running"
+
+    def announce(self, call: tuple) -> None:
+        """Send a call (picklable, small) to every worker before running it here; first start the
+        workers again if one has exited since the last call."""
+        if any(worker.poll() is not None for worker in self.workers):
+            self.restart(self._dead())
+        try:
+            self._send(call)
+        except OSError:  # (a worker exited just now)
+            self.restart(self._dead())
+            self._send(call)
+
+    def failed(self) -> None:
+        """This rank's call failed: a worker may wait in a collective of it, or be gone; stop them all
+        (the next call starts them again)."""
+        for worker in self.workers:
+            worker.kill()
+            worker.wait()
+
+    def restart(self, why: str) -> None:
+        import torch.distributed as dist
+
+        log.warning("parallel: starting the workers again: %s", why)
+        self.stop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.restarts += 1
+        self.start()
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            try:
+                worker.stdin.close()  # (end of input: the worker exits)
+                worker.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                worker.kill()
+                worker.wait()
+
+
+def _backend(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def worker_main(argv: Sequence[str]) -> int:
+    """A worker: load the model as rank 0 did, then run every call rank 0 sends until its input ends.
+    A call that fails here ends the worker (rank 0's collective then fails, and it starts a new one):
+    carrying on could leave the ranks in different collectives."""
+    import torch
+    import torch.distributed as dist
+
+    from .pipeline import PipelineRunner
+
+    rank, world, port, device, timeout_s = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], float(argv[4])
+    messages = (pickle.loads(bytes.fromhex(line.strip())) for line in sys.stdin if line.strip())
+    settings = next(messages)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    runner = PipelineRunner.load(settings, device, worker=True)
+    install_on(runner, rank, world)
+    dist.barrier()
+    for params, items in messages:
+        try:
+            runner.run_here(params, items)
+        except Exception as exc:  # noqa: BLE001
+            log.error("parallel rank %d: the call failed: %s: %s", rank, type(exc).__name__, exc)
+            return 3
+    dist.destroy_process_group()
+    return 0
+
+
+def install_on(runner, rank: int, world: int) -> RowParallel:
+    """The row split on the runner's denoiser (one module, whichever pipeline calls it)."""
+    from .acceleration import denoiser_of
+
+    return install(denoiser_of(runner.text_to_image), rank, world)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s parallel %(message)s")
+    raise SystemExit(worker_main(sys.argv[1:]))
