@@ -36,7 +36,8 @@ def test_only_arguments_with_the_batch_dimension_are_split():
 
 
 @pytest.mark.parametrize("value, message", [
-    ("ulysses=2", "sequence parallelism"), ("cfg=1", "N must be 2 to 16"), ("cfg=two", "the form is"),
+    ("ring=2", "ring attention"), ("cfg=2,ulysses=2", "the two combined"), ("cfg=1", "N must be 2 to 16"),
+    ("cfg=two", "the form is"),
 ])
 def test_a_parallel_setting_that_cannot_be_served_fails_the_load_naming_it(value, message):
     with pytest.raises(ValueError, match=message):
@@ -47,27 +48,40 @@ def test_a_parallel_setting_that_cannot_be_served_fails_the_load_naming_it(value
         ModelSettings.from_parameters({"pretrained_model": "random:sd15-tiny", "parallel": "cfg=2", "batching": "continuous"})
 
 
+def test_sequence_parallel_is_refused_for_a_family_that_does_not_declare_it():
+    from triton_diffusion.pipeline import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="the stable-diffusion family is not served with sequence parallelism"):
+        PipelineRunner.load(ModelSettings.build(pretrained_model="random:sd15-tiny", parallel="ulysses=2", **CPU))
+
+
 def images(runner, steps: int = 3, guidance: float = 5.0) -> list:
     items = [text_to_image(prompt, seed, steps, guidance, 64, 64) for prompt, seed in PROMPTS]
     return runner.run(items[0].params, items)
 
 
-@pytest.mark.parametrize("arch, guidance", [
-    ("sd15-tiny", 5.0),  # guidance rows [uncond; cond] in one call: each process denoises one half (CFG parallel)
-    ("flux-dev-tiny", 3.5),  # guidance embedded: the requests' rows split 2 + 1
+@pytest.mark.parametrize("arch, guidance, parallel", [
+    ("sd15-tiny", 5.0, "cfg=2"),  # guidance rows [uncond; cond] in one call: each process denoises one half (CFG parallel)
+    ("flux-dev-tiny", 3.5, "cfg=2"),  # guidance embedded: the requests' rows split 2 + 1
+    ("flux-dev-tiny", 3.5, "ulysses=2"),  # each process holds half of every sequence (diffusers' context parallelism)
 ])
-def test_two_processes_give_the_single_process_images_and_a_dead_worker_fails_one_call_then_recovers(arch, guidance):
+def test_two_processes_give_the_single_process_images_and_a_dead_worker_fails_one_call_then_recovers(arch, guidance,
+                                                                                                      parallel):
     alone = PipelineRunner.load(ModelSettings.build(pretrained_model=f"random:{arch}", **CPU))
     expected = images(alone, guidance=guidance)
-    runner = PipelineRunner.load(ModelSettings.build(pretrained_model=f"random:{arch}", parallel="cfg=2", **CPU))
+    runner = PipelineRunner.load(ModelSettings.build(pretrained_model=f"random:{arch}", parallel=parallel, **CPU))
     try:
         assert len(runner.group.workers) == 1
-        runner.row_split.rows_run.clear()
+        split = runner.group.row_split
+        if split is not None:
+            split.rows_run.clear()
         together = images(runner, guidance=guidance)
         for got, want in zip(together, expected):
             assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
-        # this process denoised its part of every call's rows: 3 of [3 uncond; 3 cond], or 2 of 3
-        assert set(runner.row_split.rows_run) == ({3} if arch == "sd15-tiny" else {2})
+        if split is not None:  # this process denoised its part of every call's rows: 3 of [3 uncond; 3 cond], or 2 of 3
+            assert set(split.rows_run) == ({3} if arch == "sd15-tiny" else {2})
+        else:  # the sequences were split by diffusers' hooks
+            assert runner.text_to_image.transformer._parallel_config.context_parallel_config.ulysses_degree == 2
         # one request: the rows cannot split evenly, the images still equal
         one = text_to_image(*PROMPTS[1], 3, guidance, 64, 64)
         assert np.abs(runner.run(one.params, [one])[0].astype(int) - expected[1].astype(int)).max() <= 1

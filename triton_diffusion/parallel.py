@@ -1,25 +1,31 @@
-"""One model instance on several devices: classifier-free-guidance (row) parallel denoising.
+"""One model instance on several devices: classifier-free-guidance (row) parallel or sequence
+parallel denoising.
 
-``parallel: "cfg=N"`` in config.pbtxt makes an instance span N processes, each with the whole
-pipeline on its own device (the instance's device and the N-1 after it; CPU: N processes on the
-CPU). The Triton stub is rank 0; at load it starts N-1 workers (``python -m triton_diffusion.parallel``)
-and joins them in a torch.distributed group (NCCL on GPUs, with NVLink multicast off; gloo on the CPU).
+``parallel: "cfg=N"`` or ``"ulysses=N"`` in config.pbtxt makes an instance span N processes, each
+with the whole pipeline on its own device (the instance's device and the N-1 after it; CPU: N
+processes on the CPU). The Triton stub is rank 0; at load it starts N-1 workers
+(``python -m triton_diffusion.parallel``) and joins them in a torch.distributed group (NCCL on GPUs,
+with NVLink multicast off; gloo on the CPU).
 
-Every call runs on every rank, SPMD: rank 0 sends the call's parameters and rows (a few hundred
-bytes: prompts, seeds, sizes, never tensors) before running it, and each worker runs the same call
+Every call runs on every rank, SPMD: rank 0 sends the call's parameters and rows (prompts, seeds,
+sizes, never tensors) down each worker's stdin before running it, and each worker runs the same call
 of the same pipeline with the same per-row generators, so text encoding, noise, scheduler steps and
-decoding are the same everywhere without moving a tensor. Only the denoiser is divided: a hook splits
-each denoiser call's rows (the batch dimension of every argument that has it) into N contiguous
-parts, each rank computes its part, and an all-gather puts the rows back together on every rank. A
-guidance call's rows are [unconditional; conditional] (or the reverse), so with N = 2 one device
-denoises the unconditional half and the other the conditional half: CFG parallel. Rows with no
-guidance split the same way, so a batch of requests is divided too.
+decoding are the same everywhere without moving a tensor. Only the denoiser is divided:
 
-What this does not do yet: sequence parallelism (diffusers' context parallelism, Ulysses or Ring
-attention), which a single row needs to go faster; rows leaving a running call when their request is
-cancelled (all ranks must run the same rows, so a cancelled row is computed and dropped at the
-end); continuous batching. A worker that dies fails the call it was in (or the next one) with a
-message, and the instance starts its workers again before the call after.
+- ``cfg=N``: a hook splits each denoiser call's rows (the batch dimension of every argument that has
+  it) into N contiguous parts, each rank computes its part, and an all-gather puts the rows back
+  together on every rank. A guidance call's rows are [unconditional; conditional] (or the reverse),
+  so with N = 2 one device denoises the unconditional half and the other the conditional half: CFG
+  parallel. Rows with no guidance split the same way, so a batch of requests is divided too.
+- ``ulysses=N``: diffusers' context parallelism (``enable_parallelism``, Ulysses attention): each
+  rank holds 1/N of every sequence, and attention exchanges heads for sequence by all-to-all. For
+  the families that declare ``sequence_parallel`` (their transformer has a context-parallel plan and
+  the pipeline pads captions to one length); this is what divides a single row.
+
+Not yet: the two combined, ring attention, rows leaving a running call when their request is
+cancelled (all ranks must run the same rows, so a cancelled row is computed and dropped at the end),
+continuous batching, adapters, step caches. A worker that dies fails the call it was in (or the next
+one) with a message naming it, and the instance starts its workers again before the call after.
 """
 
 from __future__ import annotations
@@ -48,27 +54,31 @@ class ParallelError(RuntimeError):
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    """``parallel: "cfg=N"``: N ranks, each denoising a contiguous part of every denoiser call's rows."""
+    """``parallel: "cfg=N"``: N ranks, each denoising a contiguous part of every denoiser call's rows;
+    ``"ulysses=N"``: N ranks, each holding a part of every sequence (diffusers' context parallelism,
+    Ulysses attention: heads exchanged by all-to-all around each attention)."""
 
     cfg: int = 1
+    ulysses: int = 1
 
     @property
     def world(self) -> int:
-        return self.cfg
+        return self.cfg * self.ulysses
 
     @classmethod
     def parse(cls, text: str) -> "ParallelPlan":
         text = text.strip()
         if not text:
             return cls()
-        match = re.fullmatch(r"cfg\s*=\s*(\d+)", text)
+        match = re.fullmatch(r"(cfg|ulysses)\s*=\s*(\d+)", text)
         if not match:
             raise ValueError(f"parallel={text!r}: the form is \"cfg=N\" (N processes, each denoising part of every "
-                             "call's rows); sequence parallelism (ulysses, ring) is not served yet")
-        degree = int(match.group(1))
+                             "call's rows) or \"ulysses=N\" (each holding part of every sequence); ring attention and "
+                             "the two combined are not served yet")
+        degree = int(match.group(2))
         if not 2 <= degree <= 16:
             raise ValueError(f"parallel={text!r}: N must be 2 to 16")
-        return cls(cfg=degree)
+        return cls(**{match.group(1): degree})
 
 
 # -- the decisions (pure: tested without processes) ---------------------------------------------------
@@ -213,9 +223,11 @@ class Group:
     call there, with no timeout; a call's collectives time out after ``timeout_s``), and restarts them
     after a failure."""
 
-    def __init__(self, settings, device: str, timeout_s: float = 1800):
-        self.settings, self.device, self.timeout_s = settings, device, timeout_s
-        self.world = settings.calls.parallel_plan.world
+    def __init__(self, settings, device: str, runner=None, timeout_s: float = 1800):
+        self.settings, self.device, self.runner, self.timeout_s = settings, device, runner, timeout_s
+        self.plan = settings.calls.parallel_plan
+        self.world = self.plan.world
+        self.row_split: Optional[RowParallel] = None  # rank 0's row split (cfg=N)
         self.devices = devices_for(device, self.world)
         self.workers: list[subprocess.Popen] = []
         self.restarts = 0
@@ -234,7 +246,9 @@ class Group:
         try:
             dist.init_process_group(_backend(self.device), init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                     world_size=self.world, timeout=timedelta(seconds=self.timeout_s))
-            dist.barrier()  # (after each worker loaded the model)
+            if self.runner is not None:
+                self.row_split = install_on(self.runner, 0, self.plan, self.row_split)
+            dist.barrier()  # (after each worker loaded the model and installed the plan)
         except Exception as exc:  # noqa: BLE001 - gloo and NCCL raise many types
             self.stop()
             raise ParallelError(f"the parallel workers did not start ({self._dead()}): {type(exc).__name__}: {exc}") from None
@@ -313,8 +327,8 @@ def worker_main(argv: Sequence[str]) -> int:
     dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     runner = PipelineRunner.load(settings, device, worker=True)
-    install_on(runner, rank, world)
-    dist.barrier()
+    install_on(runner, rank, settings.calls.parallel_plan)
+    dist.barrier()  # (rank 0's install is before its barrier too: the mesh is made by all ranks together)
     for params, items in messages:
         try:
             runner.run_here(params, items)
@@ -325,12 +339,36 @@ def worker_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def install_on(runner, rank: int, world: int) -> RowParallel:
-    """The row split on the runner's denoiser (one module, whichever pipeline calls it)."""
+def install_on(runner, rank: int, plan: ParallelPlan, installed: Optional[RowParallel] = None) -> Optional[RowParallel]:
+    """The plan on the runner's denoiser (one module, whichever pipeline calls it): the row split
+    (returned; ``installed``: already there, it reads the current default group at every call), or
+    diffusers' context parallelism (bound to the group: installed again when the group starts anew)."""
     from .acceleration import denoiser_of
 
-    return install(denoiser_of(runner.text_to_image), rank, world)
+    denoiser = denoiser_of(runner.text_to_image)
+    if plan.cfg > 1:
+        return installed or install(denoiser, rank, plan.cfg)
+    sequence_parallel(denoiser, plan.ulysses, runner.device)
+    return None
 
+
+def sequence_parallel(denoiser, degree: int, device: str) -> None:
+    """diffusers' context parallelism (Ulysses) on ``denoiser``, over the default process group."""
+    import contextlib
+    from unittest import mock
+
+    import torch
+    from diffusers import ContextParallelConfig
+    from diffusers.hooks.context_parallel import remove_context_parallel
+
+    if getattr(denoiser, "_parallel_config", None) is not None:  # (the group was started anew: bind the new one)
+        remove_context_parallel(denoiser, denoiser._cp_plan)
+        denoiser._parallel_config = None
+    # diffusers places a rank on ``rank % torch.accelerator.device_count()``, which is 0 on the CPU: there,
+    # every rank's device is the CPU.
+    cpu = mock.patch.object(torch.accelerator, "device_count", lambda: 1) if not device.startswith("cuda") else contextlib.nullcontext()
+    with cpu:
+        denoiser.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s parallel %(message)s")

@@ -351,16 +351,18 @@ class PipelineRunner:
             except (ValueError, KeyError) as exc:
                 log.warning("%s has no image-to-image variant (%s); serving text-to-image only", type(pipe).__name__, exc)
         runner = cls(pipe, image_to_image, device, effective, speed, pairing=pairing)
-        world = settings.calls.parallel_plan.world
-        if world > 1 and not worker:  # rank 0: the workers load the same model, then every call runs on all
+        plan = settings.calls.parallel_plan
+        if plan.world > 1 and not worker:  # rank 0: the workers load the same model, then every call runs on all
             from . import parallel
 
+            if plan.ulysses > 1 and not runner.family.sequence_parallel:
+                raise ModelLoadError(f"config.pbtxt parameter parallel={settings.calls.parallel!r}: the {runner.family.name} "
+                                     "family is not served with sequence parallelism (families.*.sequence_parallel)")
             try:
-                runner.group = parallel.Group(settings, device).start()
+                runner.group = parallel.Group(settings, device, runner).start()
             except parallel.ParallelError as exc:
                 raise ModelLoadError(f"config.pbtxt parameter parallel={settings.calls.parallel!r}: {exc}") from None
-            runner.row_split = parallel.install_on(runner, 0, world)
-            runner.speed += (f"parallel: {world} ranks on {', '.join(runner.group.devices)}, each denoising part of every call's rows",)
+            runner.speed += (f"parallel: {settings.calls.parallel} on {', '.join(runner.group.devices)}",)
         return runner
 
     def warm_up(self) -> WarmupReport:

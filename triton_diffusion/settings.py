@@ -154,7 +154,8 @@ class CallSettings:
     # run them as one call of twice the rows (paired_cfg.py); off by default: compiled Qwen-Image
     # measured slower paired (docs/benchmarks.md)
     batched_cfg: bool = False
-    # "cfg=N": the instance spans N devices, each denoising part of every call's rows (parallel.py)
+    # "cfg=N" / "ulysses=N": the instance spans N devices, each denoising part of every call's rows /
+    # of every sequence (parallel.py)
     parallel: str = ""
 
     @property
@@ -486,7 +487,7 @@ PARAMETER_DOCS = {
     "progress_interval_ms": "Continuous mode: how often a request that asks for progress (request parameter `progress`) "
                             "gets a `PROGRESS` response (steps done, steps in all, per row): a progress bar, and the "
                             "sign of life a client's stall timeout waits for.",
-    "parallel": "`cfg=N`: the instance spans N devices (its own and the N-1 after it; on the CPU, N processes): each runs the whole pipeline and denoises a contiguous part of every denoiser call's rows, so with N=2 one device takes the unconditional half of a guidance call and the other the conditional half. Not with continuous batching, `lora_dir`, `step_cache` or `batched_cfg`; a cancelled row is dropped at the end of its call. Empty: one device.",
+    "parallel": "The instance spans N devices (its own and the N-1 after it; on the CPU, N processes), each running the whole pipeline: `cfg=N` divides every denoiser call's rows (with N=2, one device takes the unconditional half of a guidance call, the other the conditional half); `ulysses=N` divides every sequence (diffusers' context parallelism; FLUX.1). Not with continuous batching, `lora_dir`, `step_cache` or `batched_cfg`; a cancelled row is dropped at the end of its call. Empty: one device.",
     "batching": "`dynamic`: one pipeline call per batch Triton forms. `continuous`: a running batch that requests join at "
                 "the next denoising step (families with a step adapter: FLUX.1, SD3.5, Qwen-Image, Z-Image, SD 1.5/2.x; "
                 "the backend declares the model decoupled).",

@@ -82,6 +82,10 @@ class Family:
     # block registry (which cache hooks read) has them wrong or the rows of a batch are padded to one
     # length: the per-row step cache (row_cache.py) reads these instead.
     cache_block_arguments: tuple[str, ...] = ()
+    # Whether ``parallel: "ulysses=N"`` serves it: diffusers' context parallelism splits its denoiser's
+    # sequences over N devices (its transformer has a ``_cp_plan``) and every call's sequences split
+    # evenly (captions padded to one length by the pipeline).
+    sequence_parallel: bool = False
     architectures: tuple[Architecture, ...] = ()
     # The shipped model (``model_repository/<name>``) with this family's tiny weights: the tests'
     # and benchmarks' config base (its ``<name>_continuous`` twin where the family has a step adapter).

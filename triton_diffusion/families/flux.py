@@ -113,6 +113,7 @@ FAMILY = Family(
     # no fuse_qkv: diffusers keeps the unfused weights too (+4 GB), and two copies (offline and
     # served) of the 12B model must fit one 80 GB card
     speed={"compile": "regional", "quantization": "fp8"},
+    sequence_parallel=True,  # T5 captions padded to max_sequence_length; 2x2 latent patches (tests/test_parallel.py)
     architectures=(
         Architecture("flux-dev", lambda: build(tiny=False), guidance=3.5),
         Architecture("flux-dev-tiny", lambda: build(tiny=True), guidance=3.5, tiny=True),
