@@ -110,13 +110,14 @@ def batch_rows(args: tuple, kwargs: dict) -> Optional[int]:
 
 def take_rows(value: Any, rows: int, start: int, end: int) -> Any:
     """``value`` with only rows [start, end) where it has a batch dimension of ``rows`` (a tensor whose
-    first dimension is ``rows``, a list of ``rows`` items; dicts, tuples and lists of such inside);
-    anything else (shared tensors such as positions, scalars) as it is."""
+    first dimension is ``rows``; a list of ``rows`` items, as Z-Image's per-row tensors or Qwen-Image's
+    per-row image shapes and caption lengths; dicts and tuples of such inside); anything else (shared
+    tensors such as positions, scalars) as it is."""
     import torch
 
     if isinstance(value, torch.Tensor):
         return value[start:end] if value.dim() > 0 and value.shape[0] == rows else value
-    if isinstance(value, list) and len(value) == rows and value and all(isinstance(v, torch.Tensor) for v in value):
+    if isinstance(value, list) and len(value) == rows:
         return value[start:end]
     if isinstance(value, dict):
         return {key: take_rows(item, rows, start, end) for key, item in value.items()}
