@@ -112,6 +112,27 @@ def test_two_processes_give_the_single_process_images_and_a_dead_worker_fails_on
             dist.destroy_process_group()
 
 
+def test_paired_guidance_passes_divide_one_request_over_two_processes():
+    """Qwen-Image runs true CFG as two denoiser calls of one row each; with ``batched_cfg`` they are one
+    call of two rows (paired_cfg.py), which the row split divides: each process denoises one row of
+    it, and the image equals the one-process, unpaired one."""
+    arch, guidance = "qwen-image-tiny", 4.0
+    one = text_to_image(*PROMPTS[0], 3, guidance, 64, 64)
+    alone = PipelineRunner.load(ModelSettings.build(pretrained_model=f"random:{arch}", **CPU))
+    expected = alone.run(one.params, [one])[0]
+    runner = PipelineRunner.load(ModelSettings.build(pretrained_model=f"random:{arch}", parallel="cfg=2", batched_cfg=True, **CPU))
+    try:
+        got = runner.run(one.params, [one])[0]
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+        assert runner.pairing.stats.paired > 0 and max(runner.group.row_split.rows_run) == 1
+    finally:
+        runner.group.stop()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_served_a_parallel_instance_starts_its_worker_gives_the_one_process_images_and_ends_it(tmp_path):
     """Through tritonserver: ``parallel: "cfg=2"`` on stable_diffusion_tiny starts one worker process
     under the stub; a batch of requests gets the images the one-process model gives them; unloading

@@ -24,7 +24,8 @@ decoding are the same everywhere without moving a tensor. Only the denoiser is d
 
 Not yet: the two combined, ring attention, rows leaving a running call when their request is
 cancelled (all ranks must run the same rows, so a cancelled row is computed and dropped at the end),
-continuous batching, adapters, step caches. A worker that dies fails the call it was in (or the next
+continuous batching, adapters, step caches. Qwen-Image's and Wan's guidance passes (two denoiser calls)
+divide as one call under ``batched_cfg`` (the pairing hook stays outside the row split). A worker that dies fails the call it was in (or the next
 one) with a message naming it, and the instance starts its workers again before the call after.
 """
 
@@ -182,8 +183,11 @@ def _sample_of(output):
 
 
 def install(denoiser, rank: int, world: int, group=None) -> RowParallel:
-    """Register the row split on ``denoiser`` as a diffusers hook."""
+    """Register the row split on ``denoiser`` as a diffusers hook, inside the guidance pairing's hook
+    where there is one (paired_cfg.py: its one call of [cond; uncond] rows is what divides at batch 1)."""
     from diffusers.hooks import HookRegistry, ModelHook
+
+    from . import paired_cfg
 
     split = RowParallel(rank, world, group)
 
@@ -191,7 +195,13 @@ def install(denoiser, rank: int, world: int, group=None) -> RowParallel:
         def new_forward(self, module, *args, **kwargs):
             return split.forward(self.fn_ref.original_forward, args, kwargs)
 
-    HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(_Hook(), HOOK_NAME)
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    pairing = registry.get_hook(paired_cfg.HOOK_NAME)  # (the hook registered last runs outermost)
+    if pairing is not None:
+        registry.remove_hook(paired_cfg.HOOK_NAME, recurse=False)
+    registry.register_hook(_Hook(), HOOK_NAME)
+    if pairing is not None:
+        registry.register_hook(pairing, paired_cfg.HOOK_NAME)
     return split
 
 

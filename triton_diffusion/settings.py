@@ -385,7 +385,7 @@ def _problems(settings: ModelSettings) -> list[str]:
         problems.append(str(exc))
         parallel = False
     together = [name for name, on in (("batching=continuous", calls.continuous), ("lora_dir", settings.adapters.enabled),
-                                      ("step_cache", bool(settings.speed.step_cache)), ("batched_cfg", calls.batched_cfg)) if on]
+                                      ("step_cache", bool(settings.speed.step_cache))) if on]
     if parallel and together:
         problems.append(f"parallel={calls.parallel!r} is not served with {', '.join(together)} yet (every rank must run "
                         "the same rows and make the same decisions)")
@@ -487,7 +487,7 @@ PARAMETER_DOCS = {
     "progress_interval_ms": "Continuous mode: how often a request that asks for progress (request parameter `progress`) "
                             "gets a `PROGRESS` response (steps done, steps in all, per row): a progress bar, and the "
                             "sign of life a client's stall timeout waits for.",
-    "parallel": "The instance spans N devices (its own and the N-1 after it; on the CPU, N processes), each running the whole pipeline: `cfg=N` divides every denoiser call's rows (with N=2, one device takes the unconditional half of a guidance call, the other the conditional half); `ulysses=N` divides every sequence (diffusers' context parallelism; FLUX.1). Not with continuous batching, `lora_dir`, `step_cache` or `batched_cfg`; a cancelled row is dropped at the end of its call. Empty: one device.",
+    "parallel": "The instance spans N devices (its own and the N-1 after it; on the CPU, N processes), each running the whole pipeline: `cfg=N` divides every denoiser call's rows (with N=2, one device takes the unconditional half of a guidance call, the other the conditional half); `ulysses=N` divides every sequence (diffusers' context parallelism; FLUX.1). Not with continuous batching, `lora_dir` or `step_cache`; a cancelled row is dropped at the end of its call. Empty: one device.",
     "batching": "`dynamic`: one pipeline call per batch Triton forms. `continuous`: a running batch that requests join at "
                 "the next denoising step (families with a step adapter: FLUX.1, SD3.5, Qwen-Image, Z-Image, SD 1.5/2.x; "
                 "the backend declares the model decoupled).",
