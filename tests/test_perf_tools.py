@@ -150,3 +150,19 @@ def test_the_lora_tables_are_generated_from_the_results():
     from perf import lora_bench
 
     assert lora_bench.main(["--check-docs"]) == 0, "stale LoRA tables: python -m perf.lora_bench --docs"
+
+
+def test_the_parallel_bench_serves_each_config_and_writes_its_table(tmp_path):
+    """perf/parallel_bench.py on the CPU (its check run): one device and cfg=2 served in turn, c=1 and a
+    closed loop each, one results file with both rows."""
+    import json
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "perf.parallel_bench", "--arch", "flux-dev-tiny", "--device", "cpu", "--size", "64",
+         "--steps", "2", "--speed", "eager", "--configs", "none,cfg=2", "--requests", "2", "--concurrency", "2",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("parallel_bench_*.json")).read_text())
+    assert set(result["configs"]) == {"none", "cfg=2"} and result["configs"]["cfg=2"]["devices"] == 2
+    assert all(len(config["c1"]["latencies"]) == 2 and config["loop"]["failures"] == 0 for config in result["configs"].values())
+    assert "| cfg=2 | 2 |" in completed.stdout

@@ -24,9 +24,10 @@ decoding are the same everywhere without moving a tensor. Only the denoiser is d
 
 Not yet: the two combined, ring attention, rows leaving a running call when their request is
 cancelled (all ranks must run the same rows, so a cancelled row is computed and dropped at the end),
-continuous batching, adapters, step caches. Qwen-Image's and Wan's guidance passes (two denoiser calls)
-divide as one call under ``batched_cfg`` (the pairing hook stays outside the row split). A worker that dies fails the call it was in (or the next
-one) with a message naming it, and the instance starts its workers again before the call after.
+continuous batching, adapters, step caches. Qwen-Image's and Wan's guidance passes (two denoiser
+calls) divide as one call under ``batched_cfg`` (the pairing hook stays outside the row split). A
+worker that dies fails the call it was in (or the next one) with a message naming it, and the
+instance starts its workers again before the call after.
 """
 
 from __future__ import annotations

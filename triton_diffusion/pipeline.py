@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -291,9 +292,12 @@ class PipelineRunner:
         import diffusers
         import torch
 
+        device = device or resolve_device(settings.load.device)
+        world = settings.calls.parallel_plan.world
         if settings.load.torch_num_threads > 0:
             torch.set_num_threads(settings.load.torch_num_threads)
-        device = device or resolve_device(settings.load.device)
+        elif world > 1 and not device.startswith("cuda"):  # N processes share the cores (oversubscribed, each waits on the others)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dtype = resolve_dtype(settings.load.torch_dtype, device)
         pipeline_cls = getattr(diffusers, settings.load.pipeline_class or "DiffusionPipeline", None)
         if pipeline_cls is None:

@@ -94,7 +94,7 @@ class LoadSettings:
     local_files_only: bool = False
     variant: str = ""
     enable_image_to_image: bool = True
-    torch_num_threads: int = 0  # 0: leave torch's default
+    torch_num_threads: int = 0  # 0: leave torch's default (parallel on the CPU: the cores / N)
     max_sequence_length: int = 0  # text tokens the pipeline encodes (its max_sequence_length); 0: the pipeline's default
 
     @property
@@ -462,7 +462,7 @@ PARAMETER_DOCS = {
     "local_files_only": "Never download: weights must be in the Hugging Face cache (`HF_HOME`) or a local path.",
     "variant": "Weight file variant to load, e.g. `fp16`.",
     "enable_image_to_image": "Also serve image-to-image (requests with `IMAGE`) through `AutoPipelineForImage2Image`.",
-    "torch_num_threads": "CPU threads for torch in this instance; 0 leaves torch's default.",
+    "torch_num_threads": "CPU threads for torch in this instance; 0 leaves torch's default (with `parallel` on the CPU: the cores divided by the processes).",
     "default_height": "Output height when a request sends none (or 0).",
     "default_width": "Output width when a request sends none (or 0).",
     "default_steps": "Denoising steps when a request sends none.",
