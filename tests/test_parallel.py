@@ -3,6 +3,8 @@ processes joined over gloo on the CPU giving the single-process images."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +57,14 @@ def test_sequence_parallel_is_refused_for_a_family_that_does_not_declare_it():
         PipelineRunner.load(ModelSettings.build(pretrained_model="random:sd15-tiny", parallel="ulysses=2", **CPU))
 
 
+def listening_beyond_loopback(pids) -> list:
+    """The listening sockets of ``pids`` bound to anything but loopback."""
+    import psutil
+
+    return [(pid, connection.laddr) for pid in pids for connection in psutil.Process(pid).net_connections(kind="inet")
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.ip not in ("127.0.0.1", "::1")]
+
+
 def images(runner, steps: int = 3, guidance: float = 5.0) -> list:
     items = [text_to_image(prompt, seed, steps, guidance, 64, 64) for prompt, seed in PROMPTS]
     return runner.run(items[0].params, items)
@@ -74,6 +84,7 @@ def test_two_processes_give_the_single_process_images_and_a_dead_worker_fails_on
     runner = PipelineRunner.load(ModelSettings.build(pretrained_model=f"random:{arch}", parallel=parallel, **CPU))
     try:
         assert len(runner.group.workers) == 1
+        assert listening_beyond_loopback([os.getpid(), runner.group.workers[0].pid]) == []  # (closed by default)
         split = runner.group.row_split
         if split is not None:
             split.rows_run.clear()

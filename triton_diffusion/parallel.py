@@ -36,9 +36,10 @@ import logging
 import os
 import pickle
 import re
-import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional, Sequence
@@ -48,6 +49,15 @@ log = logging.getLogger("triton_diffusion")
 HOOK_NAME = "triton_diffusion.parallel"
 # NVLink multicast (NVLS, symmetric memory) is off: the lent hosts do not support it (KINDS.md).
 NCCL_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+# Closed by default: the ranks are processes of one host, so gloo's and NCCL's sockets (NCCL's bootstrap;
+# its data goes over NVLink or PCIe) listen on the loopback interface only (an operator's setting wins).
+# The rendezvous is a file in a private folder, not a TCP store (which listens on every interface).
+LOOPBACK_ENVIRONMENT = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+
+
+def group_environment(environment: dict) -> dict:
+    """``environment`` with what every rank of a group needs set (the operator's loopback choice kept)."""
+    return {**LOOPBACK_ENVIRONMENT, **environment, **NCCL_ENVIRONMENT}
 
 
 class ParallelError(RuntimeError):
@@ -216,12 +226,6 @@ def devices_for(device: str, world: int) -> list[str]:
     return [f"cuda:{first + rank}" for rank in range(world)]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _python() -> str:
     """This environment's interpreter (inside Triton's stub ``sys.executable`` is the stub)."""
     for candidate in (os.path.join(sys.prefix, "bin", "python3"), os.path.join(sys.prefix, "bin", "python"), sys.executable):
@@ -243,20 +247,22 @@ class Group:
         self.devices = devices_for(device, self.world)
         self.workers: list[subprocess.Popen] = []
         self.restarts = 0
+        self.folder = ""  # the rendezvous file's private folder
 
     def start(self) -> "Group":
         """Start the workers and join them (each loads the model first: this waits for that)."""
         import torch.distributed as dist
 
-        port = _free_port()
-        environment = {**os.environ, **NCCL_ENVIRONMENT}
-        self.workers = [subprocess.Popen([_python(), "-m", "triton_diffusion.parallel", str(rank), str(self.world), str(port),
+        self.folder = tempfile.mkdtemp(prefix="triton-diffusion-parallel-")  # (0700: this user's alone)
+        rendezvous = f"file://{os.path.join(self.folder, 'rendezvous')}"
+        environment = group_environment(dict(os.environ))
+        self.workers = [subprocess.Popen([_python(), "-m", "triton_diffusion.parallel", str(rank), str(self.world), rendezvous,
                                           self.devices[rank], str(self.timeout_s)], stdin=subprocess.PIPE, env=environment)
                         for rank in range(1, self.world)]
         self._send(self.settings)
-        os.environ.update(NCCL_ENVIRONMENT)
+        os.environ.update(group_environment(dict(os.environ)))
         try:
-            dist.init_process_group(_backend(self.device), init_method=f"tcp://127.0.0.1:{port}", rank=0,
+            dist.init_process_group(_backend(self.device), init_method=rendezvous, rank=0,
                                     world_size=self.world, timeout=timedelta(seconds=self.timeout_s))
             if self.runner is not None:
                 self.row_split = install_on(self.runner, 0, self.plan, self.row_split)
@@ -316,6 +322,7 @@ class Group:
             except (OSError, subprocess.TimeoutExpired):
                 worker.kill()
                 worker.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _backend(device: str) -> str:
@@ -331,12 +338,12 @@ def worker_main(argv: Sequence[str]) -> int:
 
     from .pipeline import PipelineRunner
 
-    rank, world, port, device, timeout_s = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], float(argv[4])
+    rank, world, rendezvous, device, timeout_s = int(argv[0]), int(argv[1]), argv[2], argv[3], float(argv[4])
     messages = (pickle.loads(bytes.fromhex(line.strip())) for line in sys.stdin if line.strip())
     settings = next(messages)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group(_backend(device), init_method=rendezvous, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     runner = PipelineRunner.load(settings, device, worker=True)
     install_on(runner, rank, settings.calls.parallel_plan)
