@@ -50,6 +50,21 @@ def test_a_parallel_setting_that_cannot_be_served_fails_the_load_naming_it(value
         ModelSettings.from_parameters({"pretrained_model": "random:sd15-tiny", "parallel": "cfg=2", "batching": "continuous"})
 
 
+def test_a_worker_that_ran_out_of_memory_makes_the_calls_error_an_out_of_memory_one():
+    """(So that the executor retries the rows in smaller calls, as on one device.)"""
+    from types import SimpleNamespace
+
+    from triton_diffusion.parallel import OUT_OF_MEMORY, Group, ParallelError
+    from triton_diffusion.pipeline import is_out_of_memory
+
+    group = Group(ModelSettings.build(pretrained_model="random:sd15-tiny", parallel="cfg=3"), "cpu")
+    group.workers = [SimpleNamespace(poll=lambda: None), SimpleNamespace(poll=lambda: OUT_OF_MEMORY)]
+    assert group.dead() == "rank 2 exited with 4 (out of memory)"
+    assert is_out_of_memory(ParallelError(f"a parallel worker died during the call ({group.dead()})"))
+    group.workers[1] = SimpleNamespace(poll=lambda: 3)
+    assert not is_out_of_memory(ParallelError(f"a parallel worker died during the call ({group.dead()})"))
+
+
 def test_sequence_parallel_is_refused_for_a_family_that_does_not_declare_it():
     from triton_diffusion.pipeline import ModelLoadError
 

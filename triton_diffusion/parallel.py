@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional, Sequence
@@ -58,6 +59,9 @@ LOOPBACK_ENVIRONMENT = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 def group_environment(environment: dict) -> dict:
     """``environment`` with what every rank of a group needs set (the operator's loopback choice kept)."""
     return {**LOOPBACK_ENVIRONMENT, **environment, **NCCL_ENVIRONMENT}
+
+
+OUT_OF_MEMORY = 4  # a worker's exit status when its call ran out of memory
 
 
 class ParallelError(RuntimeError):
@@ -278,10 +282,16 @@ class Group:
             worker.stdin.write(line)
             worker.stdin.flush()
 
-    def dead(self) -> str:
-        """Which workers have exited, and how ("" if none)."""
-        return "; ".join(f"rank {rank} exited with {worker.poll()}" for rank, worker in enumerate(self.workers, 1)
-                         if worker.poll() is not None)
+    def dead(self, settle_s: float = 0.0) -> str:
+        """Which workers have exited, and how ("" if none), waiting up to ``settle_s`` for one to (a worker
+        whose call failed exits; this rank's collective may fail before its exit status is known). A
+        worker that ran out of memory says so, so that the call's error is an out-of-memory one (the
+        executor retries it in smaller calls)."""
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline and all(worker.poll() is None for worker in self.workers):
+            time.sleep(0.05)
+        return "; ".join(f"rank {rank} exited with {worker.poll()}" + (" (out of memory)" if worker.poll() == OUT_OF_MEMORY else "")
+                         for rank, worker in enumerate(self.workers, 1) if worker.poll() is not None)
 
     def _dead(self) -> str:
         return self.dead() or "every worker is running"
@@ -336,7 +346,7 @@ def worker_main(argv: Sequence[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from .pipeline import PipelineRunner
+    from .pipeline import PipelineRunner, is_out_of_memory
 
     rank, world, rendezvous, device, timeout_s = int(argv[0]), int(argv[1]), argv[2], argv[3], float(argv[4])
     messages = (pickle.loads(bytes.fromhex(line.strip())) for line in sys.stdin if line.strip())
@@ -353,7 +363,7 @@ def worker_main(argv: Sequence[str]) -> int:
             runner.run_here(params, items)
         except Exception as exc:  # noqa: BLE001
             log.error("parallel rank %d: the call failed: %s: %s", rank, type(exc).__name__, exc)
-            return 3
+            return OUT_OF_MEMORY if is_out_of_memory(exc) else 3
     dist.destroy_process_group()
     return 0
 

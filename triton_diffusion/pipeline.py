@@ -443,7 +443,7 @@ class PipelineRunner:
         try:
             return self.run_here(params, items, cancelled_rows)
         except BaseException as exc:
-            dead = self.group.dead()
+            dead = self.group.dead(settle_s=0 if is_out_of_memory(exc) else 2.0)
             self.group.failed()  # (a worker may wait in this call's collectives: the next call starts new ones)
             if dead and isinstance(exc, Exception):
                 from .parallel import ParallelError
