@@ -65,6 +65,30 @@ def test_a_worker_that_ran_out_of_memory_makes_the_calls_error_an_out_of_memory_
     assert not is_out_of_memory(ParallelError(f"a parallel worker died during the call ({group.dead()})"))
 
 
+def test_a_worker_that_dies_while_loading_fails_the_load_at_once_naming_it():
+    """The worker is killed as soon as it appears (a thread watching this process's children): the
+    load fails with the worker's exit status rather than waiting in a collective, and nothing is left."""
+    import threading
+
+    import psutil
+
+    from triton_diffusion.pipeline import ModelLoadError
+
+    def kill_the_worker():
+        while True:
+            for child in psutil.Process().children(recursive=True):
+                if "triton_diffusion.parallel" in " ".join(child.cmdline()):
+                    child.kill()
+                    return
+
+    killer = threading.Thread(target=kill_the_worker, daemon=True)
+    killer.start()
+    with pytest.raises(ModelLoadError, match=r"parallel='cfg=2': the parallel workers did not load the model \(rank 1 exited with -9"):
+        PipelineRunner.load(ModelSettings.build(pretrained_model="random:sd15-tiny", parallel="cfg=2", **CPU))
+    killer.join(timeout=60)
+    assert not [child for child in psutil.Process().children(recursive=True) if "triton_diffusion.parallel" in " ".join(child.cmdline())]
+
+
 def test_sequence_parallel_is_refused_for_a_family_that_does_not_declare_it():
     from triton_diffusion.pipeline import ModelLoadError
 

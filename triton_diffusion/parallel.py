@@ -263,7 +263,11 @@ class Group:
         self.workers = [subprocess.Popen([_python(), "-m", "triton_diffusion.parallel", str(rank), str(self.world), rendezvous,
                                           self.devices[rank], str(self.timeout_s)], stdin=subprocess.PIPE, env=environment)
                         for rank in range(1, self.world)]
-        self._send(self.settings)
+        try:
+            self._send(self.settings)
+        except OSError:  # (a worker that exited already)
+            pass
+        self._wait_loaded()
         os.environ.update(group_environment(dict(os.environ)))
         try:
             dist.init_process_group(_backend(self.device), init_method=rendezvous, rank=0,
@@ -275,6 +279,19 @@ class Group:
             self.stop()
             raise ParallelError(f"the parallel workers did not start ({self._dead()}): {type(exc).__name__}: {exc}") from None
         return self
+
+    def _wait_loaded(self) -> None:
+        """Until every worker has loaded the model (its marker file), before any collective: a worker
+        that dies while loading (or takes longer than ``timeout_s``) fails the start at once, with its
+        exit status, where a collective would wait for it."""
+        deadline = time.monotonic() + self.timeout_s
+        markers = [os.path.join(self.folder, f"loaded-{rank}") for rank in range(1, self.world)]
+        while not all(os.path.exists(marker) for marker in markers):
+            if self.dead() or time.monotonic() > deadline:
+                problem = self.dead(settle_s=2.0) or f"not loaded after {self.timeout_s:.0f} s"
+                self.stop()
+                raise ParallelError(f"the parallel workers did not load the model ({problem}; their log is the server's)")
+            time.sleep(0.1)
 
     def _send(self, message) -> None:
         line = pickle.dumps(message).hex().encode() + b"\n"
@@ -353,9 +370,10 @@ def worker_main(argv: Sequence[str]) -> int:
     settings = next(messages)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+    runner = PipelineRunner.load(settings, device, worker=True)
+    open(os.path.join(os.path.dirname(rendezvous.removeprefix("file://")), f"loaded-{rank}"), "w").close()
     dist.init_process_group(_backend(device), init_method=rendezvous, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
-    runner = PipelineRunner.load(settings, device, worker=True)
     install_on(runner, rank, settings.calls.parallel_plan)
     dist.barrier()  # (rank 0's install is before its barrier too: the mesh is made by all ranks together)
     for params, items in messages:
