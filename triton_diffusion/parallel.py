@@ -153,34 +153,24 @@ class RowParallel:
         self.rows_run: list[int] = []  # per denoiser call, the rows this rank computed of it (tests, logs)
 
     def forward(self, original, args: tuple, kwargs: dict):
+        import torch
+        import torch.distributed as dist
+
         rows = batch_rows(args, kwargs)
         if rows is None:
             return original(*args, **kwargs)
         parts = row_parts(rows, self.world)
         start, end = parts[self.rank]
-        own = original(*take_rows(args, rows, start, end), **take_rows(kwargs, rows, start, end)) if end > start else None
         self.rows_run.append(end - start)
-        return self._gathered(own, parts, args, kwargs, original)
-
-    def _gathered(self, own, parts, args, kwargs, original):
-        import torch
-        import torch.distributed as dist
-
-        if own is None:  # (fewer rows than ranks: compute one row for the shapes, send nothing of it)
-            own = original(*take_rows(args, parts[-1][1], 0, 1), **take_rows(kwargs, parts[-1][1], 0, 1))
-            empty = True
-        else:
-            empty = False
-        sample, rebuild = _sample_of(own)
-        largest = max(end - start for start, end in parts)
-        if empty:
-            sample = sample[:0]
-        padded = torch.zeros((largest, *sample.shape[1:]), dtype=sample.dtype, device=sample.device)
-        padded[:sample.shape[0]] = sample
+        # A rank with no rows (fewer rows than ranks) still runs one, for the output's shape, and sends none of it.
+        run_start, run_end = (start, end) if end > start else (0, 1)
+        sample, rebuild = _sample_of(original(*take_rows(args, rows, run_start, run_end),
+                                              **take_rows(kwargs, rows, run_start, run_end)))
+        padded = torch.zeros((max(e - s for s, e in parts), *sample.shape[1:]), dtype=sample.dtype, device=sample.device)
+        padded[:end - start] = sample[:end - start]
         gathered = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(gathered, padded, group=self.group)
-        joined = torch.cat([part[:end - start] for part, (start, end) in zip(gathered, parts)])
-        return rebuild(joined)
+        return rebuild(torch.cat([part[:e - s] for part, (s, e) in zip(gathered, parts)]))
 
 
 def _sample_of(output):
@@ -259,16 +249,15 @@ class Group:
 
         self.folder = tempfile.mkdtemp(prefix="triton-diffusion-parallel-")  # (0700: this user's alone)
         rendezvous = f"file://{os.path.join(self.folder, 'rendezvous')}"
-        environment = group_environment(dict(os.environ))
+        os.environ.update(group_environment(dict(os.environ)))  # (this rank's, and the workers' it starts)
         self.workers = [subprocess.Popen([_python(), "-m", "triton_diffusion.parallel", str(rank), str(self.world), rendezvous,
-                                          self.devices[rank], str(self.timeout_s)], stdin=subprocess.PIPE, env=environment)
+                                          self.devices[rank], str(self.timeout_s)], stdin=subprocess.PIPE)
                         for rank in range(1, self.world)]
         try:
             self._send(self.settings)
         except OSError:  # (a worker that exited already)
             pass
         self._wait_loaded()
-        os.environ.update(group_environment(dict(os.environ)))
         try:
             dist.init_process_group(_backend(self.device), init_method=rendezvous, rank=0,
                                     world_size=self.world, timeout=timedelta(seconds=self.timeout_s))

@@ -293,11 +293,11 @@ class PipelineRunner:
         import torch
 
         device = device or resolve_device(settings.load.device)
-        world = settings.calls.parallel_plan.world
+        plan = settings.calls.parallel_plan
         if settings.load.torch_num_threads > 0:
             torch.set_num_threads(settings.load.torch_num_threads)
-        elif world > 1 and not device.startswith("cuda"):  # N processes share the cores (oversubscribed, each waits on the others)
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        elif plan.world > 1 and not device.startswith("cuda"):  # N processes share the cores (oversubscribed, each waits on the others)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.world))
         dtype = resolve_dtype(settings.load.torch_dtype, device)
         pipeline_cls = getattr(diffusers, settings.load.pipeline_class or "DiffusionPipeline", None)
         if pipeline_cls is None:
@@ -355,7 +355,6 @@ class PipelineRunner:
             except (ValueError, KeyError) as exc:
                 log.warning("%s has no image-to-image variant (%s); serving text-to-image only", type(pipe).__name__, exc)
         runner = cls(pipe, image_to_image, device, effective, speed, pairing=pairing)
-        plan = settings.calls.parallel_plan
         if plan.world > 1 and not worker:  # rank 0: the workers load the same model, then every call runs on all
             from . import parallel
 
