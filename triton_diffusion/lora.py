@@ -239,20 +239,18 @@ class LoraBank:
             self.evictions += 1
         slot = min(set(range(1, self.slots)) - set(self.loaded.values()))
         layers = {module_name: self._wrapped(module_name) for module_name in adapter.layers}
-        for module_name, (down, up) in adapter.layers.items():
+        for layer, (down, up) in zip(layers.values(), adapter.layers.values()):
             rank = down.shape[0]
-            layers[module_name].down[slot, :rank] = down.to(layers[module_name].down)
-            layers[module_name].up[slot, :, :rank] = up.to(layers[module_name].up)
+            layer.down[slot, :rank] = down.to(layer.down)
+            layer.up[slot, :, :rank] = up.to(layer.up)
+        self.loaded[adapter.name] = slot
         # Finite weights, checked here on the device (one synchronisation) rather than on the reader's CPU,
         # where it took a third of a read; a slot that fails is cleared before anything uses it.
         finite = [torch.isfinite(layer.down[slot]).all() & torch.isfinite(layer.up[slot]).all() for layer in layers.values()]
         if not bool(torch.stack(finite).all()):
+            self.remove(adapter.name)
             bad = next(module_name for module_name, ok in zip(layers, finite) if not ok)
-            for layer in layers.values():
-                layer.down[slot].zero_()
-                layer.up[slot].zero_()
             raise AdapterError(f"adapter {adapter.name!r}: {bad} holds NaN or infinite weights")
-        self.loaded[adapter.name] = slot
         return slot
 
     def remove(self, name: str) -> None:
