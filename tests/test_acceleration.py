@@ -204,6 +204,27 @@ def test_the_warm_up_runs_its_plan_again_while_a_pass_records_cuda_graphs():
     assert run_warm_up(plan, lambda items: None).calls == 2  # nothing recorded: one pass
 
 
+@pytest.mark.parametrize("arch, guidance", [("z-image-turbo-tiny", 0.0), ("qwen-image-tiny", 4.0)])
+def test_a_family_whose_text_length_is_the_prompts_own_compiles_nothing_after_the_warm_up(arch, guidance):
+    """Z-Image and Qwen-Image pass each prompt's own token count (padded per batch, masked once the rows
+    differ): the warm-up shows the compiled blocks several lengths, alone and mixed in a batch, so
+    that prompts of lengths it never ran (short, long, mixed, at a batch size between the warmed
+    ones) compile nothing while serving."""
+    runner = PipelineRunner.load(ModelSettings.build(
+        pretrained_model=f"random:{arch}", **CPU, compile="regional", compile_backend="eager", warmup_sizes=((SIZE, SIZE),),
+        warmup_batch_sizes=(1, 2, 4), warmup_guidance_scales=(guidance,)))
+    assert runner.family.text_length_varies
+    runner.warm_up()
+    prompts = ["a cat", "a photo of a dog running on the beach at sunset, cinematic, detailed",
+               "an old lighthouse on a cliff above a stormy sea at night, waves crashing, gulls circling " * 3, "x"]
+    before = compiled_graphs()
+    for rows in (1, 2, 4, 3):
+        for first in range(len(prompts)):
+            items = [text_to_image(prompts[(first + row) % len(prompts)], row, 2, guidance, SIZE, SIZE) for row in range(rows)]
+            runner.run(items[0].params, items)
+    assert compiled_graphs() == before
+
+
 def test_a_video_model_warms_every_listed_clip_length_and_refuses_one_it_cannot_make():
     video = {**COMPILED, "pretrained_model": "random:wan2.1-t2v-1.3b-tiny", "default_num_frames": 5,
              "max_num_frames": 9, "warmup_batch_sizes": (1,)}

@@ -234,8 +234,27 @@ class WarmupReport:
     cuda_graphs: int = 0  # CUDA graphs recorded during the warm-up (compile_mode: reduce-overhead)
 
 
-def run_warm_up(plan: Sequence[tuple[CallParams, int]], run: Callable[[list[GenerationItem]], object]) -> WarmupReport:
-    """``run`` once per (params, rows) of ``plan``, on that many "warm-up" rows; timed, and the
+# Warm-up prompts per round (row i takes round[i % len(round)]). Where a family's text length is
+# the prompt's own (``Family.text_length_varies``: Z-Image, Qwen-Image), a compiled denoiser sees a
+# new shape per length, a new graph once a batch mixes lengths (an attention mask), and another for
+# the next masked length; after rounds that show all three, its graphs are dynamic in the text
+# length and serving compiles nothing for it. Other families run the first round only.
+_WARMUP_ROUNDS = (("warm-up",),
+                  ("a long warm-up prompt: a red bicycle leaning against a brick wall on a rainy night, puddles "
+                   "reflecting neon signs, a cat watching from a window above, cinematic light, shallow depth of "
+                   "field, highly detailed, 35mm film photograph", "warm-up"),
+                  ("a warm-up prompt of middling length: two dogs on a beach at sunset", "warm-up"))
+
+
+def warm_up_rows(params: CallParams, rows: int, prompts: Sequence[str] = _WARMUP_ROUNDS[0]) -> list[GenerationItem]:
+    """``rows`` warm-up rows of ``params``, row i with ``prompts[i % len(prompts)]``."""
+    return [GenerationItem(prompts[row % len(prompts)], row, params) for row in range(rows)]
+
+
+def run_warm_up(plan: Sequence[tuple[CallParams, int]], run: Callable[[list[GenerationItem]], object],
+                text_length_varies: bool = False) -> WarmupReport:
+    """``run`` once per (params, rows) of ``plan`` on that many warm-up rows (and, where the text
+    length varies, the whole plan again per further round of ``_WARMUP_ROUNDS``); timed, and the
     graphs torch.compile built and the CUDA graphs it recorded meanwhile counted.
 
     CUDA-graph trees (``compile_mode: reduce-overhead``) run a new shape once un-recorded and record
@@ -244,10 +263,12 @@ def run_warm_up(plan: Sequence[tuple[CallParams, int]], run: Callable[[list[Gene
     calls, seconds, graphs, recordings = 0, 0.0, 0, 0
     for _ in range(_MAX_WARMUP_PASSES):
         started, graphs_before, recordings_before = time.perf_counter(), compiled_graphs(), cuda_graph_recordings()
-        for params, rows in plan:
-            run([GenerationItem("warm-up", row, params) for row in range(rows)])
+        rounds = _WARMUP_ROUNDS if text_length_varies else _WARMUP_ROUNDS[:1]
+        for prompts in rounds:
+            for params, rows in plan:
+                run(warm_up_rows(params, rows, prompts))
         recorded = cuda_graph_recordings() - recordings_before
-        calls, seconds = calls + len(plan), seconds + time.perf_counter() - started
+        calls, seconds = calls + len(rounds) * len(plan), seconds + time.perf_counter() - started
         graphs, recordings = graphs + compiled_graphs() - graphs_before, recordings + recorded
         if not recorded:
             break
@@ -379,7 +400,7 @@ class PipelineRunner:
         plan = [(CallParams(TEXT_TO_IMAGE, height, width, 2, guidance_scale, num_frames=frames), batch)
                 for frames in self.settings.warmup_frames()
                 for height, width in sizes for guidance_scale in guidance_scales for batch in batch_sizes]
-        report = run_warm_up(plan, lambda items: self.run(items[0].params, items))
+        report = run_warm_up(plan, lambda items: self.run(items[0].params, items), self.family.text_length_varies)
         self.padded_rows = 0
         return report
 

@@ -86,6 +86,10 @@ class Family:
     # sequences over N devices (its transformer has a ``_cp_plan``) and every call's sequences split
     # evenly (captions padded to one length by the pipeline).
     sequence_parallel: bool = False
+    # Whether its text length is the prompt's own (token counts padded per batch, with a mask once they
+    # differ) rather than one padded length: the warm-up then runs prompts of three lengths, so that
+    # compiled graphs are dynamic in it and serving compiles nothing (pipeline.run_warm_up).
+    text_length_varies: bool = False
     architectures: tuple[Architecture, ...] = ()
     # The shipped model (``model_repository/<name>``) with this family's tiny weights: the tests'
     # and benchmarks' config base (its ``<name>_continuous`` twin where the family has a step adapter).

@@ -174,6 +174,7 @@ FAMILY = Family(
     steps=QwenImageSteps,
     step_pipelines=("QwenImagePipeline",),
     schedulers=("FlowMatchEulerDiscreteScheduler",),
+    text_length_varies=True,  # Qwen2.5-VL prompt embeddings, the prompt's own token count
     speed={"compile": "regional"},  # the repeated transformer blocks (docs/benchmarks.md)
     architectures=(
         Architecture("qwen-image", lambda: build(tiny=False), guidance=4.0),

@@ -161,7 +161,7 @@ class StepModel:
                 # of 1; an unguided request alone does (other mixes are covered by the dynamic graph).
                 scales_and_rows.append((0.0, 1))
             plan += [(CallParams(TEXT_TO_IMAGE, height, width, 2, scale), rows) for scale, rows in scales_and_rows]
-        return run_warm_up(plan, self.run_to_end)
+        return run_warm_up(plan, self.run_to_end, self.family.text_length_varies)
 
     def run_to_end(self, items: list[GenerationItem]) -> list:
         """All stages for ``items`` together (warm-up, and the tests' reference against the pipeline)."""

@@ -117,6 +117,7 @@ FAMILY = Family(
     # diffusers registers its block's input as ``hidden_states``; it is ``x``. Captions of different
     # lengths pad each row's sequence to the batch's longest: ``attn_mask`` marks a row's own tokens.
     cache_block_arguments=("x", "attn_mask"),
+    text_length_varies=True,  # Qwen3 caption features, the prompt's own token count padded to 32s
     speed={"compile": "regional", "quantization": "fp8"},  # the repeated transformer blocks (docs/benchmarks.md)
     # fp8 query/key/value projections gave NaN latents at 1024 (each alone, on random weights); every
     # other group measured within 3% (perf/results/fp8_layers_NVIDIA_H200_2026-12-01_z-image-turbo.txt)
