@@ -130,17 +130,19 @@ def test_the_cache_drift_table_is_generated_from_the_results():
 
 def test_the_headline_tables_are_generated_from_the_results_and_show_the_shipped_knobs():
     """README's and docs/benchmarks.md's headline tables equal what perf/headline.py makes of the
-    results files, and each measured row ran exactly the speed knobs its shipped config has."""
+    results files, and each measured row ran at the size it names with exactly the speed knobs its
+    shipped config has."""
     import json
 
     from perf import headline
     from triton_diffusion import model_config
 
     assert headline.main(["--check"]) == 0, "stale headline table: python perf/headline.py"
-    for model, stem in headline.ROWS.items():
+    for model, size, stem in headline.ROWS:
         shipped = model_config.parameters(model_config.shipped(model))
         if stem is None:
             continue
+        assert headline.measured_size(stem) == size, (model, size, stem)
         measured = json.loads((headline.RESULTS / f"{stem}.json").read_text())["results"][0]["speed_parameters"]
         knobs = set(headline._KNOBS)
         assert ({k: v for k, v in measured.items() if k in knobs} == {k: v for k, v in shipped.items() if k in knobs}), model
