@@ -168,3 +168,19 @@ def test_the_parallel_bench_serves_each_config_and_writes_its_table(tmp_path):
     assert set(result["configs"]) == {"none", "cfg=2"} and result["configs"]["cfg=2"]["devices"] == 2
     assert all(len(config["c1"]["latencies"]) == 2 and config["loop"]["failures"] == 0 for config in result["configs"].values())
     assert "| cfg=2 | 2 |" in completed.stdout
+
+
+def test_the_warm_up_bench_times_each_warm_up_call_and_counts_compilations_after_it(tmp_path):
+    """perf/warmup_bench.py on the CPU (its check run): Z-Image's warm-up calls, timed with the graphs
+    each compiled, then VBench prompts at the warmed batch sizes compile nothing (exit status 0)."""
+    import json
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "perf.warmup_bench", "--arch", "z-image-turbo-tiny", "--device", "cpu", "--size", "64",
+         "--steps", "2", "--batch-sizes", "1,3", "--calls", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("warmup_bench_*.json")).read_text())
+    assert len(result["warmup_calls"]) == result["warmup"]["calls"] == 6  # 3 prompt rounds x 2 batch sizes
+    assert sum(call["graphs"] for call in result["warmup_calls"]) == result["warmup"]["compiled_graphs"] > 0
+    assert result["after_warmup"]["compiled_graphs"] == 0 and len(result["after_warmup"]["seconds"]["3"]) == 2
