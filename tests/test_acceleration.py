@@ -225,6 +225,30 @@ def test_a_family_whose_text_length_is_the_prompts_own_compiles_nothing_after_th
     assert compiled_graphs() == before
 
 
+def test_the_continuous_warm_up_of_a_family_whose_text_length_varies_covers_prompts_it_never_ran():
+    """The same for the step loop (continuous mode): after its warm-up, rows of unwarmed prompt lengths,
+    joining a running batch, compile nothing."""
+    from triton_diffusion.families import step_model_for
+
+    settings = ModelSettings.build(pretrained_model="random:z-image-turbo-tiny", **{**COMPILED, "compile": "regional"},
+                                   batching="continuous", max_images_per_call=3, default_height=SIZE, default_width=SIZE,
+                                   default_guidance_scale=0.0)
+    runner = PipelineRunner.load(settings)
+    steps = step_model_for(runner.text_to_image, runner.device)
+    steps.warm_up(*settings.warmup_plan())
+    graphs = compiled_graphs()
+    running = steps.prepare([text_to_image("a cat", 1, 3, 0.0, SIZE, SIZE)])
+    steps.step(running)
+    joining = steps.prepare([text_to_image("an old lighthouse on a cliff above a stormy sea at night " * 4, 2, 3, 0.0, SIZE, SIZE),
+                             text_to_image("two dogs", 3, 3, 0.0, SIZE, SIZE)])
+    rows = running + joining
+    while not all(row.finished for row in rows):
+        live = [row for row in rows if not row.finished]
+        steps.step(live)
+    steps.decode(rows)
+    assert compiled_graphs() == graphs
+
+
 def test_a_video_model_warms_every_listed_clip_length_and_refuses_one_it_cannot_make():
     video = {**COMPILED, "pretrained_model": "random:wan2.1-t2v-1.3b-tiny", "default_num_frames": 5,
              "max_num_frames": 9, "warmup_batch_sizes": (1,)}
