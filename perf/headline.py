@@ -79,10 +79,10 @@ def cells(model: str, size: str, stem: Optional[str]) -> dict[str, str]:
         c16 = f"{sixteen['images_per_s']['median']:.2f} img/s (calls formed: {formed})"
     taxes = {batch: tax for level in (one, sixteen) if level for batch, tax in level["server_tax"].items()}
     startup = next(iter(result["served_startup"].values()))
+    measured_as = f"{result['arch']} {shape}, {args['steps']} steps"
     return {
         "model": f"`{model}`", "size": size, "card": f"{data['card']}, {data['date']}",
-        "measured_as": f"{result['arch']} {shape}, {args['steps']} steps",
-        "setting": f"{result['arch']} {shape}, {args['steps']} steps ({knobs})",
+        "measured_as": measured_as, "setting": f"{measured_as} ({knobs})",
         "c1": f"{one['latency_s']['p50']:.2f} s" if one else "not measured", "c16": c16,
         "tax": ", ".join(f"{batch}: {value:.2f}" for batch, value in sorted(taxes.items(), key=lambda kv: int(kv[0]))),
         "while_serving": (f"{startup.get('compilations_while_serving', 0):.0f} / "

@@ -52,13 +52,19 @@ def main(argv=None) -> int:
     calls = []
     run = runner.run
 
-    def timed(params, items, *rest):
-        before, begun = compiled_graphs(), time.perf_counter()
+    def seconds_of(params, items, *rest):
+        """One synchronized call of the runner: (seconds, its result)."""
+        begun = time.perf_counter()
         result = run(params, items, *rest)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
+        return time.perf_counter() - begun, result
+
+    def timed(params, items, *rest):
+        before = compiled_graphs()
+        seconds, result = seconds_of(params, items, *rest)
         calls.append({"rows": len(items), "prompt_chars": sorted({len(i.prompt) for i in items}),
-                      "seconds": time.perf_counter() - begun, "graphs": compiled_graphs() - before})
+                      "seconds": seconds, "graphs": compiled_graphs() - before})
         log(f"warm-up call {len(calls)}: {calls[-1]}")
         return result
 
@@ -73,11 +79,7 @@ def main(argv=None) -> int:
         seconds = []
         for call in range(args.calls):
             items = items_for(prompts, batch, bench_args, args.arch, offset=100 * call + batch)
-            begun = time.perf_counter()
-            runner.run(items[0].params, items)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - begun)
+            seconds.append(seconds_of(items[0].params, items)[0])
         served[batch] = seconds
         log(f"batch {batch}: {', '.join(f'{s:.3f}' for s in seconds)} s")
     after = compiled_graphs() - before
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
         f"after the warm-up, VBench prompts ({args.calls} calls per batch size, guidance {guidance_for(args.arch)}): "
         + "; ".join(f"batch {b}: {min(s):.3f}-{max(s):.3f} s" for b, s in served.items()) + f"; graphs compiled: {after}"])
     write_results(args.out, f"warmup_bench_{card.replace(' ', '_')}_{today()}_{args.arch}", {
-        "args": {**vars(args), "out": str(args.out)}, "card": card, "date": today(), "parameters": parameters,
+        "args": {**vars(args), "out": str(args.out)}, "parameters": parameters,  # (write_results adds the card and date)
         "speed": list(runner.speed), "load_s": load_s, "warmup": vars(report), "warmup_calls": calls,
         "after_warmup": {"seconds": served, "compiled_graphs": after}}, table)
     print(table)

@@ -261,9 +261,9 @@ def run_warm_up(plan: Sequence[tuple[CallParams, int]], run: Callable[[list[Gene
     it on its next call, so a module called once per call (the VAE decoder) records only in a second
     pass: while a pass records CUDA graphs, the plan runs again, so that serving records none."""
     calls, seconds, graphs, recordings = 0, 0.0, 0, 0
+    rounds = _WARMUP_ROUNDS if text_length_varies else _WARMUP_ROUNDS[:1]
     for _ in range(_MAX_WARMUP_PASSES):
         started, graphs_before, recordings_before = time.perf_counter(), compiled_graphs(), cuda_graph_recordings()
-        rounds = _WARMUP_ROUNDS if text_length_varies else _WARMUP_ROUNDS[:1]
         for prompts in rounds:
             for params, rows in plan:
                 run(warm_up_rows(params, rows, prompts))
