@@ -23,6 +23,15 @@ from perf.lib import card_name, log, today, write_results
 from perf.prompts import vbench_prompts
 
 
+def compile_phases(top: int = 12) -> dict[str, float]:
+    """The compiler phases that took longest so far, in seconds summed over every graph (torch's own
+    timers: tracing, AOT autograd, inductor codegen, cache loads), to tell what a slow warm-up pays for."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    totals = sorted(((sum(times), name) for name, times in compilation_time_metrics.items()), reverse=True)
+    return {name: round(seconds, 2) for seconds, name in totals[:top]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -33,6 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", type=ints, default=[1, 4], help="warmed, then served with VBench prompts")
     parser.add_argument("--calls", type=int, default=3, help="calls per batch size after the warm-up")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--tag", default="", help="added to the result file names (e.g. cold-cache)")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
     args = parser.parse_args(argv)
     bench_args = SimpleNamespace(speed="compiled", device=args.device, compile_mode="", step_cache="", set=dict(
@@ -65,13 +75,15 @@ def main(argv=None) -> int:
         seconds, result = seconds_of(params, items, *rest)
         calls.append({"rows": len(items), "prompt_chars": sorted({len(i.prompt) for i in items}),
                       "seconds": seconds, "graphs": compiled_graphs() - before})
-        log(f"warm-up call {len(calls)}: {calls[-1]}")
+        log(f"warm-up call {len(calls)}: {calls[-1]}; compile phases so far: {compile_phases(6)}")
         return result
 
     runner.run = timed
     report = runner.warm_up()
     runner.run = run
     log(f"warm-up: {report}")
+    phases = compile_phases()
+    log(f"where the compile time went: {phases}")
     prompts = vbench_prompts()
     before = compiled_graphs()
     served = {}
@@ -87,13 +99,15 @@ def main(argv=None) -> int:
     table = "\n".join([
         f"warm-up of {args.arch} {args.size}, {args.steps} steps, {runner.speed}; {card}, {today()}",
         f"load {load_s:.1f} s; warm-up {report.seconds:.1f} s in {report.calls} calls, {report.compiled_graphs} graphs",
+        "compile phases (s, summed over graphs): " + ", ".join(f"{name} {s:.1f}" for name, s in phases.items()),
         "call | rows | prompt lengths (chars) | s | graphs compiled",
         *(f"{n + 1} | {c['rows']} | {c['prompt_chars']} | {c['seconds']:.1f} | {c['graphs']}" for n, c in enumerate(calls)),
         f"after the warm-up, VBench prompts ({args.calls} calls per batch size, guidance {guidance_for(args.arch)}): "
         + "; ".join(f"batch {b}: {min(s):.3f}-{max(s):.3f} s" for b, s in served.items()) + f"; graphs compiled: {after}"])
-    write_results(args.out, f"warmup_bench_{card.replace(' ', '_')}_{today()}_{args.arch}", {
+    write_results(args.out, f"warmup_bench_{card.replace(' ', '_')}_{today()}_{args.arch}" + (f"_{args.tag}" if args.tag else ""), {
         "args": {**vars(args), "out": str(args.out)}, "parameters": parameters,  # (write_results adds the card and date)
         "speed": list(runner.speed), "load_s": load_s, "warmup": vars(report), "warmup_calls": calls,
+        "compile_phases_s": phases,
         "after_warmup": {"seconds": served, "compiled_graphs": after}}, table)
     print(table)
     return 0 if after == 0 else 1

@@ -184,3 +184,4 @@ def test_the_warm_up_bench_times_each_warm_up_call_and_counts_compilations_after
     assert len(result["warmup_calls"]) == result["warmup"]["calls"] == 6  # 3 prompt rounds x 2 batch sizes
     assert sum(call["graphs"] for call in result["warmup_calls"]) == result["warmup"]["compiled_graphs"] > 0
     assert result["after_warmup"]["compiled_graphs"] == 0 and len(result["after_warmup"]["seconds"]["3"]) == 2
+    assert 0 < max(result["compile_phases_s"].values()) <= result["warmup"]["seconds"]
