@@ -141,3 +141,15 @@ def test_continuous_mode_steps_the_quantized_denoiser(unquantized_image):
     (image,) = steps.decode(rows)
     assert_same_image(image, runner.run(item.params, [item])[0])
     assert (image != unquantized_image).any()
+
+
+def test_quantizing_leaves_the_compilers_settings_alone():
+    """torchao's configs default to switching inductor's coordinate-descent tuning on for the whole
+    process (it autotuned every kernel of every graph: minutes of each fp8 warm-up); the model's own
+    settings decide how it compiles."""
+    import torch._inductor.config as inductor
+
+    before = (inductor.coordinate_descent_tuning, inductor.coordinate_descent_check_all_directions)
+    runner = load(**WEIGHT_ONLY, fp8_max_relative_error=0.5)
+    assert quantized_layers(runner) > 0
+    assert (inductor.coordinate_descent_tuning, inductor.coordinate_descent_check_all_directions) == before == (False, False)
