@@ -6,7 +6,7 @@ its calls and counting the graphs torch.compile builds in each, then sends VBenc
 as users write them, batches mixing them) at every batch size given and counts what compiles after
 the warm-up (it must be 0). Writes ``perf/results/warmup_bench_<card>_<date>_<arch>.{json,txt}``.
 
-    python perf/warmup_bench.py --arch z-image-turbo --size 1024 --steps 9 --batch-sizes 1,4
+    python perf/warmup_bench.py --arch z-image-turbo --size 1024 --steps 9 --batch-sizes 1,2,4   # the shipped warm-up
     python perf/warmup_bench.py --arch z-image-turbo-tiny --device cpu --size 64 --steps 2 --batch-sizes 1,3   # CPU check
 """
 

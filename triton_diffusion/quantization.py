@@ -97,8 +97,8 @@ def torchao_config(method: str):
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
 
     # set_inductor_config=False: torchao's default turns on inductor's coordinate-descent tuning for
-    # the whole process, which autotuned every kernel of every graph: 408 s of the first 440 s of
-    # Z-Image's fp8 warm-up on an H100 (docs/benchmarks.md). TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
+    # the whole process, which autotunes every kernel of every graph: most of an fp8 warm-up
+    # (docs/benchmarks.md, "Prompt lengths and the warm-up"). TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
     # turns it back on for whoever wants to pay that at start-up.
     if method == "fp8":
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
