@@ -352,6 +352,10 @@ class PipelineRunner:
             if not effective.speed.fp8_fallback:
                 raise ModelLoadError(f"config.pbtxt speed parameters: {exc}") from None
             failed_guard = str(exc)  # (outside this block the traceback, which holds the pipeline, is gone)
+        if effective.speed.quantization:
+            # the replaced bf16 weights stay in torch's cache otherwise (FLUX.1-dev: ~24 GB held for nothing,
+            # which a second model or process on the card cannot use)
+            _free_memory()
         if failed_guard is not None:
             # The quantized layers cannot be restored in place: load again, unquantized.
             del pipe, probe
