@@ -124,6 +124,7 @@ class Offline:
         log(f"{arch}: built random-weight {type(self.runner.text_to_image).__name__} in {self.load_seconds:.1f}s; {self.runner.speed}")
         self.warmup = self.runner.warm_up()
         log(f"{arch}: offline warm-up {self.warmup}")
+        self._release()  # the load's bf16 weights (fp8) and the warm-up's activations: the served model shares the card
         self.warm: set[int] = set()
         self.times: dict[int, list[float]] = {}
         self.memory: dict[int, int] = {}
@@ -142,11 +143,14 @@ class Offline:
         self.runner.run(items[0].params, items)
         self._sync()
         seconds = time.perf_counter() - started
+        self._release()  # the served model shares the card: give back this call's activations
+        return seconds
+
+    def _release(self) -> None:
         if self.args.device.startswith("cuda"):
             import torch
 
-            torch.cuda.empty_cache()  # the served model shares the card: give back this call's activations
-        return seconds
+            torch.cuda.empty_cache()
 
     def warm_up(self, batch: int) -> None:
         if batch not in self.warm:
@@ -164,10 +168,7 @@ class Offline:
     def close(self) -> None:
         self.runner = None
         gc.collect()
-        if self.args.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
+        self._release()
 
 
 def base_parameters(arch: str, args, images_per_call: Optional[int] = None) -> dict[str, str]:
@@ -341,7 +342,8 @@ def main(argv=None) -> int:
     shape = f"{height}x{width}" + (f"x{frames} frames" if frames else "")
     header = (f"card: {card}, torch {torch.__version__}, {args.speed}, {shape}, {args.steps} steps, {args.repeats} repeats "
               f"(offline and served interleaved), {today()}")
-    stem = (f"gpu_bench_{card.replace(' ', '_')}_{today()}_{args.archs.replace(',', '+')}_{args.speed}"
+    # the size is in the name: the same model at 512 and 1024 on one day are two files
+    stem = (f"gpu_bench_{card.replace(' ', '_')}_{today()}_{args.archs.replace(',', '+')}_{shape.replace(' frames', 'f')}_{args.speed}"
             f"{'_' + args.tag if args.tag else ''}")
     results = []
     log(header)
