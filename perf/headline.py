@@ -31,9 +31,9 @@ TARGETS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")
 ROWS: tuple[tuple[str, str, Optional[str]], ...] = (
     ("sd_turbo", "512", "gpu_bench_NVIDIA_H200_2026-12-01_sd15_compiled_cudagraphs"),
     ("flux_dev", "512", None),
-    ("flux_dev", "1024", "gpu_bench_NVIDIA_H200_2026-12-01_flux-dev_compiled_fp8"),
-    ("z_image_turbo", "512", None),
-    ("z_image_turbo", "1024", "gpu_bench_NVIDIA_H200_2026-12-01_z-image-turbo_compiled_fp8"),
+    ("flux_dev", "1024", "gpu_bench_NVIDIA_H100_80GB_HBM3_2026-12-08_flux-dev_1024x1024_compiled_shipped"),
+    ("z_image_turbo", "512", "gpu_bench_NVIDIA_H100_80GB_HBM3_2026-12-08_z-image-turbo_512x512_compiled_shipped"),
+    ("z_image_turbo", "1024", "gpu_bench_NVIDIA_H100_80GB_HBM3_2026-12-08_z-image-turbo_1024x1024_compiled_shipped"),
     ("qwen_image", "512", None),
     ("qwen_image", "1024", "gpu_bench_NVIDIA_H200_2026-12-01_qwen-image_compiled"),
     ("sd35_large", "512", None),
