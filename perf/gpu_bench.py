@@ -251,6 +251,9 @@ def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
                 per_repeat = [r["exec_seconds"][b] for r in rounds if b in r["exec_seconds"]]
                 taxes[b] = statistics.median(per_repeat) / statistics.median(offline.times[b])
             steps = sum(r["steps"] for r in rounds)
+            executions = sum(histogram.values())
+            stage_s = {stage: sum(r["stage_seconds"][stage] for r in rounds) / executions for stage in rounds[0]["stage_seconds"]} \
+                if executions else {}
             result["served"][mode][concurrency] = {
                 "images_per_s": spread([r["images_per_s"] for r in rounds]),
                 "latency_s": {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90), "max": latencies[-1] if latencies else None,
@@ -259,6 +262,10 @@ def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
                 "histogram": dict(sorted(histogram.items())),
                 "server_tax": dict(sorted(taxes.items())),
                 "poll_ms_per_step": 1000 * sum(r["poll_seconds"] for r in rounds) / steps if steps else None,
+                # where an execution's seconds went inside the model (mean over every batch size formed),
+                # and pipeline calls by result: a call that ran out of memory was halved and run again
+                "stage_s_per_execution": stage_s,
+                "pipeline_calls": {key: sum(r["calls"][key] for r in rounds) for key in rounds[0]["calls"]},
                 "gpu_mem_mib": max((r["gpu_mem_mib"] or 0) for r in rounds) or None,
             }
     offline.close()
@@ -284,7 +291,8 @@ def summarize(results: list[dict], header: str) -> str:
         for batch, row in result["offline"].items():
             lines.append(f"  | {batch} | {fmt_spread(row['seconds'], 3)} | {row['images_per_s']:.2f} | {row['gpu_mem_mib'] or '-'}")
         lines.append("served | mode | conc | img/s median (min-max) | p50 / p90 / max s (n) | batches formed {size: executions} | "
-                     "server tax per batch size | cancel poll ms/step | GPU MiB (stub)")
+                     "server tax per batch size | cancel poll ms/step | GPU MiB (stub) | s per execution: validate / pipeline / "
+                     "respond | pipeline calls that ran out of memory")
         none = result["served"].get("none", {})
         for mode, levels in result["served"].items():
             for concurrency, row in levels.items():
@@ -294,10 +302,14 @@ def summarize(results: list[dict], header: str) -> str:
                     gain = f" [{row['images_per_s']['median'] / none[concurrency]['images_per_s']['median']:.2f}x none]"
                 taxes = " ".join(f"{b}:{t:.2f}" for b, t in row["server_tax"].items())
                 poll = f"{row['poll_ms_per_step']:.2f}" if row["poll_ms_per_step"] is not None else "-"
+                stages = " / ".join(f"{row['stage_s_per_execution'][stage]:.3f}" for stage in ("validate", "pipeline", "respond")) \
+                    if row.get("stage_s_per_execution") else "-"
+                out_of_memory = f"{row['pipeline_calls']['out_of_memory']:.0f}" if "pipeline_calls" in row else "-"
                 lines.append(
                     f"  | {mode} | {concurrency} | {fmt_spread(row['images_per_s'])}{gain} | "
                     f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['max']:.2f} ({lat['n']}) | {row['histogram']} | {taxes} | {poll} | "
-                    f"{row['gpu_mem_mib'] or '-'}{' | FAILURES ' + str(row['failures']) if row['failures'] else ''}")
+                    f"{row['gpu_mem_mib'] or '-'} | {stages} | {out_of_memory}"
+                    f"{' | FAILURES ' + str(row['failures']) if row['failures'] else ''}")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from client import GenerationRequest
 from client.cli import percentile  # the one percentile definition (nearest rank), also the CLI's
 from testing import harness
 from triton_diffusion import families, model_config
+from triton_diffusion.metrics import CALL_RESULTS, STAGES
 
 __all__ = ["ProcessMemory", "card_name", "closed_loop", "log", "model_parameters", "percentile", "serve", "spread",
            "stub_pids", "today", "with_table", "write_results"]
@@ -144,6 +145,7 @@ def closed_loop(client, server, name: str, concurrency: int, count: int, prompts
     before = harness.Stats.read(server, name)
     steps_before = harness.metric(server, "diffusion_denoising_steps_total", name)
     poll_before = harness.metric(server, "diffusion_cancellation_poll_seconds_total", name)
+    inside_before = inside_the_model(server, name)
     with ProcessMemory(stub_pids(server)) as memory:
         started = time.perf_counter()
         results = client.generate_many(requests, concurrency=concurrency)
@@ -158,7 +160,18 @@ def closed_loop(client, server, name: str, concurrency: int, count: int, prompts
         "exec_seconds": {b: s.seconds_per_execution for b, s in delta.batches.items()},
         "steps": harness.metric(server, "diffusion_denoising_steps_total", name) - steps_before,
         "poll_seconds": harness.metric(server, "diffusion_cancellation_poll_seconds_total", name) - poll_before,
+        **{key: {k: v - inside_before[key][k] for k, v in values.items()} for key, values in inside_the_model(server, name).items()},
         "gpu_mem_mib": memory.peak_mib,
+    }
+
+
+def inside_the_model(server, name: str) -> dict[str, dict[str, float]]:
+    """The backend's own account of its executions (cumulative): seconds per stage of ``execute()``
+    (validate, pipeline, respond) and pipeline calls by result (an ``out_of_memory`` call was
+    halved and run again), so that a server tax can be traced to where it was paid."""
+    return {
+        "stage_seconds": {stage: harness.metric(server, "diffusion_stage_seconds_sum", name, stage=stage) for stage in STAGES},
+        "calls": {result: harness.metric(server, "diffusion_pipeline_calls_total", name, result=result) for result in CALL_RESULTS},
     }
 
 
