@@ -112,6 +112,24 @@ def test_dynamic_batch_graphs_serve_every_batch_size_after_warm_up(solo_images):
         assert_same_image(output, solo)
 
 
+def test_fused_qkv_drops_the_separate_projections_and_keeps_the_images(eager, solo_images):
+    """diffusers keeps to_q/to_k/to_v beside the fused to_qkv (FLUX.1-dev: 4 GB that fp8 would also
+    quantize); they are dropped, and the images stay the unfused pipeline's: self-attention loses
+    all three, cross-attention (key and value fused) keeps its query."""
+    fused = tiny_sd(fuse_qkv=True)
+    unet = fused.text_to_image.unet
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in eager.text_to_image.unet.parameters())
+    attentions = [module for module in unet.modules() if getattr(module, "fused_projections", False)]
+    dropped = sum(p.numel() for module in attentions for name in ("to_qkv", "to_kv") if hasattr(module, name)
+                  for p in getattr(module, name).parameters())  # the fused layers hold exactly the dropped weights
+    assert attentions and any(f"separate projections dropped: {dropped:,} parameters" in applied for applied in fused.speed)
+    for module in attentions:
+        assert not hasattr(module, "to_k") and not hasattr(module, "to_v")
+        assert hasattr(module, "to_q") == (not hasattr(module, "to_qkv"))
+    for output, solo in zip(run(fused, batch(3)), solo_images):
+        assert_same_image(output, solo)
+
+
 @pytest.mark.parametrize(
     "knobs, message",
     [
@@ -138,6 +156,8 @@ def test_flux_with_attention_backend_regional_compile_and_a_step_cache_that_neve
         pretrained_model="random:flux-dev-tiny", **CPU, attention_backend="native", compile="regional", compile_backend="eager",
         step_cache="FirstBlockCache threshold=0", fuse_qkv=True))
     assert any("compiled repeated blocks" in applied for applied in fast.speed)
+    assert not any(hasattr(module, "to_q") or hasattr(module, "add_q_proj")
+                   for module in fast.text_to_image.transformer.modules() if getattr(module, "fused_projections", False))
     items = batch(2, guidance=3.5)
     for count in (2, 1):
         for ours, reference in zip(run(fast, items[:count]), run(plain, items[:count])):

@@ -498,7 +498,7 @@ PARAMETER_DOCS = {
     "compile_vae": "Also compile the VAE decoder.",
     "compile_backend": "torch.compile backend (`inductor`; tests use `eager`).",
     "channels_last": "UNet and VAE in channels-last memory format.",
-    "fuse_qkv": "diffusers' `fuse_qkv_projections` on the denoiser.",
+    "fuse_qkv": "diffusers' `fuse_qkv_projections` on the denoiser (the separate projections it keeps are dropped).",
     "attention_backend": "diffusers' `set_attention_backend` on the denoiser: `native`, `_native_cudnn`, `flash`, ...",
     "vae_slicing": "Decode one image at a time (memory).",
     "vae_tiling": "Decode in tiles (memory at large sizes).",
