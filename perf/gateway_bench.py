@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 from client import DiffusionClient, GenerationRequest
-from perf.prompts import vbench_prompts
+from perf.prompts import prompt_at, vbench_prompts
 from triton_diffusion.launcher import free_port
 from testing import harness
 from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         gateway_round(url, prompts[:args.concurrency], range(args.concurrency), args.concurrency)
         for round_ in range(args.rounds):
             offset = 1000 * (round_ + 1)
-            chosen = [prompts[(7 * (offset + i)) % len(prompts)] for i in range(args.requests)]
+            chosen = [prompt_at(prompts, offset + i) for i in range(args.requests)]
             seeds = [offset + i for i in range(args.requests)]
             for side, run in (("direct gRPC", lambda: direct_round(server, chosen, seeds, args.concurrency)),
                               ("gateway (openai package)", lambda: gateway_round(url, chosen, seeds, args.concurrency))):

@@ -11,14 +11,16 @@ tritonserver, and then alternates the two:
 so that drift of the card or the host hits both sides alike. Both sides report the same
 statistic: the median over the R repeats and their spread (min-max). On the served side a
 repeat at concurrency c sends ``max(min_requests, requests_per_level * c)`` requests (VBench
-prompts, distinct seeds) with c in flight. It records:
+prompts, distinct seeds) with c in flight; an offline call of a repeat runs the prompts and seeds of
+that repeat's first served requests. It records:
 
 - images/s (median of repeats, min-max), latency p50/p90/max pooled over repeats (with n);
 - the batches Triton really formed (histogram per level, from the statistics API), and for
   every batch size that formed, served execution time / offline call time at that batch size
   (the "server tax"; offline is measured at every such size, topped up if one only formed late);
 - peak GPU memory of the process holding the model (nvidia-smi per-process, both sides alike);
-- per-step cost of asking Triton whether requests were cancelled (backend metrics).
+- per-step cost of asking Triton whether requests were cancelled, seconds per execution by stage
+  (validate, pipeline call, respond) and pipeline calls that ran out of memory (backend metrics).
 
     python perf/gpu_bench.py --archs sd15 --out perf/results
     python perf/gpu_bench.py --archs flux-dev --concurrency 1,4,8 --batch-sizes 1,4,8
@@ -40,7 +42,7 @@ from typing import Optional
 from client import DiffusionClient
 from perf.lib import (ProcessMemory, card_name, closed_loop, log, model_parameters, percentile, serve, spread,
                       today, write_results)
-from perf.prompts import vbench_prompts
+from perf.prompts import prompt_at, vbench_prompts
 from testing import harness
 from triton_diffusion import families, model_config
 
@@ -100,11 +102,17 @@ def shape_of(args) -> tuple[int, int, int]:
     return int(height), int(width or height), getattr(args, "frames", 0)
 
 
+def repeat_offset(repeat: int) -> int:
+    """The first request index of a repeat (0-based), on both sides: an offline call and the first
+    served requests of one repeat run the same prompts and seeds."""
+    return 10_000 * (repeat + 1)
+
+
 def items_for(prompts, count, args, arch, offset=0):
     from triton_diffusion.requests import text_to_image
 
     height, width, frames = shape_of(args)
-    return [text_to_image(prompts[(offset + i) % len(prompts)], offset + i, args.steps, guidance_for(arch), height, width,
+    return [text_to_image(prompt_at(prompts, offset + i), offset + i, args.steps, guidance_for(arch), height, width,
                           num_frames=frames)
             for i in range(count)]
 
@@ -135,9 +143,9 @@ class Offline:
 
             torch.cuda.synchronize()
 
-    def call(self, batch: int) -> float:
+    def call(self, batch: int, offset: Optional[int] = None) -> float:
         self.calls += 1
-        items = items_for(self.prompts, batch, self.args, self.arch, offset=1000 * self.calls)
+        items = items_for(self.prompts, batch, self.args, self.arch, offset=1000 * self.calls if offset is None else offset)
         self._sync()
         started = time.perf_counter()
         self.runner.run(items[0].params, items)
@@ -158,10 +166,12 @@ class Offline:
             self.warm.add(batch)
 
     def measure(self, batch: int) -> None:
-        """One repeat at ``batch`` (warmed up first if this shape is new)."""
+        """One repeat at ``batch`` (warmed up first if this shape is new), with the prompts and seeds of
+        the first ``batch`` served requests of the same repeat (``repeat_offset``)."""
         self.warm_up(batch)
+        times = self.times.setdefault(batch, [])
         with ProcessMemory([os.getpid()]) as memory:
-            self.times.setdefault(batch, []).append(self.call(batch))
+            times.append(self.call(batch, offset=repeat_offset(len(times))))
         if memory.peak_mib:
             self.memory[batch] = max(self.memory.get(batch, 0), memory.peak_mib)
 
@@ -215,7 +225,7 @@ def bench_arch(arch: str, args, prompts, workdir: Path) -> dict:
                         offline.measure(batch)
                     for concurrency in args.concurrency:
                         count = max(args.min_requests, args.requests_per_level * concurrency)
-                        round_ = closed_loop(client, server, name, concurrency, count, prompts, offset=10_000 * (repeat + 1))
+                        round_ = closed_loop(client, server, name, concurrency, count, prompts, offset=repeat_offset(repeat))
                         served[mode][concurrency].append(round_)
                         log(f"{name} r{repeat + 1} c={concurrency}: {round_['images_per_s']:.2f} img/s, batches {round_['histogram']}, "
                             f"failures {round_['failures']}")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 
 from client import DiffusionClient, GenerationRequest
-from perf.prompts import vbench_prompts
+from perf.prompts import prompt_at, vbench_prompts
 from triton_diffusion.launcher import DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer, free_port
 from triton_diffusion.tiny import ensure_tiny_model
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             one_round(url, args.model, prompts[:args.concurrency], range(args.concurrency), args.concurrency, args.size)
         for index in range(args.rounds):
             offset = 1000 * (index + 1)
-            chosen = [prompts[(7 * (offset + i)) % len(prompts)] for i in range(args.requests)]
+            chosen = [prompt_at(prompts, offset + i) for i in range(args.requests)]
             seeds = [offset + i for i in range(args.requests)]
             order = list(doors.items()) if index % 2 == 0 else list(reversed(doors.items()))  # no side always first
             for door, url in order:

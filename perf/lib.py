@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 from client import GenerationRequest
 from client.cli import percentile  # the one percentile definition (nearest rank), also the CLI's
 from testing import harness
+from perf.prompts import prompt_at
 from triton_diffusion import families, model_config
 from triton_diffusion.metrics import CALL_RESULTS, STAGES
 
@@ -141,7 +142,7 @@ def closed_loop(client, server, name: str, concurrency: int, count: int, prompts
     """One round of the closed loop: ``count`` requests (VBench prompts, distinct seeds) with
     ``concurrency`` in flight; throughput, latencies and what the server did (batches formed,
     execution seconds per batch size, steps, cancellation polls, peak GPU memory of the stubs)."""
-    requests = [GenerationRequest(prompts[(7 * (offset + i)) % len(prompts)], seed=offset + i) for i in range(count)]
+    requests = [GenerationRequest(prompt_at(prompts, offset + i), seed=offset + i) for i in range(count)]
     before = harness.Stats.read(server, name)
     steps_before = harness.metric(server, "diffusion_denoising_steps_total", name)
     poll_before = harness.metric(server, "diffusion_cancellation_poll_seconds_total", name)

@@ -42,7 +42,7 @@ from client import DiffusionClient, GenerationRequest
 from perf.gpu_bench import speed_parameters
 from perf.lib import (ProcessMemory, card_name, log, model_parameters, percentile, serve, stub_pids, today, write_results,
                       write_tables)
-from perf.prompts import vbench_prompts
+from perf.prompts import prompt_at, vbench_prompts
 from testing import harness
 from testing.adapters import COMMON, random_adapter
 from triton_diffusion import families, model_config
@@ -83,7 +83,7 @@ def write_adapters(arch: str, folder: Path, rank: int, names: list[str]) -> dict
 
 def phase(client, server, name: str, concurrency: int, adapters: list, prompts, offset: int) -> dict:
     """One closed-loop round: request i names ``adapters[i]`` (None: no adapter)."""
-    requests = [GenerationRequest(prompts[(7 * (offset + i)) % len(prompts)], seed=offset + i, lora=adapter)
+    requests = [GenerationRequest(prompt_at(prompts, offset + i), seed=offset + i, lora=adapter)
                 for i, adapter in enumerate(adapters)]
     before = harness.Stats.read(server, name)
     calls_before = harness.metric(server, "diffusion_pipeline_calls_total", name)

@@ -33,7 +33,7 @@ from client import GenerationRequest
 from client.aio import AsyncDiffusionClient
 from perf.gpu_bench import SPEEDS, base_parameters, speed_parameters
 from perf.lib import card_name, log, percentile, serve, today, write_results
-from perf.prompts import vbench_prompts
+from perf.prompts import prompt_at, vbench_prompts
 from testing import harness
 from triton_diffusion import families, model_config
 
@@ -62,7 +62,7 @@ def mode_config(arch: str, mode: str, args) -> tuple:
 
 def requests_for(prompts: list[str], count: int, offset: int, steps: list[int]) -> list[GenerationRequest]:
     """``count`` requests (VBench prompts, distinct seeds); steps drawn from ``steps``, seeded by position."""
-    return [GenerationRequest(prompts[(7 * (offset + i)) % len(prompts)], seed=offset + i,
+    return [GenerationRequest(prompt_at(prompts, offset + i), seed=offset + i,
                               steps=random.Random(offset + i).choice(steps)) for i in range(count)]
 
 

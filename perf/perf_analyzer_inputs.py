@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 
-from perf.prompts import vbench_prompts
+from perf.prompts import prompt_at, vbench_prompts
 
 OUT = Path(__file__).resolve().parent / "inputs"
 TEXT_TO_IMAGE_ENTRIES, IMAGE_TO_IMAGE_ENTRIES, SOURCE_SIDE = 64, 8, 64
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--source-side", type=int, default=SOURCE_SIDE, help="side of the image-to-image sources")
     side = parser.parse_args(argv).source_side
     prompts = vbench_prompts()
-    text_to_image = [{"PROMPT": [prompts[(7 * i) % len(prompts)]], "SEED": [1000 + i]} for i in range(TEXT_TO_IMAGE_ENTRIES)]
+    text_to_image = [{"PROMPT": [prompt_at(prompts, i)], "SEED": [1000 + i]} for i in range(TEXT_TO_IMAGE_ENTRIES)]
     image_to_image = [
         {
             "PROMPT": [prompts[(11 * i + 3) % len(prompts)]], "SEED": [2000 + i], "STRENGTH": [0.6],

@@ -18,6 +18,14 @@ from triton_diffusion.settings import default_cache_dir
 CACHE_FILE = default_cache_dir().parent / "vbench_prompts.json"
 
 
+def prompt_at(prompts: list[str], index: int) -> str:
+    """The prompt of request ``index`` (its seed is ``index`` too). One definition for the served
+    and the offline side of a bench, so that an offline call at an offset runs exactly the prompts
+    and seeds of the served requests at that offset: a call's cost depends on its prompts' token
+    count in the families whose text length varies (Z-Image, Qwen-Image)."""
+    return prompts[(7 * index) % len(prompts)]
+
+
 def vbench_prompts(cache_file: Path = CACHE_FILE) -> list[str]:
     if cache_file.is_file():
         return json.loads(cache_file.read_text())
