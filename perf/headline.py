@@ -75,8 +75,8 @@ def cells(model: str, size: str, stem: Optional[str]) -> dict[str, str]:
     one, sixteen = _level(result, 1), _level(result, 16)
     c16 = "not measured"
     if sixteen:
-        formed = ", ".join(f"{calls} of {batch}" for batch, calls in sorted(sixteen["histogram"].items(), key=lambda kv: int(kv[0])))
-        c16 = f"{sixteen['images_per_s']['median']:.2f} img/s (calls formed: {formed})"
+        formed = ", ".join(f"{calls} of {batch} images" for batch, calls in sorted(sixteen["histogram"].items(), key=lambda kv: int(kv[0])))
+        c16 = f"{sixteen['images_per_s']['median']:.2f} img/s (calls: {formed})"
     taxes = {batch: tax for level in (one, sixteen) if level for batch, tax in level["server_tax"].items()}
     startup = next(iter(result["served_startup"].values()))
     measured_as = f"{result['arch']} {shape}, {args['steps']} steps"
