@@ -185,3 +185,38 @@ def test_the_warm_up_bench_times_each_warm_up_call_and_counts_compilations_after
     assert sum(call["graphs"] for call in result["warmup_calls"]) == result["warmup"]["compiled_graphs"] > 0
     assert result["after_warmup"]["compiled_graphs"] == 0 and len(result["after_warmup"]["seconds"]["3"]) == 2
     assert 0 < max(result["compile_phases_s"].values()) <= result["warmup"]["seconds"]
+
+
+def test_the_gpu_bench_check_run_serves_and_traces_each_batch_it_formed(tmp_path):
+    """perf/gpu_bench.py on the CPU (its check run; the GPU host is too scarce to find a broken harness
+    there): offline and served interleaved, a tax for every batch size formed, the backend's seconds per
+    stage, no pipeline call out of memory, and the size in the results file's name."""
+    import json
+
+    completed = subprocess.run(
+        [sys.executable, "perf/gpu_bench.py", "--archs", "z-image-turbo-tiny", "--device", "cpu", "--size", "64",
+         "--steps", "2", "--repeats", "1", "--modes", "dynamic", "--concurrency", "1,2", "--batch-sizes", "1,2",
+         "--max-batch", "2", "--min-requests", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("gpu_bench_*_z-image-turbo-tiny_64x64_eager.json")).read_text())["results"][0]
+    for level in result["served"]["dynamic"].values():
+        assert level["failures"] == 0 and set(level["server_tax"]) == set(level["histogram"])
+        assert set(level["server_tax"]) <= set(result["offline"])
+        assert level["stage_s_per_execution"]["pipeline"] > 0 and level["pipeline_calls"]["out_of_memory"] == 0
+        assert level["pipeline_calls"]["ok"] == sum(level["histogram"].values())
+    assert "s per execution: validate / pipeline / respond" in completed.stdout
+
+
+def test_an_offline_call_runs_the_prompts_and_seeds_of_its_repeats_first_served_requests():
+    from argparse import Namespace
+
+    from perf.gpu_bench import items_for, repeat_offset
+    from perf.prompts import prompt_at
+
+    prompts = [f"prompt {i}" for i in range(50)]
+    args = Namespace(steps=2, size="64", frames=0)
+    for repeat in (0, 1):
+        items = items_for(prompts, 3, args, "z-image-turbo-tiny", offset=repeat_offset(repeat))
+        served = [(prompt_at(prompts, repeat_offset(repeat) + i), repeat_offset(repeat) + i) for i in range(3)]
+        assert [(item.prompt, item.seed) for item in items] == served
