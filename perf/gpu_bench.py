@@ -45,6 +45,7 @@ from perf.lib import (ProcessMemory, card_name, closed_loop, log, model_paramete
 from perf.prompts import prompt_at, vbench_prompts
 from testing import harness
 from triton_diffusion import families, model_config
+from triton_diffusion.metrics import STAGES
 
 # --speed: eager, or compiled with the knobs its family declares fastest (families/*.py, README);
 # both sides of a comparison get the same.
@@ -301,8 +302,8 @@ def summarize(results: list[dict], header: str) -> str:
         for batch, row in result["offline"].items():
             lines.append(f"  | {batch} | {fmt_spread(row['seconds'], 3)} | {row['images_per_s']:.2f} | {row['gpu_mem_mib'] or '-'}")
         lines.append("served | mode | conc | img/s median (min-max) | p50 / p90 / max s (n) | batches formed {size: executions} | "
-                     "server tax per batch size | cancel poll ms/step | GPU MiB (stub) | s per execution: validate / pipeline / "
-                     "respond | pipeline calls that ran out of memory")
+                     f"server tax per batch size | cancel poll ms/step | GPU MiB (stub) | s per execution: {' / '.join(STAGES)} | "
+                     "pipeline calls that ran out of memory")
         none = result["served"].get("none", {})
         for mode, levels in result["served"].items():
             for concurrency, row in levels.items():
@@ -312,13 +313,12 @@ def summarize(results: list[dict], header: str) -> str:
                     gain = f" [{row['images_per_s']['median'] / none[concurrency]['images_per_s']['median']:.2f}x none]"
                 taxes = " ".join(f"{b}:{t:.2f}" for b, t in row["server_tax"].items())
                 poll = f"{row['poll_ms_per_step']:.2f}" if row["poll_ms_per_step"] is not None else "-"
-                stages = " / ".join(f"{row['stage_s_per_execution'][stage]:.3f}" for stage in ("validate", "pipeline", "respond")) \
-                    if row.get("stage_s_per_execution") else "-"
-                out_of_memory = f"{row['pipeline_calls']['out_of_memory']:.0f}" if "pipeline_calls" in row else "-"
+                stages = " / ".join(f"{row['stage_s_per_execution'][stage]:.3f}" for stage in STAGES) \
+                    if row["stage_s_per_execution"] else "-"
                 lines.append(
                     f"  | {mode} | {concurrency} | {fmt_spread(row['images_per_s'])}{gain} | "
                     f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['max']:.2f} ({lat['n']}) | {row['histogram']} | {taxes} | {poll} | "
-                    f"{row['gpu_mem_mib'] or '-'} | {stages} | {out_of_memory}"
+                    f"{row['gpu_mem_mib'] or '-'} | {stages} | {row['pipeline_calls']['out_of_memory']:.0f}"
                     f"{' | FAILURES ' + str(row['failures']) if row['failures'] else ''}")
     return "\n".join(lines)
 

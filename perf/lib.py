@@ -144,9 +144,7 @@ def closed_loop(client, server, name: str, concurrency: int, count: int, prompts
     execution seconds per batch size, steps, cancellation polls, peak GPU memory of the stubs)."""
     requests = [GenerationRequest(prompt_at(prompts, offset + i), seed=offset + i) for i in range(count)]
     before = harness.Stats.read(server, name)
-    steps_before = harness.metric(server, "diffusion_denoising_steps_total", name)
-    poll_before = harness.metric(server, "diffusion_cancellation_poll_seconds_total", name)
-    inside_before = inside_the_model(server, name)
+    counters_before = backend_counters(server, name)
     with ProcessMemory(stub_pids(server)) as memory:
         started = time.perf_counter()
         results = client.generate_many(requests, concurrency=concurrency)
@@ -159,21 +157,29 @@ def closed_loop(client, server, name: str, concurrency: int, count: int, prompts
         "latencies": [r.seconds for r in results if not isinstance(r, Exception)],
         "failures": len(failures), "histogram": delta.histogram,
         "exec_seconds": {b: s.seconds_per_execution for b, s in delta.batches.items()},
-        "steps": harness.metric(server, "diffusion_denoising_steps_total", name) - steps_before,
-        "poll_seconds": harness.metric(server, "diffusion_cancellation_poll_seconds_total", name) - poll_before,
-        **{key: {k: v - inside_before[key][k] for k, v in values.items()} for key, values in inside_the_model(server, name).items()},
+        **_minus(backend_counters(server, name), counters_before),
         "gpu_mem_mib": memory.peak_mib,
     }
 
 
-def inside_the_model(server, name: str) -> dict[str, dict[str, float]]:
-    """The backend's own account of its executions (cumulative): seconds per stage of ``execute()``
-    (validate, pipeline, respond) and pipeline calls by result (an ``out_of_memory`` call was
-    halved and run again), so that a server tax can be traced to where it was paid."""
+def backend_counters(server, name: str) -> dict:
+    """The backend's own account of its executions, cumulative, from one scrape: denoising steps,
+    seconds asking about cancellation, seconds per stage of ``execute()`` (validate, pipeline,
+    respond) and pipeline calls by result (an ``out_of_memory`` call was halved and run again), so
+    that a server tax can be traced to where it was paid."""
+    text = harness.metrics_text(server)
     return {
-        "stage_seconds": {stage: harness.metric(server, "diffusion_stage_seconds_sum", name, stage=stage) for stage in STAGES},
-        "calls": {result: harness.metric(server, "diffusion_pipeline_calls_total", name, result=result) for result in CALL_RESULTS},
+        "steps": harness.metric_in(text, "diffusion_denoising_steps_total", name),
+        "poll_seconds": harness.metric_in(text, "diffusion_cancellation_poll_seconds_total", name),
+        "stage_seconds": {stage: harness.metric_in(text, "diffusion_stage_seconds_sum", name, stage=stage) for stage in STAGES},
+        "calls": {result: harness.metric_in(text, "diffusion_pipeline_calls_total", name, result=result)
+                  for result in CALL_RESULTS},
     }
+
+
+def _minus(after: dict, before: dict) -> dict:
+    """``after - before`` for counters, nested dicts key by key."""
+    return {key: _minus(value, before[key]) if isinstance(value, dict) else value - before[key] for key, value in after.items()}
 
 
 def write_results(out: Path, stem: str, payload: dict, table: str = "") -> Path:

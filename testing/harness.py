@@ -130,9 +130,14 @@ def metrics_text(server: TritonServer) -> str:
 def metric(server: TritonServer, name: str, model: str, **labels: str) -> float:
     """Sum of a Prometheus series (custom ``diffusion_*`` ones included) over the model's labels;
     ``labels`` (e.g. ``when="mid_flight"``) keep only the series that carry those values too."""
+    return metric_in(metrics_text(server), name, model, **labels)
+
+
+def metric_in(text: str, name: str, model: str, **labels: str) -> float:
+    """``metric`` read from one scrape (``metrics_text``), for several series of one moment."""
     wanted = [f'{key}="{value}"' for key, value in {"model": model, **labels}.items()]
     total = 0.0
-    for line in metrics_text(server).splitlines():
+    for line in text.splitlines():
         match = re.match(rf"{re.escape(name)}{{([^}}]*)}} (\S+)", line)
         if match and all(label in match.group(1) for label in wanted):
             total += float(match.group(2))
